@@ -1,0 +1,179 @@
+"""Prompt data: rows ``{"prompt": str | list[message], "answer": str}`` rendered with the student's chat
+template, left-padded so every response starts in the same column.
+
+A *source* is any callable returning the rows of one split (``list[dict]``): the synthetic
+``ArithmeticTask`` or ``JsonlPrompts`` for files. The tokenizer reaches the datamodule through
+``set_tokenizer`` (it belongs to the student, which the LightningModule loads).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader
+
+
+class DataRowError(ValueError):
+    """A malformed data row; the message names the file and line."""
+
+
+class JsonlPrompts:
+    """Rows from a JSONL file; ``prompt_field`` / ``answer_field`` name the columns.
+
+    A malformed line (bad JSON, missing field) raises ``DataRowError`` naming the file and line.
+    """
+
+    def __init__(self, path: str, prompt_field: str = "prompt", answer_field: str = "answer", limit: int | None = None):
+        self.path, self.prompt_field, self.answer_field, self.limit = Path(path), prompt_field, answer_field, limit
+
+    def __call__(self) -> list[dict]:
+        if not self.path.exists():
+            raise FileNotFoundError(f"data file {self.path} does not exist")
+        rows = []
+        with self.path.open() as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataRowError(f"{self.path}:{lineno}: bad JSON ({e.msg})") from e
+                missing = [k for k in (self.prompt_field, self.answer_field) if k not in row]
+                if missing:
+                    raise DataRowError(f"{self.path}:{lineno}: missing field(s) {missing}; has {sorted(row)}")
+                rows.append({"prompt": row[self.prompt_field], "answer": str(row[self.answer_field])})
+                if self.limit and len(rows) >= self.limit:
+                    break
+        return rows
+
+
+class _Tokenized(torch.utils.data.Dataset):
+    def __init__(self, ids: list[list[int]], answers: list[str]):
+        self.ids, self.answers = ids, answers
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return self.ids[i], self.answers[i]
+
+
+class PromptDataModule(LightningDataModule):
+    """
+    Args:
+        train, val, test: sources (callables returning rows); ``val``/``test`` may be None.
+        batch_size: prompts per training step (each yields ``rollout.num_samples`` responses).
+        eval_batch_size: prompts per validation/test batch.
+        instruction: appended to each user prompt (e.g. "put the final answer within \\boxed{}").
+        system_prompt: optional system message.
+        max_prompt_tokens: longer prompts are an error naming the row.
+        task: name used in metric keys.
+    """
+
+    def __init__(self, train: Callable[[], list[dict]], val=None, test=None, batch_size: int = 64,
+                 eval_batch_size: int | None = None, instruction: str | None = None,
+                 system_prompt: str | None = None, max_prompt_tokens: int | None = None,
+                 num_workers: int = 0, seed: int = 0, task: str = "math"):
+        super().__init__()
+        self.sources = {"train": train, "val": val, "test": test}
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.instruction, self.system_prompt = instruction, system_prompt
+        self.max_prompt_tokens, self.num_workers, self.seed, self.task = max_prompt_tokens, num_workers, seed, task
+        self.tokenizer = None
+        self.splits: dict[str, _Tokenized] = {}
+
+    def set_tokenizer(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def messages(self, row: dict) -> list[dict]:
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            content = f"{prompt}\n{self.instruction}" if self.instruction else prompt
+            msgs = [{"role": "user", "content": content}]
+        else:
+            msgs = list(prompt)
+        if self.system_prompt and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": self.system_prompt}] + msgs
+        return msgs
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            raise RuntimeError("PromptDataModule.set_tokenizer(tokenizer) must be called before setup()")
+        for split, source in self.sources.items():
+            if source is None or split in self.splits:
+                continue
+            rows = source()
+            ids = [self.tokenizer.apply_chat_template(self.messages(r), add_generation_prompt=True, tokenize=True)
+                   for r in rows]
+            ids = [x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x for x in ids]
+            if self.max_prompt_tokens:
+                for i, x in enumerate(ids):
+                    if len(x) > self.max_prompt_tokens:
+                        raise ValueError(f"{split} row {i}: prompt has {len(x)} tokens > data.max_prompt_tokens")
+            self.splits[split] = _Tokenized(ids, [r["answer"] for r in rows])
+
+    def collate(self, items) -> dict:
+        ids, answers = zip(*items)
+        P = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(ids), P), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), P), dtype=torch.long)
+        for i, x in enumerate(ids):  # left padding: responses start at column P for every row
+            input_ids[i, P - len(x):] = torch.tensor(x)
+            attention_mask[i, P - len(x):] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "references": list(answers)}
+
+    def _eval_loader(self, split):
+        if split not in self.splits:
+            return []
+        return DataLoader(self.splits[split], batch_size=self.eval_batch_size, shuffle=False,
+                          collate_fn=self.collate, num_workers=self.num_workers)
+
+    def train_dataloader(self):
+        trainer = getattr(self, "trainer", None)
+        start, rank, world = 0, 0, 1
+        if trainer is not None:
+            # Resume exactly: the stream restarts at the batch after the last optimiser step taken.
+            start = trainer.global_step // getattr(trainer.lightning_module, "updates_per_rollout", 1)
+            rank, world = trainer.global_rank, trainer.world_size
+        stream = PromptStream(self.splits["train"], self.batch_size, self.seed, start, rank, world, self.collate)
+        return DataLoader(stream, batch_size=None, num_workers=0)
+
+    def val_dataloader(self):
+        return self._eval_loader("val")
+
+    def test_dataloader(self):
+        return self._eval_loader("test")
+
+
+class PromptStream(torch.utils.data.IterableDataset):
+    """An endless, deterministic stream of prompt batches: global batch ``k`` is a fixed function of
+    ``(seed, k)``, so a run resumed at batch ``k`` sees exactly what an uninterrupted run would.
+
+    Each epoch is a fresh permutation (seeded by ``seed`` and the epoch); under DDP the global batch of
+    ``batch_size * world`` prompts is split across ranks.
+    """
+
+    def __init__(self, data: _Tokenized, batch_size: int, seed: int, start: int, rank: int, world: int, collate):
+        self.data, self.batch_size, self.seed, self.start = data, batch_size, seed, start
+        self.rank, self.world, self.collate = rank, world, collate
+        self.per_epoch = len(data) // (batch_size * world)
+        if self.per_epoch == 0:
+            raise ValueError(f"train split has {len(data)} prompts, fewer than one global batch "
+                             f"(data.batch_size={batch_size} x {world} ranks)")
+
+    def __iter__(self):
+        k, order, order_epoch = self.start, None, -1
+        gb = self.batch_size * self.world
+        while True:
+            epoch, j = divmod(k, self.per_epoch)
+            if epoch != order_epoch:
+                order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed + epoch))
+                order_epoch = epoch
+            idx = order[j * gb + self.rank * self.batch_size: j * gb + (self.rank + 1) * self.batch_size]
+            yield self.collate([self.data[i] for i in idx.tolist()])
+            k += 1

@@ -1,0 +1,216 @@
+"""The LightningModule: a trainable student, a frozen teacher, and injected components.
+
+One training step (paper Sec. 5):
+    1. rollout   - the rollout policy (the student; the teacher for SFT) samples G responses per prompt;
+    2. prepare   - the objective scores the batch without gradient (teacher log-probs, reward, clip,
+                   token selection) and fills the batch metrics;
+    3. update    - ``epochs * minibatches`` optimiser steps on the surrogate loss (manual optimisation,
+                   so several steps can follow one rollout).
+The token selection in force is ``self.selection``; the phase callback swaps it (exploration ->
+refinement). Nothing in the step branches on a mode string: every choice is a component.
+
+The teacher runs under ``torch.no_grad`` in eval mode with ``requires_grad=False``, in its own dtype,
+and is left out of checkpoints (it is reloaded from its spec).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from lightning import LightningModule
+from torchmetrics import MeanMetric
+
+from src.modules.models import preflight
+from src.modules.sampling import AllTokens
+from src.modules.scoring import response_hidden, score_response
+
+
+class DistillationModule(LightningModule):
+    """
+    Args:
+        student: spec with ``load_model()`` / ``load_tokenizer()`` (``PretrainedLM``, ``TinyQwen2``).
+        teacher: spec of the frozen teacher, or None when the objective needs none (GRPO).
+        rollout: rollout backend (``HFGenerateRollout``).
+        objective: ``PolicyGradient``, ``GeneralizedJSD`` or ``SupervisedDistillation``.
+        optimizer: partial ``torch.optim`` constructor taking the parameters.
+        scheduler: optional partial LR scheduler constructor taking the optimizer (stepped per update).
+        selection: token selection in force at the start (the phase callback may replace it).
+        grader: ``(response, reference) -> bool`` for validation accuracy.
+        task: name used in validation metric keys (``val/<task>/acc``).
+        chunk_size: tokens per head application in the scorer.
+        grad_clip: max gradient norm (None disables).
+    """
+
+    def __init__(self, student, teacher, rollout, objective, optimizer, scheduler=None, selection=None,
+                 grader=None, task: str = "math", chunk_size: int = 1024, grad_clip: float | None = 1.0,
+                 seed: int = 0):
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False  # the teacher is not in checkpoints
+        self.student_spec, self.teacher_spec = student, teacher
+        if objective.needs_teacher and teacher is None:
+            raise ValueError(f"{type(objective).__name__} needs a teacher but model.teacher is null")
+        self.rollout, self.objective = rollout, objective
+        self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
+        self.selection = selection or AllTokens()
+        if grader is None:
+            from src.modules.grading import is_correct as grader
+        self.grader, self.task = grader, task
+        self.chunk_size, self.grad_clip, self.seed = chunk_size, grad_clip, seed
+        self.temperature = rollout.temperature
+        self.student = self.teacher = self.tokenizer = None
+        self.val_acc = MeanMetric()
+        self.val_len = MeanMetric()
+        self.val_trunc = MeanMetric()
+
+    # ---------------------------------------------------------------- models
+    def configure_model(self) -> None:
+        if self.student is not None:
+            return
+        self.tokenizer = self.student_spec.load_tokenizer()
+        self.student = self.student_spec.load_model()
+        self.student.train()  # from_pretrained returns eval mode
+        if self.teacher_spec is not None and self.objective.needs_teacher:
+            teacher = self.teacher_spec.load_model()
+            teacher.requires_grad_(False)
+            teacher.eval()
+            preflight(self.student, self.tokenizer, teacher, self.teacher_spec.load_tokenizer(),
+                      self.student_spec.key, self.teacher_spec.key)
+            self.teacher = teacher
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # Lightning calls .train() on the whole module; the teacher never trains
+        return self
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith("teacher.")]:
+            del sd[k]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(self.student.generation_config, "eos_token_id", None)
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        return sorted(i for i in ids if i is not None)
+
+    # ---------------------------------------------------------------- scoring (used by objectives)
+    def teacher_logp(self, ro) -> torch.Tensor:
+        with torch.no_grad():
+            logp_BT, _ = score_response(self.teacher, ro.input_ids, ro.attention_mask, ro.response_start,
+                                        self.temperature, self.chunk_size, with_entropy=False, **ro.model_kwargs)
+        return logp_BT * ro.response_mask_BT
+
+    def student_scores(self, ro, with_entropy: bool = False):
+        return score_response(self.student, ro.input_ids, ro.attention_mask, ro.response_start,
+                              self.temperature, self.chunk_size, with_entropy=with_entropy, **ro.model_kwargs)
+
+    def student_hidden(self, ro):
+        h = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.response_start, **ro.model_kwargs)
+        return h, self.student.get_output_embeddings()
+
+    def teacher_hidden(self, ro):
+        h = response_hidden(self.teacher, ro.input_ids, ro.attention_mask, ro.response_start, **ro.model_kwargs)
+        return h, self.teacher.get_output_embeddings()
+
+    @property
+    def updates_per_rollout(self) -> int:
+        return self.objective.epochs * self.objective.minibatches
+
+    def step_seed(self) -> int:
+        """Sampling seed of this rollout step and rank: resumed runs replay uninterrupted ones exactly."""
+        step = self.trainer.global_step // self.updates_per_rollout if self._trainer is not None else 0
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return (self.seed * 1_000_003 + step * 1_009 + rank) % (2**63)
+
+    # ---------------------------------------------------------------- steps
+    def generate(self, batch, greedy: bool = False, policy=None):
+        policy = policy or self.student
+        was_training = policy.training
+        policy.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.step_seed())
+                ro = self.rollout(policy, batch["input_ids"], batch["attention_mask"], self.eos_token_ids,
+                                  self.tokenizer.pad_token_id, greedy=greedy, **batch.get("model_kwargs", {}))
+        finally:
+            policy.train(was_training)
+        ro.references = [r for r in batch["references"] for _ in range(ro.group_size)]
+        ro.response_texts = self.tokenizer.batch_decode(
+            torch.where(ro.response_mask_BT, ro.response_ids_BT, self.tokenizer.pad_token_id),
+            skip_special_tokens=True)
+        return ro
+
+    def training_step(self, batch, batch_idx):
+        policy = self.teacher if self.objective.rollout_policy == "teacher" else self.student
+        ro = self.generate(batch, policy=policy)
+        if ro.old_logp_BT is None or policy is not self.student:
+            ro.old_logp_BT = self.student_scores(ro)[0].detach()
+        self.objective.prepare(ro, self, self.selection)
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        start, n_updates, logs = time.perf_counter(), 0, {}
+        shuffle = torch.Generator().manual_seed(self.step_seed())
+        for _ in range(self.objective.epochs):
+            for mb in ro.minibatches(self.objective.minibatches, shuffle):
+                loss, metrics = self.objective.loss(mb, self)
+                opt.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                if self.grad_clip:
+                    logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                n_updates += 1
+                logs.update({"loss": loss.detach(), **metrics})
+        train_seconds = time.perf_counter() - start
+        n_tok = ro.num_response_tokens
+        valid = ro.response_mask_BT
+        logs.update(ro.metrics)
+        logs.update({
+            "entropy": (ro.entropy_BT * valid).sum() / valid.sum().clamp(min=1) if ro.entropy_BT is not None
+            else torch.tensor(float("nan")),
+            "response_len": valid.sum(-1).float().mean(),
+            "truncation_rate": ro.truncated_B.float().mean(),
+            "rollout_tok_per_s": n_tok / max(ro.seconds, 1e-9),
+            "train_tok_per_s": n_tok * n_updates / max(train_seconds, 1e-9),
+            "lr": opt.param_groups[0]["lr"],
+            "samples": float(valid.shape[0]),
+        })
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=valid.shape[0])
+        self.log("train/loss_step", logs["loss"], prog_bar=True, logger=False)
+        return logs["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        ro = self.generate(batch, greedy=True)
+        correct = torch.tensor([float(self.grader(r, ref)) for r, ref in zip(ro.response_texts, ro.references)])
+        self.val_acc.update(correct)
+        self.val_len.update(ro.response_mask_BT.sum(-1).float())
+        self.val_trunc.update(ro.truncated_B.float())
+        return correct
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({f"val/{self.task}/acc": self.val_acc.compute(),
+                       f"val/{self.task}/response_len": self.val_len.compute(),
+                       f"val/{self.task}/truncation_rate": self.val_trunc.compute()}, prog_bar=True)
+        for m in (self.val_acc, self.val_len, self.val_trunc):
+            m.reset()
+
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict({f"test/{self.task}/acc": self.val_acc.compute(),
+                       f"test/{self.task}/response_len": self.val_len.compute(),
+                       f"test/{self.task}/truncation_rate": self.val_trunc.compute()})
+        for m in (self.val_acc, self.val_len, self.val_trunc):
+            m.reset()
+
+    def configure_optimizers(self):
+        opt = self.optimizer_fn(params=[p for p in self.student.parameters() if p.requires_grad])
+        if self.scheduler_fn is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_fn(optimizer=opt), "interval": "step"}}

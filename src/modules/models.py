@@ -1,0 +1,182 @@
+"""Model specs: how the student and the teacher are loaded, and the preflight that compares them.
+
+A spec is cheap to build (composing a config loads nothing); ``load_model()`` and ``load_tokenizer()``
+do the heavy work, called from the LightningModule's ``configure_model``.
+
+- ``PretrainedLM(path=...)``: a Hugging Face hub id or a local directory (``from_pretrained``).
+- ``TinyQwen2(...)``: a Qwen2 of the given size with random weights and the project's character
+  tokenizer, written once to a cache directory keyed by its config and then loaded through exactly
+  the ``PretrainedLM`` path a real checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _dtype(name: str, key: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"{key}.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+class PretrainedLM:
+    """A causal LM from a hub id or a local directory.
+
+    Args:
+        path: hub id (``Qwen/Qwen2.5-1.5B-Instruct``) or local directory with ``config.json``.
+        dtype: weights dtype (``float32``, ``bfloat16``, ``float16``).
+        tokenizer: tokenizer location if not ``path``.
+        key: the config key of this spec, named in error messages.
+        kwargs: passed to ``from_pretrained`` (``attn_implementation``, ``revision``, ...).
+    """
+
+    def __init__(self, path: str, dtype: str = "float32", tokenizer: str | None = None, key: str = "model",
+                 trust_remote_code: bool = False, **kwargs):
+        if not path:
+            raise ValueError(f"{key}.path is empty: give a hub id or a local model directory")
+        self.path, self.key = str(path), key
+        self.dtype = _dtype(dtype, key)
+        self.tokenizer_path = str(tokenizer) if tokenizer else None
+        self.trust_remote_code = trust_remote_code
+        self.kwargs = kwargs
+
+    def _resolve(self, path: str, what: str) -> str:
+        looks_local = path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1] \
+            or Path(path).expanduser().exists()
+        if looks_local and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"{self.key}: {what} path {path!r} does not exist")
+        return str(Path(path).expanduser()) if looks_local else path
+
+    def load_model(self):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+        path = self._resolve(self.path, "model")
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+            auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) else AutoModelForCausalLM
+            return auto.from_pretrained(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                                        **self.kwargs)
+        except OSError as e:
+            raise OSError(f"{self.key}: could not load model {path!r} ({e}). Offline? Set {self.key}.path to a "
+                          "local directory.") from e
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        path = self._resolve(self.tokenizer_path or self.path, "tokenizer")
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        except OSError as e:
+            raise OSError(f"{self.key}: could not load tokenizer {path!r} ({e})") from e
+        tok.padding_side = "left"  # prompts are left-padded so every response starts in the same column
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path={self.path!r}, dtype={self.dtype})"
+
+
+class TinyQwen2(PretrainedLM):
+    """A tiny random-weight Qwen2 with the character tokenizer, cached on disk by config.
+
+    Args:
+        cache_dir: where built models live; the folder name carries a hash of the config.
+        hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: architecture.
+        seed: weight initialisation seed.
+        max_position_embeddings: context length.
+    """
+
+    def __init__(self, cache_dir: str, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                 num_kv_heads: int = 2, intermediate_size: int | None = None, seed: int = 0,
+                 max_position_embeddings: int = 1024, dtype: str = "float32", key: str = "model", **kwargs):
+        self.arch = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                         num_key_value_heads=num_kv_heads,
+                         intermediate_size=intermediate_size or int(hidden_size * 2.6875),
+                         max_position_embeddings=max_position_embeddings, seed=seed)
+        from src.modules.tokenizer import TOKENIZER_VERSION
+
+        digest = hashlib.sha1(json.dumps({**self.arch, "tok": TOKENIZER_VERSION}, sort_keys=True).encode())
+        path = Path(cache_dir).expanduser() / f"tiny-qwen2-h{hidden_size}-l{num_layers}-{digest.hexdigest()[:10]}"
+        super().__init__(str(path), dtype=dtype, key=key, **kwargs)
+
+    def build(self) -> str:
+        """Write the model and tokenizer to ``self.path`` unless already there (atomic for DDP ranks)."""
+        path = Path(self.path)
+        if (path / "config.json").exists():
+            return str(path)
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        from src.modules.tokenizer import build_char_tokenizer
+
+        tok = build_char_tokenizer()
+        arch = dict(self.arch)
+        seed = arch.pop("seed")
+        cfg = Qwen2Config(vocab_size=len(tok), tie_word_embeddings=True, bos_token_id=None,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True, **arch)
+        gen = torch.random.fork_rng(devices=[])
+        with gen:
+            torch.manual_seed(seed)
+            model = Qwen2ForCausalLM(cfg)
+        model.generation_config.bos_token_id = None
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".build-"))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another rank finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return str(path)
+
+    def load_model(self):
+        self.build()
+        return super().load_model()
+
+    def load_tokenizer(self):
+        self.build()
+        return super().load_tokenizer()
+
+
+def padded_vocab_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def render_template(tokenizer) -> str | None:
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def preflight(student, student_tok, teacher, teacher_tok, student_key="model.student",
+              teacher_key="model.teacher") -> None:
+    """Stop before step 0 unless teacher and student agree on what a token means.
+
+    Compares the padded output vocabulary, the tokenizer size, pad and EOS ids and the rendered chat
+    template. Cross-tokenizer distillation is deliberately not supported yet.
+    """
+    checks = [
+        ("padded vocabulary size (output embedding rows)", padded_vocab_size(student), padded_vocab_size(teacher)),
+        ("tokenizer vocabulary size", len(student_tok), len(teacher_tok)),
+        ("pad token id", student_tok.pad_token_id, teacher_tok.pad_token_id),
+        ("eos token id", student_tok.eos_token_id, teacher_tok.eos_token_id),
+        ("rendered chat template", render_template(student_tok), render_template(teacher_tok)),
+    ]
+    for what, s, t in checks:
+        if s != t:
+            raise ValueError(f"preflight: student and teacher disagree on {what}: {student_key} has {s!r}, "
+                             f"{teacher_key} has {t!r}. Use models of one family and tokenizer.")

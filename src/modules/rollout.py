@@ -1,0 +1,204 @@
+"""Rollouts: the policy samples ``G`` responses per prompt; the result carries everything the loss needs.
+
+A rollout backend is any callable ``(model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
+num_samples, greedy, **model_kwargs) -> Rollout``. ``HFGenerateRollout`` uses Hugging Face ``generate``
+(KV cache, temperature, top-p, top-k, max new tokens, stop at EOS); a vLLM backend plugs in the same way.
+
+Rollout-time log-probs and entropies are recorded *during* decoding by a logits processor that sees the
+raw logits before any warper, scaled by the sampling temperature (the same distribution the scorer uses).
+It keeps one ``[B, V]`` step in memory, never ``[B, T, V]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+@dataclasses.dataclass
+class Rollout:
+    """Prompts (left-padded, P columns) followed by responses (right-padded, T columns).
+
+    ``*_BT`` tensors cover the response columns only; ``input_ids``/``attention_mask`` cover P + T.
+    """
+
+    input_ids: torch.Tensor  # [B, P + T]
+    attention_mask: torch.Tensor  # [B, P + T]; prompt padding and post-EOS padding are 0
+    response_start: int  # P
+    response_mask_BT: torch.Tensor  # [B, T] bool: tokens the policy sampled, up to and including EOS
+    old_logp_BT: torch.Tensor | None  # [B, T] rollout-time log-probs at the sampling temperature
+    entropy_BT: torch.Tensor | None  # [B, T] rollout-time full-vocabulary entropy
+    truncated_B: torch.Tensor  # [B] bool: no EOS within the token budget
+    group_size: int = 1  # G samples per prompt; rows [g*G:(g+1)*G] share a prompt
+    seconds: float = 0.0  # wall time of generation
+    references: list[str] = dataclasses.field(default_factory=list)
+    response_texts: list[str] = dataclasses.field(default_factory=list)
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. pixel values
+    # filled by the objective
+    teacher_logp_BT: torch.Tensor | None = None
+    reward_BT: torch.Tensor | None = None
+    advantage_BT: torch.Tensor | None = None
+    loss_mask_BT: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def response_ids_BT(self) -> torch.Tensor:
+        return self.input_ids[:, self.response_start :]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask_BT.sum())
+
+    def minibatches(self, n: int, generator: torch.Generator | None = None):
+        """Split rows into ``n`` shuffled minibatches (views of the same rollout)."""
+        B = self.input_ids.shape[0]
+        if n <= 1:
+            yield self
+            return
+        order = torch.randperm(B, generator=generator).to(self.input_ids.device)
+        for idx in order.chunk(n):
+            yield self.select_rows(idx)
+
+    def select_rows(self, idx: torch.Tensor) -> "Rollout":
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.input_ids.shape[0]:
+                v = v[idx]
+            elif isinstance(v, list) and len(v) == self.input_ids.shape[0]:
+                v = [v[i] for i in idx.tolist()]
+            elif f.name == "model_kwargs":
+                v = {k: (t[idx] if isinstance(t, torch.Tensor) and t.shape[:1] == (self.input_ids.shape[0],) else t)
+                     for k, t in v.items()}
+            out[f.name] = v
+        out["metrics"] = {}
+        return Rollout(**out)
+
+
+class _RecordSampledLogProbs(LogitsProcessor):
+    """Records log p(sampled token) and entropy of softmax(logits / temperature) at each step.
+
+    Step ``t``'s sampled token is only known at step ``t + 1`` (it is the last column of ``input_ids``),
+    so one step of log-probs is held back and the final token is gathered after ``generate`` returns.
+    """
+
+    def __init__(self, temperature: float):
+        self.inv_temp = 1.0 / temperature
+        self.logps: list[torch.Tensor] = []
+        self.entropies: list[torch.Tensor] = []
+        self._pending: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._pending is not None:
+            self.logps.append(self._pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        logp_BV = torch.log_softmax(scores.float() * self.inv_temp, dim=-1)
+        self.entropies.append(-(logp_BV.exp() * logp_BV).sum(-1))
+        self._pending = logp_BV
+        return scores
+
+    def finish(self, last_tokens_B: torch.Tensor):
+        if self._pending is not None:
+            self.logps.append(self._pending.gather(-1, last_tokens_B[:, None]).squeeze(-1))
+            self._pending = None
+        return torch.stack(self.logps, dim=1), torch.stack(self.entropies, dim=1)
+
+
+def response_mask_from_ids(response_ids_BT: torch.Tensor, eos_token_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of sampled tokens up to and including the first EOS, and whether each row was truncated."""
+    eos = torch.as_tensor(list(eos_token_ids), device=response_ids_BT.device)
+    is_eos_BT = torch.isin(response_ids_BT, eos)
+    # number of EOS strictly before each position: 0 means the position is still part of the response
+    eos_before_BT = is_eos_BT.long().cumsum(-1) - is_eos_BT.long()
+    return eos_before_BT == 0, ~is_eos_BT.any(-1)
+
+
+class HFGenerateRollout:
+    """Sampling with ``transformers`` ``generate``.
+
+    Args:
+        max_new_tokens: token budget per response.
+        temperature, top_p, top_k: sampling; ``top_k=0`` disables top-k. Log-probs use ``temperature``
+            only (the untruncated distribution), the convention of vLLM and of the paper's reward.
+        num_samples: G responses per prompt.
+        val_max_new_tokens: budget for greedy validation decoding (defaults to ``max_new_tokens``).
+    """
+
+    def __init__(self, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 num_samples: int = 1, val_max_new_tokens: int | None = None):
+        if temperature <= 0:
+            raise ValueError(f"rollout.temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"rollout.top_p must lie in (0, 1], got {top_p}")
+        if num_samples < 1:
+            raise ValueError(f"rollout.num_samples must be >= 1, got {num_samples}")
+        self.max_new_tokens = max_new_tokens
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.num_samples = num_samples
+        self.val_max_new_tokens = val_max_new_tokens or max_new_tokens
+
+    @torch.no_grad()
+    def __call__(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
+                 num_samples: int | None = None, greedy: bool = False, **model_kwargs) -> Rollout:
+        G = 1 if greedy else (num_samples or self.num_samples)
+        if G > 1:
+            prompt_ids_BP = prompt_ids_BP.repeat_interleave(G, dim=0)
+            prompt_mask_BP = prompt_mask_BP.repeat_interleave(G, dim=0)
+            model_kwargs = {k: v.repeat_interleave(G, dim=0) if isinstance(v, torch.Tensor) else v
+                            for k, v in model_kwargs.items()}
+        eos_token_ids = list(eos_token_ids)
+        # A fresh config, and the model's own swapped out while generating: `generate` fills every unset
+        # field from `model.generation_config`, and checkpoints ship sampling defaults (Qwen: top_k=20,
+        # repetition_penalty=1.05) that would silently change the sampling distribution.
+        # Sampling knobs are applied by our own processors below; the config's are neutral.
+        sampling = {} if greedy else dict(temperature=1.0, top_p=1.0, top_k=0)
+        gen_cfg = GenerationConfig(
+            max_new_tokens=self.val_max_new_tokens if greedy else self.max_new_tokens,
+            do_sample=not greedy, num_beams=1, repetition_penalty=1.0, **sampling,
+            eos_token_id=eos_token_ids, pad_token_id=pad_token_id, bos_token_id=None,
+            return_dict_in_generate=False, use_cache=True,
+        )
+        processors = LogitsProcessorList()
+        recorder = None
+        if not greedy:
+            recorder = _RecordSampledLogProbs(self.temperature)
+            processors.append(recorder)
+            if self.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k:
+                processors.append(TopKLogitsWarper(self.top_k))
+            if self.top_p < 1.0:
+                processors.append(TopPLogitsWarper(self.top_p))
+        start = time.perf_counter()
+        own_cfg, model.generation_config = model.generation_config, GenerationConfig()
+        try:
+            seq = model.generate(
+                input_ids=prompt_ids_BP, attention_mask=prompt_mask_BP, generation_config=gen_cfg,
+                logits_processor=processors, **model_kwargs,
+            )
+        finally:
+            model.generation_config = own_cfg
+        seconds = time.perf_counter() - start
+        P = prompt_ids_BP.shape[1]
+        response_ids_BT = seq[:, P:]
+        response_mask_BT, truncated_B = response_mask_from_ids(response_ids_BT, eos_token_ids)
+        old_logp_BT = entropy_BT = None
+        if recorder is not None:
+            old_logp_BT, entropy_BT = recorder.finish(response_ids_BT[:, -1])
+            zero = torch.zeros((), device=seq.device)
+            old_logp_BT = torch.where(response_mask_BT, old_logp_BT, zero)
+            entropy_BT = torch.where(response_mask_BT, entropy_BT, zero)
+        attention_mask = torch.cat([prompt_mask_BP, response_mask_BT.to(prompt_mask_BP.dtype)], dim=1)
+        return Rollout(
+            input_ids=seq, attention_mask=attention_mask, response_start=P,
+            response_mask_BT=response_mask_BT, old_logp_BT=old_logp_BT, entropy_BT=entropy_BT,
+            truncated_B=truncated_B, group_size=G, seconds=seconds, model_kwargs=model_kwargs,
+        )

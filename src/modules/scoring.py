@@ -1,0 +1,113 @@
+"""Scoring sampled tokens: log-probs and predictive entropy, chunked along the sequence.
+
+For a causal LM with final hidden states ``h`` [B, T, H] and output head ``W`` [V, H]::
+
+    z      = (h @ W.T) / temperature                  # logits at temperature, [B, T, V]
+    logp_t = z[y_t] - logsumexp(z)                    # sampled token y_t
+    H_t    = logsumexp(z) - sum softmax(z) * z        # full-vocabulary entropy
+
+A full fp32 ``[B, T, V]`` tensor is never held: at 152k-token vocabularies it is ~20 GB for 8 x 4k
+tokens. The head is applied ``chunk_size`` positions at a time; under autograd each chunk runs inside
+``torch.utils.checkpoint`` so its logits are recomputed in the backward instead of kept.
+Only the response positions are projected (the prompt's logits are never needed).
+
+The teacher and the student are scored at the same sampling temperature (peers that forget this
+score the teacher at T=1 against a T=0.6 rollout).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_stats(h_NH, weight_VH, bias_V, target_N, inv_temp: float, with_entropy: bool):
+    z_NV = F.linear(h_NH, weight_VH, bias_V).float() * inv_temp
+    lse_N = torch.logsumexp(z_NV, dim=-1)
+    logp_N = z_NV.gather(-1, target_N[:, None]).squeeze(-1) - lse_N
+    if not with_entropy:
+        return logp_N, None
+    with torch.no_grad():
+        p_NV = torch.softmax(z_NV, dim=-1)
+        entropy_N = lse_N - (p_NV * z_NV).sum(-1)
+    return logp_N, entropy_N
+
+
+def token_logp_entropy(
+    hidden_BTH: torch.Tensor,
+    head: torch.nn.Linear,
+    target_BT: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of ``target_BT`` and entropy at each position, from hidden states aligned with targets.
+
+    ``hidden_BTH[:, t]`` must be the state that predicts ``target_BT[:, t]``. ``chunk_size`` counts
+    tokens (B * positions) per head application. Returns (logp_BT float32, entropy_BT float32 or None);
+    the entropy carries no gradient.
+    """
+    B, T, H = hidden_BTH.shape
+    h_NH = hidden_BTH.reshape(B * T, H)
+    target_N = target_BT.reshape(B * T)
+    inv_temp = 1.0 / float(temperature)
+    grad = torch.is_grad_enabled() and (h_NH.requires_grad or head.weight.requires_grad)
+    logps, ents = [], []
+    for s in range(0, B * T, max(1, chunk_size)):
+        args = (h_NH[s : s + chunk_size], head.weight, head.bias, target_N[s : s + chunk_size], inv_temp, with_entropy)
+        if grad:
+            lp, ent = checkpoint(_chunk_stats, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_stats(*args)
+        logps.append(lp)
+        ents.append(ent)
+    logp_BT = torch.cat(logps).view(B, T)
+    entropy_BT = torch.cat(ents).view(B, T) if with_entropy else None
+    return logp_BT, entropy_BT
+
+
+def reference_logp_entropy(logits_BTV: torch.Tensor, target_BT: torch.Tensor, temperature: float = 1.0):
+    """Unchunked reference of ``token_logp_entropy`` from full logits (tests and debugging only)."""
+    logp_BTV = torch.log_softmax(logits_BTV.float() / temperature, dim=-1)
+    logp_BT = logp_BTV.gather(-1, target_BT[..., None]).squeeze(-1)
+    entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+    return logp_BT, entropy_BT
+
+
+def position_ids_from_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as ``generate`` assigns them."""
+    return (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_hidden(model, input_ids_BT, attention_mask_BT, response_start: int, **model_kwargs):
+    """Final hidden states that predict the response tokens ``input_ids_BT[:, response_start:]``.
+
+    Runs the backbone only (no head), so no logits are formed here.
+    """
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    if "position_ids" not in model_kwargs and not getattr(model.config, "vision_config", None):
+        model_kwargs["position_ids"] = position_ids_from_mask(attention_mask_BT)
+    out = backbone(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False, **model_kwargs)
+    return out.last_hidden_state[:, response_start - 1 : -1]
+
+
+def score_response(
+    model,
+    input_ids_BT: torch.Tensor,
+    attention_mask_BT: torch.Tensor,
+    response_start: int,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = True,
+    **model_kwargs,
+):
+    """Log-probs (and entropies) of the response tokens under ``model`` at ``temperature``.
+
+    Returns tensors of shape [B, T_resp] with ``T_resp = input_ids_BT.shape[1] - response_start``.
+    """
+    hidden_BTH = response_hidden(model, input_ids_BT, attention_mask_BT, response_start, **model_kwargs)
+    return token_logp_entropy(
+        hidden_BTH, model.get_output_embeddings(), input_ids_BT[:, response_start:],
+        temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy,
+    )

@@ -1,0 +1,35 @@
+"""The miniature's character tokenizer: one token per character, a ChatML template, saved as an
+ordinary Hugging Face tokenizer directory, so tiny models go through the code path a Qwen model does.
+"""
+
+from __future__ import annotations
+
+import string
+
+TOKENIZER_VERSION = 1
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_char_tokenizer():
+    """A ``PreTrainedTokenizerFast`` over printable ASCII; eos ``<|im_end|>``, pad ``<|endoftext|>``."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set("\r\x0b\x0c"))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for c in chars:
+        vocab[c] = len(vocab)
+    # BPE with no merges never merges: every character is its own token.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token="<unk>", padding_side="left", truncation_side="left")
+    tok.chat_template = CHATML_TEMPLATE
+    return tok

@@ -1,0 +1,49 @@
+"""Train a student: ``python src/train.py [experiment=<name>] [algorithm=<name>] [key=value ...]``.
+
+Only wiring: compose the config, instantiate the datamodule, module, callbacks, loggers and trainer,
+fit, test, return the metrics. Tests call ``train(cfg)`` directly.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from src.utils.instantiate import instantiate_callbacks, instantiate_loggers, log_config  # noqa: E402
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
+    """Fit (and test) as ``cfg`` says; returns the final metrics and the objects built."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = hydra.utils.instantiate(cfg.module)
+    datamodule.set_tokenizer(module.student_spec.load_tokenizer())
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    log_config(cfg, trainer)
+
+    if cfg.get("validate_before"):
+        trainer.validate(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.get("test"):
+        trainer.test(module, datamodule=datamodule)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    return metrics, {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer}
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    metrics, _ = train(cfg)
+    return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Config helpers for the entry points: instantiate callback and logger groups, save the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+
+def _instantiate_group(group: DictConfig | None, kind: str) -> list:
+    out = []
+    if not group:
+        return out
+    for name, conf in group.items():
+        if conf is None or not conf:  # an empty entry (e.g. `phase: none`) adds nothing
+            continue
+        if "_target_" not in conf:
+            raise ValueError(f"{kind}.{name} has no _target_")
+        out.append(hydra.utils.instantiate(conf))
+    return out
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list:
+    return _instantiate_group(cfg, "callbacks")
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list:
+    return _instantiate_group(cfg, "logger")
+
+
+@rank_zero_only
+def log_config(cfg: DictConfig, trainer) -> None:
+    """Write the resolved config next to the run's outputs, and to the loggers' hyperparameters."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
