@@ -334,4 +334,4 @@ def test_monte_carlo_per_token_does_not_match_reverse_kl_at_t3():
     student, teacher = make_pair("tabular", T=T)
     g_kl = flat_grad(exact_reverse_kl(student, teacher), list(student.parameters()))
     g_pt = _mc_grad(student, teacher, T, "per_token", seed=1234)
-    assert rel_err(g_pt, g_kl) > 0.05
+    assert rel_err(g_pt, g_kl) > 0.3  # ~0.67 here, while the MC error is ~0.01

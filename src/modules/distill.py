@@ -185,29 +185,24 @@ class DistillationModule(LightningModule):
         self.log("train/loss_step", logs["loss"], prog_bar=True, logger=False)
         return logs["loss"]
 
-    def validation_step(self, batch, batch_idx):
+    def _evaluate(self, batch, stage: str):
+        """Greedy decoding graded against the references; metrics aggregate across DDP ranks."""
         ro = self.generate(batch, greedy=True)
         correct = torch.tensor([float(self.grader(r, ref)) for r, ref in zip(ro.response_texts, ro.references)])
         self.val_acc.update(correct)
         self.val_len.update(ro.response_mask_BT.sum(-1).float())
         self.val_trunc.update(ro.truncated_B.float())
+        n = len(correct)
+        self.log(f"{stage}/{self.task}/acc", self.val_acc, prog_bar=True, batch_size=n)
+        self.log(f"{stage}/{self.task}/response_len", self.val_len, batch_size=n)
+        self.log(f"{stage}/{self.task}/truncation_rate", self.val_trunc, batch_size=n)
         return correct
 
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict({f"val/{self.task}/acc": self.val_acc.compute(),
-                       f"val/{self.task}/response_len": self.val_len.compute(),
-                       f"val/{self.task}/truncation_rate": self.val_trunc.compute()}, prog_bar=True)
-        for m in (self.val_acc, self.val_len, self.val_trunc):
-            m.reset()
+    def validation_step(self, batch, batch_idx):
+        return self._evaluate(batch, "val")
 
-    test_step = validation_step
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict({f"test/{self.task}/acc": self.val_acc.compute(),
-                       f"test/{self.task}/response_len": self.val_len.compute(),
-                       f"test/{self.task}/truncation_rate": self.val_trunc.compute()})
-        for m in (self.val_acc, self.val_len, self.val_trunc):
-            m.reset()
+    def test_step(self, batch, batch_idx):
+        return self._evaluate(batch, "test")
 
     def configure_optimizers(self):
         opt = self.optimizer_fn(params=[p for p in self.student.parameters() if p.requires_grad])

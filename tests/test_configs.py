@@ -1,0 +1,96 @@
+"""Every shipped config composes and instantiates; bad input fails with a message naming the culprit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from src.modules.models import PretrainedLM, TinyQwen2
+from src.train import train
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))
+ALGORITHMS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "algorithm").glob("*.yaml"))
+TRAINERS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "trainer").glob("*.yaml"))
+
+TINY_DATA = ["data=arithmetic", "data.batch_size=8", "data.train.n=64", "data.val.n=8", "data.test.n=8"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_instantiates_with_tiny_models(make_cfg, name):
+    cfg = make_cfg(f"experiment={name}", "model=tiny", *TINY_DATA)
+    module = hydra.utils.instantiate(cfg.module)
+    module.configure_model()
+    assert module.student is not None
+    assert (module.teacher is not None) == module.objective.needs_teacher
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.set_tokenizer(module.tokenizer)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == cfg.data.batch_size
+    hydra.utils.instantiate(cfg.callbacks.get("phase_schedule") or {"_target_": "builtins.dict"})
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_keeps_its_real_settings(make_cfg, name):
+    cfg = make_cfg(f"experiment={name}", fast=False)
+    assert cfg.model.student._target_.endswith(("TinyQwen2", "PretrainedLM"))
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_trainer_configs_compose(make_cfg, name):
+    cfg = make_cfg(f"trainer={name}")
+    assert cfg.trainer._target_.endswith("Trainer")
+    if name.startswith(("fsdp", "deepspeed", "ddp")):
+        assert cfg.trainer.strategy._target_.startswith("lightning.pytorch.strategies")
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_trains_two_steps(make_cfg, algorithm):
+    metrics, obj = train(make_cfg(f"algorithm={algorithm}", "trainer.max_steps=2", "rollout.num_samples=2",
+                                  "test=false"))
+    assert obj["trainer"].global_step == 2 * obj["module"].updates_per_rollout
+    assert metrics["train/loss"] == metrics["train/loss"]  # not NaN
+    assert (obj["module"].teacher is None) == (algorithm == "grpo")
+
+
+def test_unknown_algorithm_names_the_group(make_cfg):
+    with pytest.raises(ConfigCompositionException, match="algorithm"):
+        make_cfg("algorithm=no_such_thing")
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0, -0.1, 1.5])
+def test_bad_lam_names_the_key(make_cfg, lam):
+    cfg = make_cfg(f"clipping.lam={lam}")
+    with pytest.raises(Exception, match="lam"):
+        hydra.utils.instantiate(cfg.module)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.5, -0.2])
+def test_bad_ratio_names_the_key(make_cfg, ratio):
+    cfg = make_cfg(f"selection.ratio={ratio}")
+    with pytest.raises(Exception, match="ratio"):
+        hydra.utils.instantiate(cfg.module)
+
+
+def test_missing_model_path_names_the_key(tmp_path):
+    spec = PretrainedLM(path=str(tmp_path / "nope"), key="model.teacher")
+    with pytest.raises(FileNotFoundError, match="model.teacher"):
+        spec.load_model()
+
+
+def test_mismatched_vocabularies_stop_before_step_zero(make_cfg, tmp_path):
+    # A teacher whose output embedding is padded to another size, as Qwen2.5 7B (152064) vs 1.5B (151936).
+    base = TinyQwen2(cache_dir=str(tmp_path), hidden_size=32, num_layers=1, seed=3)
+    model, tok = base.load_model(), base.load_tokenizer()
+    model.resize_token_embeddings(len(tok) + 27)
+    model.save_pretrained(tmp_path / "padded")
+    tok.save_pretrained(tmp_path / "padded")
+    cfg = make_cfg("model.teacher._target_=src.modules.models.PretrainedLM", f"+model.teacher.path={tmp_path}/padded",
+                   "~model.teacher.cache_dir", "~model.teacher.hidden_size", "~model.teacher.num_layers",
+                   "~model.teacher.seed")
+    module = hydra.utils.instantiate(cfg.module)
+    with pytest.raises(ValueError, match=r"padded vocabulary size.*model.student.*model.teacher"):
+        module.configure_model()
