@@ -45,7 +45,8 @@ def make_cfg(tmp_path, cache_dir):
     def _make(*overrides: str, config: str = "train", fast: bool = True):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-            ovr = (FAST if fast else []) + [f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path}/logs"]
+            fast_ovr = [o for o in FAST if config == "train" or not o.startswith(("callbacks.", "data.batch_size"))]
+            ovr = (fast_ovr if fast else []) + [f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path}/logs"]
             cfg = compose(config_name=config, overrides=ovr + list(overrides), return_hydra_config=True)
         HydraConfig().set_config(cfg)
         with open_dict(cfg):

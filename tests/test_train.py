@@ -73,3 +73,18 @@ def test_resume_matches_uninterrupted(make_cfg, tmp_path):
     a, b = full["module"].student.state_dict(), resumed["module"].student.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs after resume")
+
+
+def test_eval_entry_point_scores_a_trained_checkpoint(make_cfg):
+    from src.eval import evaluate
+
+    cfg = make_cfg("test=false", "trainer.max_steps=2")
+    train(cfg)
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    hf_dir = Path(cfg.paths.output_dir) / "checkpoints" / "hf" / "final"
+    ev = make_cfg("model=pretrained", f"model.student.path={hf_dir}", "model.student.dtype=float32", config="eval")
+    metrics, _ = evaluate(ev)
+    assert 0.0 <= metrics["test/arithmetic/acc"] <= 1.0
+    ev_ckpt = make_cfg(f"ckpt_path={ckpt}", config="eval")
+    metrics_ckpt, obj = evaluate(ev_ckpt)
+    assert metrics_ckpt["test/arithmetic/acc"] == metrics["test/arithmetic/acc"]
