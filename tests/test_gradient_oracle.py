@@ -303,7 +303,7 @@ def test_monte_carlo_surrogate_gradient_matches_oracle(policy, kind, target):
     g_ref = flat_grad(oracle(student, teacher), params)
     g_mc = _mc_grad(student, teacher, T, kind, seed=1234)
 
-    # the sampler is the student: empirical sequence frequencies are pi_s (sanity for the estimator)
+    # error bar: standard error of the N-sample mean, from the exact per-sample gradient covariance
     se = (per_sample_grad_cov_trace(student, teacher, kind) / N_MC) ** 0.5
     err = float((g_mc - g_ref).norm())
     assert err < 5 * se, f"MC error {err:.4g} exceeds 5 standard errors ({se:.4g})"

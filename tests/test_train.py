@@ -88,3 +88,14 @@ def test_eval_entry_point_scores_a_trained_checkpoint(make_cfg):
     ev_ckpt = make_cfg(f"ckpt_path={ckpt}", config="eval")
     metrics_ckpt, obj = evaluate(ev_ckpt)
     assert metrics_ckpt["test/arithmetic/acc"] == metrics["test/arithmetic/acc"]
+
+
+def test_several_ppo_updates_per_rollout(make_cfg):
+    cfg = make_cfg("objective.epochs=2", "objective.minibatches=2", "objective.eps_low=0.2", "objective.eps_high=0.2",
+                   "trainer.max_steps=8", "callbacks.phase_schedule.switch_step=1", "test=false")
+    metrics, obj = train(cfg)
+    assert obj["module"].updates_per_rollout == 4 and obj["trainer"].global_step == 8
+    rows = _csv_rows(cfg.paths.output_dir)
+    # 8 optimiser steps = 2 rollout steps; the phase counts rollout steps, so it flips for the second one
+    assert sorted({float(r["train/phase"]) for r in rows if r.get("train/phase")}) == [0.0, 1.0]
+    assert any(r.get("train/ppo_clip_frac") for r in rows)

@@ -149,7 +149,8 @@ class DistillationModule(LightningModule):
         policy = self.teacher if self.objective.rollout_policy == "teacher" else self.student
         ro = self.generate(batch, policy=policy)
         if ro.old_logp_BT is None or policy is not self.student:
-            ro.old_logp_BT = self.student_scores(ro)[0].detach()
+            with torch.no_grad():
+                ro.old_logp_BT = self.student_scores(ro)[0]
         self.objective.prepare(ro, self, self.selection)
         opt = self.optimizers()
         sched = self.lr_schedulers()
