@@ -11,11 +11,16 @@ import os
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import warnings  # noqa: E402
+
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from src.utils.instantiate import instantiate_callbacks, instantiate_loggers, log_config  # noqa: E402
+
+# The frozen teacher is in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:

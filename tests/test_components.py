@@ -250,12 +250,6 @@ def test_entropy_top_quantile_ties_are_kept_and_empty_batch():
     assert not keep.any()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: sampling.EntropyTopQuantile casts the threshold to float32 (values.float()) but "
-    "compares it against the un-cast float64 entropies, so the k-th largest entropy itself is dropped "
-    "whenever float32 rounding goes up. Remove this marker once fixed.",
-)
 def test_entropy_top_quantile_exact_fraction_for_float64_entropies():
     g = _gen(17)
     failures = 0
@@ -623,13 +617,6 @@ def test_chunked_scorer_gradients_match_reference(chunk_size, temperature, bias)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="src bug: scoring.token_logp_entropy guards the loop step with max(1, chunk_size) but slices "
-    "h_NH[s : s + chunk_size] with the raw value, so chunk_size <= 0 yields empty chunks and a "
-    "'shape [B, T] is invalid for input of size 0' error. Remove this marker once fixed.",
-)
 def test_chunked_scorer_nonpositive_chunk_size_behaves_like_one():
     hidden, head, target, _ = _scorer_problem()
     with torch.no_grad():
@@ -648,3 +635,11 @@ def test_chunked_scorer_head_only_gradient():
     lp_r, _ = reference_logp_entropy(head(hidden), target, 0.6)
     (lp_r * w).sum().backward()
     torch.testing.assert_close(g_chunked, head.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_generalized_jsd_ignores_zero_probability_entries():
+    s = torch.log_softmax(torch.tensor([[0.0, 1.0, -math.inf]]), -1)
+    t = torch.log_softmax(torch.tensor([[0.5, 0.2, -math.inf]]), -1)
+    for beta in (0.0, 0.3, 1.0):
+        v = generalized_jsd(s, t, beta)
+        assert torch.isfinite(v).all() and (v >= 0).all()

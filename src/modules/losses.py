@@ -16,6 +16,8 @@ For REOPOLD ``A = Rhat = max(R, c)`` and ``agg = token_mean`` over the kept toke
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
@@ -100,13 +102,17 @@ def generalized_jsd(
     """
     s, t = student_logp_NV, teacher_logp_NV
     if beta == 0.0:
-        return (t.exp() * (t - s)).sum(-1)
+        return _kl(t, s)
     if beta == 1.0:
-        return (s.exp() * (s - t)).sum(-1)
-    m = torch.logsumexp(torch.stack([s + torch.log1p(torch.tensor(-beta)), t + torch.log(torch.tensor(beta))]), 0)
-    kl_t = (t.exp() * (t - m)).sum(-1)
-    kl_s = (s.exp() * (s - m)).sum(-1)
-    return beta * kl_t + (1.0 - beta) * kl_s
+        return _kl(s, t)
+    m = torch.logaddexp(s + math.log1p(-beta), t + math.log(beta))
+    return beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
+
+
+def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last axis from log-probs; entries with p = 0 contribute 0 (not 0 * inf)."""
+    terms = p_log.exp() * (p_log - q_log)
+    return torch.where(p_log > -math.inf, terms, torch.zeros_like(terms)).sum(-1)
 
 
 def token_nll(logp_BT: torch.Tensor, mask_BT: torch.Tensor, agg: str = "token_mean") -> torch.Tensor:

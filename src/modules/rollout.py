@@ -114,7 +114,8 @@ class _RecordSampledLogProbs(LogitsProcessor):
 
 def response_mask_from_ids(response_ids_BT: torch.Tensor, eos_token_ids) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of sampled tokens up to and including the first EOS, and whether each row was truncated."""
-    eos = torch.as_tensor(list(eos_token_ids), device=response_ids_BT.device)
+    ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+    eos = torch.as_tensor(ids, device=response_ids_BT.device)
     is_eos_BT = torch.isin(response_ids_BT, eos)
     # number of EOS strictly before each position: 0 means the position is still part of the response
     eos_before_BT = is_eos_BT.long().cumsum(-1) - is_eos_BT.long()

@@ -38,7 +38,7 @@ class EntropyTopQuantile:
 
     def __call__(self, entropy_BT: torch.Tensor, valid_BT: torch.Tensor) -> torch.Tensor:
         valid_BT = valid_BT.bool()
-        values = entropy_BT.detach()[valid_BT].float()
+        values = entropy_BT.detach()[valid_BT]
         if values.numel() == 0:
             return valid_BT.clone()
         # The k-th largest value is the threshold: exact for the "top ratio" reading, no interpolation.

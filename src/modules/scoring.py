@@ -52,9 +52,10 @@ def token_logp_entropy(
     h_NH = hidden_BTH.reshape(B * T, H)
     target_N = target_BT.reshape(B * T)
     inv_temp = 1.0 / float(temperature)
+    chunk_size = max(1, int(chunk_size))
     grad = torch.is_grad_enabled() and (h_NH.requires_grad or head.weight.requires_grad)
     logps, ents = [], []
-    for s in range(0, B * T, max(1, chunk_size)):
+    for s in range(0, B * T, chunk_size):
         args = (h_NH[s : s + chunk_size], head.weight, head.bias, target_N[s : s + chunk_size], inv_temp, with_entropy)
         if grad:
             lp, ent = checkpoint(_chunk_stats, *args, use_reentrant=False)
