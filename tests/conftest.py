@@ -32,6 +32,17 @@ FAST = [
 ]
 
 
+@pytest.fixture
+def single_thread():
+    """Tiny tensors: intra-op threads only add contention on a 2-core box (about 50x slower when busy)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> str:
     """Tiny models are built once per test session and shared by every test."""

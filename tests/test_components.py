@@ -22,13 +22,7 @@ from src.modules.sampling import AllTokens, EntropyTopQuantile, RewardFloor
 from src.modules.scoring import reference_logp_entropy, token_logp_entropy
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add contention on a small CPU box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _gen(seed: int = 0) -> torch.Generator:

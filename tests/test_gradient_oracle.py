@@ -88,13 +88,7 @@ class PrefixMLPPolicy(torch.nn.Module):
 POLICIES = {"tabular": TabularPolicy, "mlp": PrefixMLPPolicy}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny ops: intra-op threading only adds contention (50x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def all_sequences(t: int) -> torch.Tensor:
