@@ -17,7 +17,12 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from src.utils.instantiate import instantiate_callbacks, instantiate_loggers, log_config  # noqa: E402
+from src.utils.instantiate import (  # noqa: E402
+    instantiate_callbacks,
+    instantiate_loggers,
+    log_config,
+    resolve_ckpt_path,
+)
 
 # The frozen teacher is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -36,7 +41,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 
     if cfg.get("validate_before"):
         trainer.validate(module, datamodule=datamodule)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg), weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         trainer.test(module, datamodule=datamodule)

@@ -57,14 +57,14 @@ def test_resume_matches_uninterrupted(make_cfg, tmp_path):
     full_metrics, full = train(make_cfg(*common, "trainer.max_steps=4"))
 
     first = make_cfg(*common, "trainer.max_steps=2")
-    first.paths.output_dir = str(tmp_path / "interrupted")
+    first.paths.output_dir = str(Path(first.paths.log_dir) / "train" / "runs" / "interrupted")
     train(first)
     ckpt = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert not any(k.startswith("teacher.") for k in state["state_dict"]), "teacher weights leaked into checkpoint"
 
-    resumed_cfg = make_cfg(*common, "trainer.max_steps=4", f"ckpt_path={ckpt}")
+    resumed_cfg = make_cfg(*common, "trainer.max_steps=4", "ckpt_path=last")  # newest last.ckpt: `first`'s
     resumed_cfg.paths.output_dir = str(tmp_path / "resumed")
     _, resumed = train(resumed_cfg)
     assert resumed["trainer"].global_step == 4

@@ -20,17 +20,24 @@ EXPLORATION, REFINEMENT = 0, 1
 class PhaseSchedule(Callback):
     def __init__(self, exploration, switch_step: int | float = 0.5, refinement=None):
         if isinstance(switch_step, float) and not 0.0 <= switch_step <= 1.0:
-            raise ValueError(f"phase.switch_step as a fraction must lie in [0, 1], got {switch_step}")
+            raise ValueError(f"callbacks.phase_schedule.switch_step as a fraction must lie in [0, 1], got {switch_step}")
         if isinstance(switch_step, int) and switch_step < 0:
-            raise ValueError(f"phase.switch_step must be >= 0, got {switch_step}")
+            raise ValueError(f"callbacks.phase_schedule.switch_step must be >= 0, got {switch_step}")
         self.exploration, self.refinement, self.switch_step = exploration, refinement, switch_step
         self.phase = EXPLORATION
+        self._resolved: int | None = None  # fixed at the first step and kept across resumes
 
     def resolved_switch_step(self, trainer, pl_module) -> int:
-        if isinstance(self.switch_step, int):
-            return self.switch_step
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        return int(round(self.switch_step * total / pl_module.updates_per_rollout))
+        """The switch in rollout steps. A fraction is resolved once, against the first run's length, so
+        resuming with a longer ``max_steps`` does not move it."""
+        if self._resolved is None:
+            if isinstance(self.switch_step, int):
+                self._resolved = self.switch_step
+            else:
+                total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 \
+                    else trainer.estimated_stepping_batches
+                self._resolved = int(round(self.switch_step * total / pl_module.updates_per_rollout))
+        return self._resolved
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.refinement is None:
@@ -45,7 +52,8 @@ class PhaseSchedule(Callback):
         pl_module.log("train/phase", float(self.phase), prog_bar=True)
 
     def state_dict(self) -> dict:
-        return {"phase": self.phase, "switch_step": self.switch_step}
+        return {"phase": self.phase, "switch_step": self.switch_step, "resolved_switch_step": self._resolved}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.phase = state_dict.get("phase", EXPLORATION)
+        self._resolved = state_dict.get("resolved_switch_step")

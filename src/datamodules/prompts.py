@@ -52,14 +52,14 @@ class JsonlPrompts:
 
 
 class _Tokenized(torch.utils.data.Dataset):
-    def __init__(self, ids: list[list[int]], answers: list[str]):
-        self.ids, self.answers = ids, answers
+    def __init__(self, ids: list[list[int]], answers: list[str], targets: list[list[int]] | None = None):
+        self.ids, self.answers, self.targets = ids, answers, targets
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, i):
-        return self.ids[i], self.answers[i]
+        return self.ids[i], self.answers[i], (self.targets[i] if self.targets is not None else None)
 
 
 class PromptDataModule(LightningDataModule):
@@ -114,10 +114,13 @@ class PromptDataModule(LightningDataModule):
                 for i, x in enumerate(ids):
                     if len(x) > self.max_prompt_tokens:
                         raise ValueError(f"{split} row {i}: prompt has {len(x)} tokens > data.max_prompt_tokens")
-            self.splits[split] = _Tokenized(ids, [r["answer"] for r in rows])
+            targets = None
+            if rows and all("solution" in r for r in rows):  # reference solutions, for the SFT stage
+                targets = [self.tokenizer(r["solution"], add_special_tokens=False)["input_ids"] for r in rows]
+            self.splits[split] = _Tokenized(ids, [r["answer"] for r in rows], targets)
 
     def collate(self, items) -> dict:
-        ids, answers = zip(*items)
+        ids, answers, targets = zip(*items)
         P = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(ids), P), pad, dtype=torch.long)
@@ -125,7 +128,10 @@ class PromptDataModule(LightningDataModule):
         for i, x in enumerate(ids):  # left padding: responses start at column P for every row
             input_ids[i, P - len(x):] = torch.tensor(x)
             attention_mask[i, P - len(x):] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "references": list(answers)}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "references": list(answers)}
+        if targets[0] is not None:
+            batch["target_ids"] = list(targets)
+        return batch
 
     def _eval_loader(self, split):
         if split not in self.splits:

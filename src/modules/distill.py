@@ -85,6 +85,13 @@ class DistillationModule(LightningModule):
             self.teacher.eval()  # Lightning calls .train() on the whole module; the teacher never trains
         return self
 
+    def on_load_checkpoint(self, checkpoint) -> None:
+        # strict_loading is off for the teacher's sake; the student must still be complete
+        if self.student is not None:
+            missing = [f"student.{k}" for k in self.student.state_dict() if f"student.{k}" not in checkpoint["state_dict"]]
+            if missing:
+                raise KeyError(f"checkpoint lacks {len(missing)} student weights, e.g. {missing[:3]}")
+
     def on_save_checkpoint(self, checkpoint) -> None:
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith("teacher.")]:
@@ -146,11 +153,7 @@ class DistillationModule(LightningModule):
         return ro
 
     def training_step(self, batch, batch_idx):
-        policy = self.teacher if self.objective.rollout_policy == "teacher" else self.student
-        ro = self.generate(batch, policy=policy)
-        if ro.old_logp_BT is None or policy is not self.student:
-            with torch.no_grad():
-                ro.old_logp_BT = self.student_scores(ro)[0]
+        ro = self.objective.make_rollout(self, batch)
         self.objective.prepare(ro, self, self.selection)
         opt = self.optimizers()
         sched = self.lr_schedulers()
@@ -161,8 +164,12 @@ class DistillationModule(LightningModule):
                 loss, metrics = self.objective.loss(mb, self)
                 opt.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
+                grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+                if grads:  # empty under DeepSpeed, which keeps gradients in its own buffers
+                    logs["grad_norm"] = torch.nn.utils.get_total_norm(grads)  # local shard under FSDP
                 if self.grad_clip:
-                    logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+                    # the strategy's own clipping: global under FSDP; DeepSpeed clips via its config instead
+                    self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
                 opt.step()
                 if sched is not None:
                     sched.step()
@@ -172,12 +179,12 @@ class DistillationModule(LightningModule):
         n_tok = ro.num_response_tokens
         valid = ro.response_mask_BT
         logs.update(ro.metrics)
+        if ro.entropy_BT is not None:
+            logs["entropy"] = (ro.entropy_BT * valid).sum() / valid.sum().clamp(min=1)
         logs.update({
-            "entropy": (ro.entropy_BT * valid).sum() / valid.sum().clamp(min=1) if ro.entropy_BT is not None
-            else torch.tensor(float("nan")),
             "response_len": valid.sum(-1).float().mean(),
             "truncation_rate": ro.truncated_B.float().mean(),
-            "rollout_tok_per_s": n_tok / max(ro.seconds, 1e-9),
+            "rollout_tok_per_s": n_tok / ro.seconds if ro.seconds > 0 else float("nan"),
             "train_tok_per_s": n_tok * n_updates / max(train_seconds, 1e-9),
             "lr": opt.param_groups[0]["lr"],
             "samples": float(valid.shape[0]),

@@ -43,7 +43,7 @@ def aggregate(x_BT: torch.Tensor, mask_BT: torch.Tensor, agg: str = "token_mean"
         return (per_seq_B / n_B.clamp(min=1.0))[has_B].sum() / has_B.sum().clamp(min=1)
     if agg == "seq_mean_token_sum":
         return per_seq_B.mean()
-    raise ValueError(f"loss.agg must be one of {AGGREGATIONS}, got {agg!r}")
+    raise ValueError(f"objective.agg must be one of {AGGREGATIONS}, got {agg!r}")
 
 
 def policy_loss(

@@ -74,7 +74,7 @@ class PretrainedLM:
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
-        path = self._resolve(self.tokenizer_path or self.path, "tokenizer")
+        path = self._resolve(self.tokenizer_path or self.path, "tokenizer" if self.tokenizer_path else "model")
         try:
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
         except OSError as e:

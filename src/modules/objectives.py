@@ -2,7 +2,8 @@
 
 Each objective offers
 - ``needs_teacher``: whether the frozen teacher is loaded at all;
-- ``rollout_policy``: ``"student"`` (on-policy) or ``"teacher"`` (off-policy SFT on teacher outputs);
+- ``make_rollout(module, batch)``: where the batch's responses come from: the student (on-policy),
+  the teacher (off-policy SFT) or the data set's reference solutions (the SFT stage);
 - ``prepare(ro, scorer, selection)``: once per rollout batch, no gradient: rewards, advantages, the
   token mask and the batch metrics;
 - ``loss(ro, scorer)``: on a (mini)batch, with gradient: ``(loss, metrics)``.
@@ -12,6 +13,8 @@ Each objective offers
 - ``PolicyGradient``: REOPOLD, vanilla OPD and GRPO (paper Eq. 4 with a reward, a clip and a mask).
 - ``GeneralizedJSD``: GKD's full-vocabulary divergence on student samples, chunked.
 - ``SupervisedDistillation``: cross-entropy on responses the teacher generated.
+- ``ReferenceSFT``: cross-entropy on the data set's reference solutions (how the miniature's teacher
+  and the student's warm start are trained).
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ from torch.utils.checkpoint import checkpoint
 
 from src.modules.clipping import NoClip
 from src.modules.losses import aggregate, generalized_jsd, policy_loss, token_nll
+from src.modules.rollout import reference_rollout
 from src.modules.sampling import AllTokens
+
+
+def student_rollout(module, batch):
+    return module.generate(batch, policy=module.student)
 
 
 def _quantiles(x: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
@@ -42,7 +50,7 @@ class PolicyGradient:
         epochs, minibatches: optimiser steps per rollout batch = epochs * minibatches.
     """
 
-    rollout_policy = "student"
+    make_rollout = staticmethod(student_rollout)
 
     def __init__(self, reward, clipping=None, eps_low: float | None = None, eps_high: float | None = None,
                  agg: str = "token_mean", epochs: int = 1, minibatches: int = 1):
@@ -85,12 +93,17 @@ class PolicyGradient:
 class SupervisedDistillation:
     """Off-policy distillation: the teacher generates, the student fits it with cross-entropy."""
 
-    rollout_policy = "teacher"
     needs_teacher = True
     epochs = minibatches = 1
 
     def __init__(self, agg: str = "token_mean"):
         self.agg = agg
+
+    @staticmethod
+    def make_rollout(module, batch):
+        ro = module.generate(batch, policy=module.teacher)
+        ro.entropy_BT = None  # the teacher's; train/entropy is the student's
+        return ro
 
     @torch.no_grad()
     def prepare(self, ro, scorer, selection=None) -> None:
@@ -108,7 +121,7 @@ class GeneralizedJSD:
     checkpoint, so neither full ``[B, T, V]`` tensor is ever held.
     """
 
-    rollout_policy = "student"
+    make_rollout = staticmethod(student_rollout)
     needs_teacher = True
 
     def __init__(self, beta: float = 0.5, agg: str = "token_mean", chunk_size: int = 1024,
@@ -140,3 +153,15 @@ class GeneralizedJSD:
                  for i in range(0, B * T, self.chunk_size)]
         jsd_BT = torch.cat(parts).view(B, T)
         return aggregate(jsd_BT, ro.loss_mask_BT, self.agg), {}
+
+
+class ReferenceSFT(SupervisedDistillation):
+    """Cross-entropy on the data set's reference solutions (teacher-forced, no generation, no teacher)."""
+
+    needs_teacher = False
+
+    @staticmethod
+    def make_rollout(module, batch):
+        if "target_ids" not in batch:
+            raise ValueError("objective ReferenceSFT needs reference solutions: the data rows have no 'solution'")
+        return reference_rollout(batch, module.tokenizer.eos_token_id, module.tokenizer.pad_token_id)

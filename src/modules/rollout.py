@@ -203,3 +203,23 @@ class HFGenerateRollout:
             response_mask_BT=response_mask_BT, old_logp_BT=old_logp_BT, entropy_BT=entropy_BT,
             truncated_B=truncated_B, group_size=G, seconds=seconds, model_kwargs=model_kwargs,
         )
+
+
+def reference_rollout(batch: dict, eos_token_id: int, pad_token_id: int) -> Rollout:
+    """A Rollout whose responses are the batch's reference solutions (``target_ids``) followed by EOS."""
+    prompt_ids_BP, prompt_mask_BP = batch["input_ids"], batch["attention_mask"]
+    targets = [list(t) + [eos_token_id] for t in batch["target_ids"]]
+    T = max(len(t) for t in targets)
+    response_BT = torch.full((len(targets), T), pad_token_id, dtype=prompt_ids_BP.dtype)
+    for i, t in enumerate(targets):
+        response_BT[i, : len(t)] = torch.tensor(t, dtype=prompt_ids_BP.dtype)
+    response_BT = response_BT.to(prompt_ids_BP.device)
+    response_mask_BT = torch.arange(T, device=prompt_ids_BP.device)[None, :] < torch.tensor(
+        [len(t) for t in targets], device=prompt_ids_BP.device)[:, None]
+    return Rollout(
+        input_ids=torch.cat([prompt_ids_BP, response_BT], dim=1),
+        attention_mask=torch.cat([prompt_mask_BP, response_mask_BT.to(prompt_mask_BP.dtype)], dim=1),
+        response_start=prompt_ids_BP.shape[1], response_mask_BT=response_mask_BT, old_logp_BT=None,
+        entropy_BT=None, truncated_B=torch.zeros(len(targets), dtype=torch.bool, device=prompt_ids_BP.device),
+        references=list(batch["references"]),
+    )
