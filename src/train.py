@@ -26,6 +26,8 @@ from src.utils.instantiate import (  # noqa: E402
 
 # The frozen teacher is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# Checkpoints hold the post-update state on purpose: a resumed run continues after that update.
+warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:

@@ -57,6 +57,8 @@ def make_cfg(tmp_path, cache_dir):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
             fast_ovr = [o for o in FAST if config == "train" or not o.startswith(("callbacks.", "data.batch_size"))]
+            if config == "train" and not any(o.startswith("experiment=") for o in overrides):
+                fast_ovr = ["experiment=reopold_tiny"] + fast_ovr
             ovr = (fast_ovr if fast else []) + [f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path}/logs"]
             cfg = compose(config_name=config, overrides=ovr + list(overrides), return_hydra_config=True)
         HydraConfig().set_config(cfg)

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ddp_two_cpu_processes(tmp_path, cache_dir):
-    cmd = [sys.executable, "src/train.py", "trainer=ddp_cpu", "trainer.max_steps=3", "trainer.val_check_interval=3",
+    cmd = [sys.executable, "src/train.py", "experiment=reopold_tiny", "trainer=ddp_cpu", "trainer.max_steps=3", "trainer.val_check_interval=3",
            "data.batch_size=4", "data.train.n=64", "data.val.n=8", "data.test.n=8", "rollout.max_new_tokens=8",
            "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}",
            f"paths.cache_dir={cache_dir}", "callbacks.phase_schedule.switch_step=1"]

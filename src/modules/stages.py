@@ -1,0 +1,116 @@
+"""Models produced by an earlier training stage, built on first use and cached by their config.
+
+``StageModel(experiment="mini_math_teacher")`` composes that experiment's config, hashes it, and loads
+the student it trained from ``<cache_dir>/stages/<experiment>-<hash>/``. If nothing is cached there, it
+runs the stage first (``src.train.train``) and stores the exported Hugging Face model. Any change to
+the stage's config (architecture, data, steps, learning rate, seed, code defaults) gives a new hash and
+a rebuild; an unchanged config is reused, across runs and across processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from src.modules.models import PretrainedLM
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+# Where a stage writes and how it shows progress: not part of what it computes.
+VOLATILE = ("paths", "logger", "hydra", "task_name", "ckpt_path")
+
+
+def compose_stage(experiment: str, overrides: list[str] | tuple[str, ...] = ()):
+    """The config ``python src/train.py experiment=<experiment> <overrides>`` would run."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    args = [f"experiment={experiment}", *overrides]
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=args)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=args)
+
+
+def stage_digest(cfg) -> str:
+    container = OmegaConf.to_container(cfg, resolve=False)
+    for key in VOLATILE:
+        container.pop(key, None)
+    container.get("callbacks", {}).pop("progress_bar", None)
+    for key in ("enable_progress_bar", "enable_model_summary"):
+        container.get("trainer", {}).pop(key, None)
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class StageModel(PretrainedLM):
+    """The student trained by ``experiment`` (plus ``overrides``), built once and cached.
+
+    Args:
+        experiment: name of a ``configs/experiment`` file whose run produces the model.
+        overrides: extra overrides for that run (e.g. a shorter schedule).
+        cache_dir: root of the cache.
+    """
+
+    def __init__(self, experiment: str, cache_dir: str, overrides: list[str] | None = None,
+                 dtype: str = "float32", key: str = "model", **kwargs):
+        self.experiment, self.overrides = experiment, list(overrides or [])
+        self.cache_root = Path(cache_dir).expanduser()
+        self._cfg = None
+        self._digest = None
+        super().__init__(path=str(self.cache_root / "stages" / experiment), dtype=dtype, key=key, **kwargs)
+
+    @property
+    def stage_cfg(self):
+        if self._cfg is None:
+            self._cfg = compose_stage(self.experiment, self.overrides)
+            self._digest = stage_digest(self._cfg)
+            self.path = str(self.cache_root / "stages" / f"{self.experiment}-{self._digest}")
+        return self._cfg
+
+    def build(self) -> str:
+        cfg = self.stage_cfg
+        path = Path(self.path)
+        if (path / "config.json").exists():
+            return str(path)
+        from src.train import train
+
+        work = path.parent / f".build-{path.name}-{os.getpid()}"
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(work)
+            cfg.paths.cache_dir = str(self.cache_root)
+            cfg.task_name = self.experiment
+        print(f"[stage] building {self.experiment} -> {path}")
+        # the stage must not disturb the calling run's random state
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            metrics, _ = train(cfg)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        export = work / "checkpoints" / "hf" / "final"
+        (export / "stage.json").write_text(json.dumps(
+            {"experiment": self.experiment, "overrides": self.overrides, "digest": self._digest,
+             "metrics": metrics, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1, default=str))
+        try:
+            os.rename(export, path)
+            os.rename(work, path.parent / f"{path.name}.run")  # the stage's logs and checkpoints
+        except OSError:  # another process finished the same stage first
+            shutil.rmtree(work, ignore_errors=True)
+        return str(path)
+
+    def load_model(self):
+        self.build()
+        return super().load_model()
+
+    def load_tokenizer(self):
+        self.build()
+        return super().load_tokenizer()
+
+    def __repr__(self) -> str:
+        return f"StageModel(experiment={self.experiment!r}, overrides={self.overrides})"

@@ -1,0 +1,105 @@
+"""The miniature's pieces: task generator, tokenizer, stage cache, and the main job (shortened)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from src.datamodules.arithmetic import ArithmeticTask, addition_steps
+from src.modules.grading import is_correct
+from src.modules.stages import StageModel
+from src.modules.tokenizer import build_char_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("digits", [1, 2, 3, 5])
+def test_generator_answers_and_steps_are_right(digits):
+    for row in ArithmeticTask("train", n=50 if digits == 1 else 200, digits=digits, seed=3)():
+        a, b = map(int, row["prompt"].rstrip("=").split("+"))
+        assert row["answer"] == str(a + b)
+        assert is_correct(row["solution"], row["answer"])
+        # every written column step is true arithmetic and its carry is the tens digit
+        for line in row["solution"].splitlines()[:-1]:
+            lhs, rhs = line.split("=")
+            total, carry = rhs.split(" c")
+            assert sum(map(int, lhs.split("+"))) == int(total) and int(carry) == int(total) // 10
+
+
+def test_steps_example():
+    assert addition_steps(347, 285) == "7+5=12 c1\n4+8+1=13 c1\n3+2+1=6 c0\n#### 632"
+
+
+def test_splits_are_disjoint_and_deterministic():
+    splits = {s: ArithmeticTask(s, n=500 if s == "train" else 100, digits=3, seed=0)() for s in ("train", "val", "test")}
+    prompts = {s: {r["prompt"] for r in rows} for s, rows in splits.items()}
+    assert not prompts["train"] & prompts["val"] and not prompts["train"] & prompts["test"]
+    assert not prompts["val"] & prompts["test"]
+    # a different sampling seed draws other problems, never crossing the split boundary
+    other = {r["prompt"] for r in ArithmeticTask("train", n=500, digits=3, seed=7)()}
+    assert not other & (prompts["val"] | prompts["test"])
+    assert splits["test"] == ArithmeticTask("test", n=100, digits=3, seed=0)()
+
+
+def test_too_many_rows_for_the_problem_space_is_an_error():
+    with pytest.raises(ValueError, match="distinct"):
+        ArithmeticTask("test", n=50, digits=1)()
+
+
+def test_tokenizer_round_trips_and_renders_chatml(tmp_path):
+    tok = build_char_tokenizer()
+    text = addition_steps(987, 654)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.decode(ids) == text
+    tok.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    chat = again.apply_chat_template([{"role": "user", "content": "12+34="}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\n12+34=<|im_end|>\n<|im_start|>assistant\n"
+    assert again.eos_token == "<|im_end|>" and again.pad_token == "<|endoftext|>"
+
+
+TINY_STAGE = ["data.train.digits=2", "data.train.n=60", "data.val.n=8", "data.test.n=8", "data.batch_size=8",
+              "data.eval_batch_size=8", "model.student.hidden_size=32", "model.student.num_layers=1",
+              "trainer.max_steps=2", "trainer.val_check_interval=2", "rollout.max_new_tokens=8",
+              "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "test=false"]
+
+
+def test_stage_cache_is_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
+    first = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=TINY_STAGE)
+    path = Path(first.build())
+    assert (path / "config.json").exists() and (path / "stage.json").exists()
+
+    import src.train
+
+    def must_not_train(cfg):
+        raise AssertionError("an unchanged stage config was retrained")
+
+    monkeypatch.setattr(src.train, "train", must_not_train)
+    again = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=TINY_STAGE)
+    assert again.build() == str(path)
+    assert again.load_model().config.hidden_size == 32
+
+    changed = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=TINY_STAGE + ["module.optimizer.lr=0.01"])
+    with pytest.raises(AssertionError, match="retrained"):
+        changed.build()
+    assert changed.path != str(path)
+
+
+def test_main_job_shortened_prints_the_table(tmp_path):
+    """CI's version of `make train`: same entry point and stages, shrunk to seconds."""
+    proc = subprocess.run(
+        [sys.executable, "src/train.py", "experiment=mini_math_quick", f"paths.log_dir={tmp_path}/logs",
+         f"paths.cache_dir={tmp_path}/cache", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    for row in ("teacher", "student before", "student after"):
+        assert re.search(rf"{row}\s*│\s*\d+\.\d%\s*│\s*\d+\.\d\s*│\s*\d+\s*│\s*64", out), f"no '{row}' row in\n{out}"
+    assert re.search(r"student gain: [+-]\d+\.\d points", out)
+    assert len(list((tmp_path / "cache" / "stages").glob("mini_math_teacher-*"))) >= 1
