@@ -155,7 +155,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     ap.add_argument("--runs", type=Path, default=ROOT / "logs" / "sample_efficiency")
@@ -171,7 +171,11 @@ def main(argv=None) -> None:
         total = len(args.methods) * len(args.seeds)
         for i, (seed, method) in enumerate((s, m) for s in args.seeds for m in args.methods):
             print(f"[{i + 1}/{total}] {method} seed {seed}", flush=True)
-            run_dir = run_one(method, seed, args.steps, args.eval_every, args.runs, args.overrides)
+            try:
+                run_dir = run_one(method, seed, args.steps, args.eval_every, args.runs, args.overrides)
+            except RuntimeError as e:  # one failed run must not lose the others
+                print(f"  FAILED: {e}", flush=True)
+                continue
             rows += [{"method": method, "seed": seed, "samples": s, "val_acc": a} for s, a in curve(run_dir)]
             write_csv(rows, csv_path)  # after every run: nothing lost on interruption
     rows = read_csv(csv_path)

@@ -99,3 +99,11 @@ def test_several_ppo_updates_per_rollout(make_cfg):
     # 8 optimiser steps = 2 rollout steps; the phase counts rollout steps, so it flips for the second one
     assert sorted({float(r["train/phase"]) for r in rows if r.get("train/phase")}) == [0.0, 1.0]
     assert any(r.get("train/ppo_clip_frac") for r in rows)
+
+
+def test_validate_before_training_then_fit(make_cfg):
+    """validate() before fit() must leave the metric states usable (no inference-mode tensors)."""
+    cfg = make_cfg("validate_before=true", "test=false")
+    train(cfg)
+    steps = [int(r["step"]) for r in _csv_rows(cfg.paths.output_dir) if r.get("val/arithmetic/acc")]
+    assert steps[0] == 0 and len(steps) == 3  # before training, then after batches 2 and 4
