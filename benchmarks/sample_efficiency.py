@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -180,10 +181,15 @@ def main(argv=None) -> None:
             write_csv(rows, csv_path)  # after every run: nothing lost on interruption
     rows = read_csv(csv_path)
     teacher_acc = args.teacher_acc
-    if teacher_acc is None:
-        stage = sorted((ROOT / ".cache" / "stages").glob("mini_math_teacher-*/stage.json"), key=lambda p: p.stat().st_mtime)
-        if stage:
-            metrics = json.loads(stage[-1].read_text())["metrics"]
+    if teacher_acc is None:  # the very teacher the runs used: same experiment, same config hash
+        from src.modules.stages import StageModel
+
+        cache = os.environ.get("REOPOLD_CACHE", str(ROOT / ".cache"))
+        teacher = StageModel("mini_math_teacher", cache_dir=cache)
+        teacher.stage_cfg
+        stage = Path(teacher.path) / "stage.json"
+        if stage.exists():
+            metrics = json.loads(stage.read_text())["metrics"]
             teacher_acc = next((v for k, v in metrics.items() if k.startswith("test/") and k.endswith("/acc")), None)
     target = args.target_frac * (teacher_acc if teacher_acc is not None else 1.0)
     table = summarise(rows, target)

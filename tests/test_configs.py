@@ -97,3 +97,14 @@ def test_mismatched_vocabularies_stop_before_step_zero(make_cfg, tmp_path):
     module = hydra.utils.instantiate(cfg.module)
     with pytest.raises(ValueError, match=r"padded vocabulary size.*model.student.*model.teacher"):
         module.configure_model()
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_composes_with_the_main_job(make_cfg, algorithm):
+    from src.utils.instantiate import instantiate_callbacks
+
+    cfg = make_cfg("experiment=mini_math", f"algorithm={algorithm}", "model=tiny", *TINY_DATA)
+    callbacks = instantiate_callbacks(cfg.callbacks)
+    has_phase = any(type(c).__name__ == "PhaseSchedule" for c in callbacks)
+    assert has_phase == (algorithm in ("reopold", "reopold_no_clip", "reopold_no_entropy"))
+    hydra.utils.instantiate(cfg.module)

@@ -111,9 +111,11 @@ class DistillationModule(LightningModule):
                                         self.temperature, self.chunk_size, with_entropy=False, **ro.model_kwargs)
         return logp_BT * ro.response_mask_BT
 
-    def student_scores(self, ro, with_entropy: bool = False):
+    def student_scores(self, ro, with_entropy: bool = False, temperature: float | None = None):
+        """Student log-probs (and entropies) of the response; at the rollout temperature unless given."""
         return score_response(self.student, ro.input_ids, ro.attention_mask, ro.response_start,
-                              self.temperature, self.chunk_size, with_entropy=with_entropy, **ro.model_kwargs)
+                              temperature or self.temperature, self.chunk_size, with_entropy=with_entropy,
+                              **ro.model_kwargs)
 
     def student_hidden(self, ro):
         h = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.response_start, **ro.model_kwargs)

@@ -110,7 +110,8 @@ class SupervisedDistillation:
         ro.loss_mask_BT = ro.response_mask_BT
 
     def loss(self, ro, scorer):
-        logp_BT, _ = scorer.student_scores(ro, with_entropy=False)
+        # maximum likelihood of the demonstrations: the model's own distribution, not a tempered one
+        logp_BT, _ = scorer.student_scores(ro, with_entropy=False, temperature=1.0)
         return token_nll(logp_BT, ro.loss_mask_BT, self.agg), {}
 
 

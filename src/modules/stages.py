@@ -3,8 +3,10 @@
 ``StageModel(experiment="mini_math_teacher")`` composes that experiment's config, hashes it, and loads
 the student it trained from ``<cache_dir>/stages/<experiment>-<hash>/``. If nothing is cached there, it
 runs the stage first (``src.train.train``) and stores the exported Hugging Face model. Any change to
-the stage's config (architecture, data, steps, learning rate, seed, code defaults) gives a new hash and
-a rebuild; an unchanged config is reused, across runs and across processes.
+the stage's config (architecture, data, steps, learning rate, seed) gives a new hash and a rebuild; an
+unchanged config is reused, across runs and across processes. Code is not hashed: a change to what a
+stage computes that its config does not show (the task's text format, a model default, the
+tokenizer) must bump ``STAGE_VERSION``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from src.modules.models import PretrainedLM
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # Where a stage writes and how it shows progress: not part of what it computes.
 VOLATILE = ("paths", "logger", "hydra", "task_name", "ckpt_path")
+STAGE_VERSION = 1  # bump when stage outputs change in ways the config does not show
 
 
 def compose_stage(experiment: str, overrides: list[str] | tuple[str, ...] = ()):
@@ -46,6 +49,9 @@ def stage_digest(cfg) -> str:
     container.get("callbacks", {}).pop("progress_bar", None)
     for key in ("enable_progress_bar", "enable_model_summary"):
         container.get("trainer", {}).pop(key, None)
+    from src.modules.tokenizer import TOKENIZER_VERSION
+
+    container["_versions"] = {"stage": STAGE_VERSION, "tokenizer": TOKENIZER_VERSION}
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
