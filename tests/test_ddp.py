@@ -16,7 +16,7 @@ def test_ddp_two_cpu_processes(tmp_path, cache_dir):
            f"paths.cache_dir={cache_dir}", "callbacks.phase_schedule.switch_step=1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    runs = list((tmp_path / "train" / "runs").iterdir())
+    runs = list((tmp_path / "reopold_tiny" / "runs").iterdir())
     assert len(runs) == 1, f"one output folder expected for both ranks, got {runs}"
     assert (runs[0] / "checkpoints" / "last.ckpt").exists()
     assert (runs[0] / "checkpoints" / "hf" / "final" / "config.json").exists()

@@ -64,6 +64,30 @@ def test_tokenizer_round_trips_and_renders_chatml(tmp_path):
     assert again.eos_token == "<|im_end|>" and again.pad_token == "<|endoftext|>"
 
 
+def test_model_folder_tokenizer_keeps_whitespace(tmp_path):
+    """Next to a qwen2 config.json, AutoTokenizer builds Qwen2Tokenizer, which drops the character
+    vocabulary's spaces and newlines; the framework's loader must hand out a faithful tokenizer."""
+    from src.modules.models import PretrainedLM, TinyQwen2, round_trips
+
+    path = TinyQwen2(cache_dir=str(tmp_path), hidden_size=32, num_layers=1).build()
+    tok = PretrainedLM(path).load_tokenizer()
+    text = addition_steps(347, 285)
+    assert round_trips(tok) and tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert tok.padding_side == "left"
+
+
+def test_preflight_rejects_a_tokenizer_that_alters_text(tmp_path):
+    from tokenizers import normalizers
+
+    from src.modules.models import TinyQwen2, preflight
+
+    spec = TinyQwen2(cache_dir=str(tmp_path), hidden_size=32, num_layers=1)
+    model, good, bad = spec.load_model(), spec.load_tokenizer(), spec.load_tokenizer()
+    bad.backend_tokenizer.normalizer = normalizers.Lowercase()
+    with pytest.raises(ValueError, match="model.teacher's tokenizer .* does not round-trip"):
+        preflight(model, good, model, bad)
+
+
 TINY_STAGE = ["data.train.digits=2", "data.train.n=60", "data.val.n=8", "data.test.n=8", "data.batch_size=8",
               "data.eval_batch_size=8", "model.student.hidden_size=32", "model.student.num_layers=1",
               "trainer.max_steps=2", "trainer.val_check_interval=2", "rollout.max_new_tokens=8",

@@ -57,7 +57,7 @@ def test_resume_matches_uninterrupted(make_cfg, tmp_path):
     full_metrics, full = train(make_cfg(*common, "trainer.max_steps=4"))
 
     first = make_cfg(*common, "trainer.max_steps=2")
-    first.paths.output_dir = str(Path(first.paths.log_dir) / "train" / "runs" / "interrupted")
+    first.paths.output_dir = str(Path(first.paths.log_dir) / first.task_name / "runs" / "interrupted")
     train(first)
     ckpt = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
     assert ckpt.exists()

@@ -79,6 +79,15 @@ class PretrainedLM:
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
         except OSError as e:
             raise OSError(f"{self.key}: could not load tokenizer {path!r} ({e})") from e
+        if not round_trips(tok) and (Path(path) / "tokenizer.json").exists():
+            # transformers 5 maps a qwen2 config.json to Qwen2Tokenizer whatever tokenizer_config.json says,
+            # and that class re-imposes Qwen's byte-level pre-tokenizer: a character vocabulary then loses
+            # every space and newline. tokenizer.json itself is faithful.
+            from transformers import PreTrainedTokenizerFast
+
+            fast = PreTrainedTokenizerFast.from_pretrained(path)
+            if round_trips(fast):
+                tok = fast
         tok.padding_side = "left"  # prompts are left-padded so every response starts in the same column
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
@@ -151,6 +160,15 @@ class TinyQwen2(PretrainedLM):
         return super().load_tokenizer()
 
 
+PROBE = "Step 1: 12 + 34 = 46.\n  Answer:\t#### 46"
+
+
+def round_trips(tokenizer, text: str = PROBE) -> bool:
+    """Whether ``decode(encode(text)) == text``: spaces, newlines and digits survive the tokenizer."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids, clean_up_tokenization_spaces=False) == text
+
+
 def padded_vocab_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
@@ -176,6 +194,10 @@ def preflight(student, student_tok, teacher, teacher_tok, student_key="model.stu
         ("eos token id", student_tok.eos_token_id, teacher_tok.eos_token_id),
         ("rendered chat template", render_template(student_tok), render_template(teacher_tok)),
     ]
+    for key, tok in ((student_key, student_tok), (teacher_key, teacher_tok)):
+        if not round_trips(tok):
+            raise ValueError(f"preflight: {key}'s tokenizer ({type(tok).__name__}) does not round-trip "
+                             f"{PROBE!r}: it would drop or alter characters of every prompt and response")
     for what, s, t in checks:
         if s != t:
             raise ValueError(f"preflight: student and teacher disagree on {what}: {student_key} has {s!r}, "

@@ -27,7 +27,7 @@ from src.modules.models import PretrainedLM
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # Where a stage writes and how it shows progress: not part of what it computes.
 VOLATILE = ("paths", "logger", "hydra", "task_name", "ckpt_path")
-STAGE_VERSION = 1  # bump when stage outputs change in ways the config does not show
+STAGE_VERSION = 2  # bump when stage outputs change in ways the config does not show
 
 
 def compose_stage(experiment: str, overrides: list[str] | tuple[str, ...] = ()):

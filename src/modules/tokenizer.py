@@ -1,5 +1,9 @@
 """The miniature's character tokenizer: one token per character, a ChatML template, saved as an
 ordinary Hugging Face tokenizer directory, so tiny models go through the code path a Qwen model does.
+
+Load a saved copy with ``PreTrainedTokenizerFast.from_pretrained`` (the framework's loader does this by
+itself): next to a qwen2 ``config.json``, transformers 5's ``AutoTokenizer`` builds ``Qwen2Tokenizer``
+instead, whose byte-level pre-tokenizer drops every space and newline of a character vocabulary.
 """
 
 from __future__ import annotations
