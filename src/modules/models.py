@@ -97,7 +97,22 @@ class PretrainedLM:
         return f"{type(self).__name__}(path={self.path!r}, dtype={self.dtype})"
 
 
-class TinyQwen2(PretrainedLM):
+class BuiltOnFirstUse(PretrainedLM):
+    """A ``PretrainedLM`` whose folder the project writes itself: ``build()`` runs before each load."""
+
+    def build(self) -> str:
+        raise NotImplementedError
+
+    def load_model(self):
+        self.build()
+        return super().load_model()
+
+    def load_tokenizer(self):
+        self.build()
+        return super().load_tokenizer()
+
+
+class TinyQwen2(BuiltOnFirstUse):
     """A tiny random-weight Qwen2 with the character tokenizer, cached on disk by config.
 
     Args:
@@ -150,14 +165,6 @@ class TinyQwen2(PretrainedLM):
         except OSError:  # another rank finished first
             shutil.rmtree(tmp, ignore_errors=True)
         return str(path)
-
-    def load_model(self):
-        self.build()
-        return super().load_model()
-
-    def load_tokenizer(self):
-        self.build()
-        return super().load_tokenizer()
 
 
 PROBE = "Step 1: 12 + 34 = 46.\n  Answer:\t#### 46"

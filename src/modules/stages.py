@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from src.modules.models import PretrainedLM
+from src.modules.models import BuiltOnFirstUse
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # Where a stage writes and how it shows progress: not part of what it computes.
@@ -55,7 +55,7 @@ def stage_digest(cfg) -> str:
     return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-class StageModel(PretrainedLM):
+class StageModel(BuiltOnFirstUse):
     """The student trained by ``experiment`` (plus ``overrides``), built once and cached.
 
     Args:
@@ -109,14 +109,6 @@ class StageModel(PretrainedLM):
         except OSError:  # another process finished the same stage first
             shutil.rmtree(work, ignore_errors=True)
         return str(path)
-
-    def load_model(self):
-        self.build()
-        return super().load_model()
-
-    def load_tokenizer(self):
-        self.build()
-        return super().load_tokenizer()
 
     def __repr__(self) -> str:
         return f"StageModel(experiment={self.experiment!r}, overrides={self.overrides})"
