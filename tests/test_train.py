@@ -25,7 +25,7 @@ def test_reopold_end_to_end(make_cfg):
     metrics, obj = train(cfg)
     module = obj["module"]
 
-    initial_student = cfg_student = obj["module"].student_spec.load_model()
+    initial_student = module.student_spec.load_model()
     changed = [k for k, v in _params(module.student).items() if not torch.equal(v, initial_student.state_dict()[k])]
     assert changed, "the student's weights did not change"
 
@@ -34,7 +34,6 @@ def test_reopold_end_to_end(make_cfg):
         assert torch.equal(module.teacher.state_dict()[k], v), f"teacher weight {k} changed"
     assert not module.teacher.training and all(not m.training for m in module.teacher.modules())
     assert not any(p.requires_grad for p in module.teacher.parameters())
-    del cfg_student
 
     rows = _csv_rows(cfg.paths.output_dir)
     phases = {int(r["step"]): float(r["train/phase"]) for r in rows if r.get("train/phase")}
