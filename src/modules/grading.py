@@ -1,82 +1,202 @@
-"""Answer extraction and grading.
+"""Answer extraction and grading, built on ``math-verify``.
 
 ``is_correct(response, reference)`` takes a model's full output and a reference answer as a data set
-gives it. The final answer is taken, in order of preference, from the last ``\\boxed{...}``, a GSM8K
-``#### N`` line, or an ``Answer: ...`` line; references are read the same way (a bare value is its own
-answer). Numbers compare with a relative tolerance; anything else goes to ``math-verify`` when it is
-installed (LaTeX fractions, intervals, sets), else to a normalised string match.
+gives it (a bare value, a GSM8K answer ending in ``#### N``, or a full solution with a ``\\boxed{}``).
+
+The final answer of a response is, in order of preference:
+    1. the last ``\\boxed{...}`` (``\\fbox`` too), with ``\\textbf`` / ``\\mathbf`` / ``\\text`` wrappers
+       and AoPS-style parentheses removed: ``\\boxed{\\textbf{(073)}}`` -> ``073``;
+    2. the last GSM8K ``#### N`` line;
+    3. the last ``The answer is ...`` / ``Answer: ...``;
+    4. otherwise ``math-verify`` reads the whole text and takes its last mathematical expression.
+References are read the same way, except that a reference with no marker is its own answer.
+
+Comparison: two numbers (thousands separators, ``$``, ``%`` and trailing ``.0`` allowed) agree within a
+relative tolerance of 1e-6; anything else is compared symbolically by ``math-verify`` (LaTeX fractions,
+radicals, intervals, sets, equations), falling back to a normalised string match.
+
+Timeouts: math-verify bounds parsing and verification with ``signal.alarm``, which only works in the main
+thread of the main interpreter and raises elsewhere. The timeouts are used in the main thread and turned
+off in any other (a dataloader or reward worker thread), so grading never raises for its thread.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 
-# math-verify warns on every call that its timeouts are off; they are off on purpose (see answers_match)
-for _name in ("math_verify.parser", "math_verify.grader"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
+# math-verify logs a warning for every expression it cannot parse or that times out; a wrong answer is
+# not an event worth a log line
+for _name in ("math_verify", "math_verify.parser", "math_verify.grader", "latex2sympy2_extended"):
+    logging.getLogger(_name).setLevel(logging.CRITICAL)
+
+PARSE_TIMEOUT_S = 3
+VERIFY_TIMEOUT_S = 5
+REL_TOL = 1e-6
 
 _NUM = re.compile(r"^[-+]?(\d{1,3}(,\d{3})+|\d+)?(\.\d+)?$")
+_WRAPPERS = re.compile(r"\\(?:textbf|mathbf|mathrm|text|bf|displaystyle)\s*")
 
 
-def _last_boxed(text: str) -> str | None:
-    start = text.rfind("\\boxed")
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        return None
+def _braced(text: str, i: int) -> tuple[str, int] | None:
+    """The content of the brace group opening at ``text[i] == '{'`` and the index after it."""
     depth = 0
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return text[i + 1 : j]
+            return text[i + 1 : j], j + 1
     return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` in ``text`` (nested braces kept)."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = start + (6 if text.startswith("\\boxed", start) else 5)
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i < len(text) and text[i] == "{":
+        group = _braced(text, i)
+        return group[0] if group else None
+    m = re.match(r"\s*([^\s$]+)", text[i:])  # \boxed 5
+    return m.group(1) if m else None
+
+
+def _unwrap(ans: str) -> str:
+    """``\\textbf{(113) }`` -> ``113``: formatting wrappers and AoPS choice parentheses off."""
+    ans = ans.strip()
+    for _ in range(3):
+        m = _WRAPPERS.match(ans)
+        if not m or not ans[m.end() :].startswith("{"):
+            break
+        group = _braced(ans, m.end())
+        if group is None or group[1] != len(ans):
+            break
+        ans = group[0].strip()
+    m = re.fullmatch(r"\(\s*([-+]?[\d.,]+)\s*\)", ans)
+    return (m.group(1) if m else ans).strip()
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer written in ``text``, or None if it states none."""
-    boxed = _last_boxed(text)
+    """The final answer a response states by a marker (boxed, ``####``, "the answer is"), or None."""
+    boxed = last_boxed(text)
     if boxed is not None:
-        return boxed.strip()
+        return _unwrap(boxed)
     m = re.findall(r"####\s*([^\n]+)", text)
     if m:
         return m[-1].strip()
-    m = re.findall(r"(?i)answer\s*(?:is|:)\s*([^\n]+)", text)
+    m = re.findall(r"(?i)(?:the (?:final )?answer is|answer\s*:)\s*:?\s*([^\n]+)", text)
     if m:
-        return m[-1].strip().rstrip(".")
+        return m[-1].strip().rstrip(".").strip()
     return None
 
 
-def _as_number(s: str) -> float | None:
-    s = s.strip().strip("$").replace(" ", "").rstrip(".")
+def reference_answer(reference: str) -> str:
+    """The answer inside a data set's reference: after ``####``, in the last box, or the value itself."""
+    reference = str(reference)
+    ans = extract_answer(reference) if ("####" in reference or "\\boxed" in reference or "\\fbox" in reference) else None
+    return (ans if ans is not None else reference).strip()
+
+
+def as_number(s: str) -> float | None:
+    """``"1,234"``, ``"$18"``, ``"18.0"``, ``"50%"`` -> float; None for anything that is not a plain number."""
+    s = s.strip().strip("$").strip()
+    s = re.sub(r"^\\\$", "", s).replace("\\%", "%").rstrip("%").replace(" ", "").rstrip(".")
     if s and _NUM.match(s) and any(c.isdigit() for c in s):
         return float(s.replace(",", ""))
     return None
 
 
-def answers_match(predicted: str, reference: str, rel_tol: float = 1e-6) -> bool:
-    a, b = _as_number(predicted), _as_number(reference)
+def canonical_answer(ans: str | None) -> str | None:
+    """A key under which equal answers collide, for majority voting: numbers in one form, LaTeX tidied."""
+    if ans is None:
+        return None
+    num = as_number(ans)
+    if num is not None:
+        return str(int(num)) if num == int(num) and abs(num) < 1e15 else repr(num)
+    s = re.sub(r"\\left|\\right|\\!|\\,|\\;|\s+", "", ans).replace("dfrac", "frac").replace("tfrac", "frac")
+    return s.strip("$.").lower()
+
+
+def _timeouts() -> tuple[int | None, int | None]:
+    if threading.current_thread() is threading.main_thread():
+        return PARSE_TIMEOUT_S, VERIFY_TIMEOUT_S
+    return None, None  # signal.alarm raises outside the main thread
+
+
+def _parse(text: str, as_math: bool):
+    from math_verify import parse
+
+    parse_timeout, _ = _timeouts()
+    if as_math:
+        text = text.replace("$", "").strip()
+        text = f"${text}$"
+    try:
+        return parse(text, parsing_timeout=parse_timeout)
+    except Exception:  # noqa: BLE001  a grader must grade, not raise, whatever the model wrote
+        return []
+
+
+def _verify(gold, pred) -> bool:
+    from math_verify import verify
+
+    if not gold or not pred:
+        return False
+    try:
+        return bool(verify(gold, pred, timeout_seconds=_timeouts()[1]))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+_NUM_WITH_UNIT = re.compile(r"^\\?\$?\s*([-+]?\d[\d,]*(?:\.\d+)?)\s*(?:\\?%|[A-Za-z][A-Za-z .]*)$")
+
+
+def answers_match(predicted: str, reference: str, rel_tol: float = REL_TOL) -> bool:
+    """Whether two extracted answers are equal: numerically, else symbolically, else as strings."""
+    a, b = as_number(predicted), as_number(reference)
+    if a is None and b is not None:  # "18 dollars", "$18 per day": a number with a unit after it
+        m = _NUM_WITH_UNIT.match(predicted.strip())
+        a = as_number(m.group(1)) if m else None
     if a is not None and b is not None:
         return abs(a - b) <= rel_tol * max(1.0, abs(b))
-    try:
-        from math_verify import parse, verify
+    if _verify(_parse(reference, as_math=True), _parse(predicted, as_math=True)):
+        return True
+    return canonical_answer(predicted) == canonical_answer(reference)
 
-        # timeouts off: math-verify's timeouts use signal.alarm, which raises outside the main thread
-        gold = parse(f"${reference}$", parsing_timeout=None)
-        pred = parse(f"${predicted}$", parsing_timeout=None)
-        if gold and pred:
-            return bool(verify(gold, pred, timeout_seconds=None))
-    except ImportError:
-        pass
-    norm = lambda s: re.sub(r"\s+", "", s).strip("$.").lower()  # noqa: E731
-    return norm(predicted) == norm(reference)
+
+def _unmarked_answer(response: str):
+    """math-verify's reading of a response without an answer marker: its last expression."""
+    parsed = _parse(response, as_math=False)
+    if not parsed:
+        return [], None
+    value = parsed[0]
+    value = str(getattr(value, "rhs", value))  # sympy's value: "204" for "$180 + 24 = 204$"
+    return parsed, (value if as_number(value) is not None or not isinstance(parsed[-1], str) else parsed[-1])
+
+
+def final_answer(response: str) -> str | None:
+    """The canonical final answer of a response (what a majority vote counts), or None."""
+    predicted = extract_answer(response)
+    return canonical_answer(predicted if predicted is not None else _unmarked_answer(response)[1])
+
+
+def grade(response: str, reference: str) -> tuple[bool, str | None]:
+    """``(correct, extracted answer)`` of a model's full ``response`` against a data set's ``reference``."""
+    ref = reference_answer(reference)
+    predicted = extract_answer(response)
+    if predicted is not None:
+        return answers_match(predicted, ref), predicted
+    parsed, predicted = _unmarked_answer(response)
+    if predicted is None:
+        return False, None
+    a, b = as_number(predicted), as_number(ref)
+    if a is not None and b is not None:
+        return abs(a - b) <= REL_TOL * max(1.0, abs(b)), predicted
+    return _verify(_parse(ref, as_math=True), parsed), predicted
 
 
 def is_correct(response: str, reference: str) -> bool:
-    """Whether the final answer in ``response`` equals ``reference``."""
-    predicted = extract_answer(response)
-    if predicted is None:
-        return False
-    ref = extract_answer(reference)
-    return answers_match(predicted, ref if ref is not None else reference)
+    """Whether the final answer in ``response`` (a model's full output) equals ``reference``."""
+    return grade(response, reference)[0]
