@@ -1,0 +1,1 @@
+"""Offline analyses over stored evaluation results (no model, no GPU)."""
