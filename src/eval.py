@@ -1,7 +1,10 @@
-"""Evaluate a student: ``python src/eval.py model.student.path=<HF dir or hub id> [ckpt_path=<.ckpt>]``.
+"""Evaluate a model: ``python src/eval.py model.student.path=<HF dir or hub id> [ckpt_path=<.ckpt>] [k=8]``.
 
-Mirrors ``train.py``: compose, instantiate, ``trainer.test`` on the datamodule's test split (greedy),
-return the metrics. A Lightning checkpoint (``ckpt_path``) overrides the student's weights.
+Mirrors ``train.py``: compose, instantiate, ``trainer.test`` on the datamodule's test split, return the
+metrics. Greedy accuracy always; with ``k > 0`` also ``k`` samples per prompt for avg@k, pass@k, maj@k.
+A Lightning checkpoint (``ckpt_path``) overrides the model's weights. Every response's result is written
+to ``<output_dir>/samples.jsonl`` with ``meta.json`` (model, parameters, k, metrics): the input of the
+test-time-scaling analysis (``src.analysis.test_time_scaling.load_results``).
 """
 
 from __future__ import annotations
@@ -11,11 +14,34 @@ import os
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
+import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from src.utils.instantiate import instantiate_loggers  # noqa: E402
+
+
+def _gather(records: list[dict]) -> list[dict]:
+    """Every rank's records on every rank (DDP), in rank order."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return records
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, records)
+    return [r for part in out for r in part]
+
+
+def write_results(out_dir: str | Path, records: list[dict], meta: dict) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "samples.jsonl").open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    return out_dir
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
@@ -26,12 +52,24 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=instantiate_loggers(cfg.get("logger")))
     trainer.test(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    return metrics, {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer}
+    records = _gather(module.records)
+    out_dir = None
+    if cfg.get("save_samples") and trainer.is_global_zero:
+        meta = {"model": cfg.get("model_name") or module.student_spec.path,
+                "n_params": sum(p.numel() for p in module.student.parameters()),
+                "k": int(cfg.module.eval_samples), "ckpt_path": cfg.get("ckpt_path"), "task": module.task,
+                "max_new_tokens": module.rollout.val_max_new_tokens, "temperature": module.rollout.temperature,
+                "metrics": metrics}
+        out_dir = write_results(cfg.paths.output_dir, records, meta)
+        print(f"wrote {len(records)} responses to {out_dir / 'samples.jsonl'}")
+    return metrics, {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer, "out_dir": out_dir}
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval.yaml")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    metrics, _ = evaluate(cfg)
+    for k, v in sorted(metrics.items()):
+        print(f"{k:40s} {v:.4f}")
 
 
 if __name__ == "__main__":

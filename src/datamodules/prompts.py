@@ -52,14 +52,16 @@ class JsonlPrompts:
 
 
 class _Tokenized(torch.utils.data.Dataset):
-    def __init__(self, ids: list[list[int]], answers: list[str], targets: list[list[int]] | None = None):
+    def __init__(self, ids: list[list[int]], answers: list[str], targets: list[list[int]] | None = None,
+                 row_ids: list | None = None):
         self.ids, self.answers, self.targets = ids, answers, targets
+        self.row_ids = row_ids if row_ids is not None else list(range(len(ids)))
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, i):
-        return self.ids[i], self.answers[i], (self.targets[i] if self.targets is not None else None)
+        return self.ids[i], self.answers[i], (self.targets[i] if self.targets is not None else None), self.row_ids[i]
 
 
 class PromptDataModule(LightningDataModule):
@@ -117,10 +119,11 @@ class PromptDataModule(LightningDataModule):
             targets = None
             if rows and all("solution" in r for r in rows):  # reference solutions, for the SFT stage
                 targets = [self.tokenizer(r["solution"], add_special_tokens=False)["input_ids"] for r in rows]
-            self.splits[split] = _Tokenized(ids, [r["answer"] for r in rows], targets)
+            row_ids = [r.get("id", i) for i, r in enumerate(rows)]  # joins eval results back to the data
+            self.splits[split] = _Tokenized(ids, [r["answer"] for r in rows], targets, row_ids)
 
     def collate(self, items) -> dict:
-        ids, answers, targets = zip(*items)
+        ids, answers, targets, row_ids = zip(*items)
         P = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(ids), P), pad, dtype=torch.long)
@@ -128,7 +131,8 @@ class PromptDataModule(LightningDataModule):
         for i, x in enumerate(ids):  # left padding: responses start at column P for every row
             input_ids[i, P - len(x):] = torch.tensor(x)
             attention_mask[i, P - len(x):] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "references": list(answers)}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "references": list(answers),
+                 "ids": list(row_ids)}
         if targets[0] is not None:
             batch["target_ids"] = list(targets)
         return batch

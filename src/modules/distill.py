@@ -21,6 +21,7 @@ import torch
 from lightning import LightningModule
 from torchmetrics import MeanMetric
 
+from src.modules.metrics import AvgAtK, MajAtK, PassAtK, default_ks
 from src.modules.models import preflight
 from src.modules.sampling import AllTokens
 from src.modules.scoring import response_hidden, score_response
@@ -37,14 +38,20 @@ class DistillationModule(LightningModule):
         scheduler: optional partial LR scheduler constructor taking the optimizer (stepped per update).
         selection: token selection in force at the start (the phase callback may replace it).
         grader: ``(response, reference) -> bool`` for validation accuracy.
+        answer_fn: ``response -> str | None``, the final answer a majority vote counts.
         task: name used in validation metric keys (``val/<task>/acc``).
+        eval_samples: k responses sampled per prompt (at the rollout temperature and the validation token
+            budget) besides the greedy one, for ``avg@k``, ``pass@k`` (k = 1, 2, 4, ..., k) and ``maj@k``;
+            0 evaluates greedy decoding only.
+        record_samples: keep every evaluated response's result in ``self.records`` (``src/eval.py`` writes
+            them out for the test-time-scaling analysis).
         chunk_size: tokens per head application in the scorer.
         grad_clip: max gradient norm (None disables).
     """
 
     def __init__(self, student, teacher, rollout, objective, optimizer, scheduler=None, selection=None,
-                 grader=None, task: str = "math", chunk_size: int = 1024, grad_clip: float | None = 1.0,
-                 seed: int = 0):
+                 grader=None, answer_fn=None, task: str = "math", chunk_size: int = 1024,
+                 grad_clip: float | None = 1.0, seed: int = 0, eval_samples: int = 0, record_samples: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # the teacher is not in checkpoints
@@ -56,13 +63,22 @@ class DistillationModule(LightningModule):
         self.selection = selection or AllTokens()
         if grader is None:
             from src.modules.grading import is_correct as grader
-        self.grader, self.task = grader, task
+        if answer_fn is None:
+            from src.modules.grading import final_answer as answer_fn
+        self.grader, self.answer_fn, self.task = grader, answer_fn, task
+        if eval_samples < 0:
+            raise ValueError(f"module.eval_samples must be >= 0, got {eval_samples}")
+        self.eval_samples, self.record_samples, self.records = eval_samples, record_samples, []
         self.chunk_size, self.grad_clip, self.seed = chunk_size, grad_clip, seed
         self.temperature = rollout.temperature
         self.student = self.teacher = self.tokenizer = None
         self.val_acc = MeanMetric()
         self.val_len = MeanMetric()
         self.val_trunc = MeanMetric()
+        if eval_samples:
+            self.val_avg = AvgAtK()
+            self.val_pass = torch.nn.ModuleDict({str(k): PassAtK(k) for k in default_ks(eval_samples)})
+            self.val_maj = MajAtK(eval_samples)
 
     # ---------------------------------------------------------------- models
     def configure_model(self) -> None:
@@ -136,7 +152,7 @@ class DistillationModule(LightningModule):
         return (self.seed * 1_000_003 + step * 1_009 + rank) % (2**63)
 
     # ---------------------------------------------------------------- steps
-    def generate(self, batch, greedy: bool = False, policy=None):
+    def generate(self, batch, greedy: bool = False, policy=None, **rollout_kwargs):
         policy = policy or self.student
         was_training = policy.training
         policy.eval()
@@ -145,7 +161,8 @@ class DistillationModule(LightningModule):
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.step_seed())
                 ro = self.rollout(policy, batch["input_ids"], batch["attention_mask"], self.eos_token_ids,
-                                  self.tokenizer.pad_token_id, greedy=greedy, **batch.get("model_kwargs", {}))
+                                  self.tokenizer.pad_token_id, greedy=greedy, **rollout_kwargs,
+                                  **batch.get("model_kwargs", {}))
         finally:
             policy.train(was_training)
         ro.references = [r for r in batch["references"] for _ in range(ro.group_size)]
@@ -196,17 +213,51 @@ class DistillationModule(LightningModule):
         return logs["loss"]
 
     def _evaluate(self, batch, stage: str):
-        """Greedy decoding graded against the references; metrics aggregate across DDP ranks."""
+        """Greedy decoding (and ``eval_samples`` samples) graded against the references; metrics
+        aggregate across DDP ranks."""
         ro = self.generate(batch, greedy=True)
         correct = torch.tensor([float(self.grader(r, ref)) for r, ref in zip(ro.response_texts, ro.references)])
         self.val_acc.update(correct)
         self.val_len.update(ro.response_mask_BT.sum(-1).float())
         self.val_trunc.update(ro.truncated_B.float())
         n = len(correct)
-        self.log(f"{stage}/{self.task}/acc", self.val_acc, prog_bar=True, batch_size=n)
-        self.log(f"{stage}/{self.task}/response_len", self.val_len, batch_size=n)
-        self.log(f"{stage}/{self.task}/truncation_rate", self.val_trunc, batch_size=n)
+        key = f"{stage}/{self.task}"
+        self.log(f"{key}/acc", self.val_acc, prog_bar=True, batch_size=n)
+        self.log(f"{key}/response_len", self.val_len, batch_size=n)
+        self.log(f"{key}/truncation_rate", self.val_trunc, batch_size=n)
+        self._record(batch, ro, correct, sample=None)
+        if self.eval_samples:
+            k = self.eval_samples
+            sro = self.generate(batch, num_samples=k, max_new_tokens=self.rollout.val_max_new_tokens)
+            correct_PG = torch.tensor([bool(self.grader(r, ref)) for r, ref in zip(sro.response_texts, sro.references)])
+            correct_PG = correct_PG.view(n, k)
+            answers = [self.answer_fn(r) for r in sro.response_texts]
+            answers_PG = [answers[i * k:(i + 1) * k] for i in range(n)]
+            self.val_avg.update(correct_PG)
+            self.log(f"{key}/avg@{k}", self.val_avg, batch_size=n)
+            for kk, metric in self.val_pass.items():
+                metric.update(correct_PG)
+                self.log(f"{key}/pass@{kk}", metric, batch_size=n)
+            self.val_maj.update(answers_PG, correct_PG)
+            self.log(f"{key}/maj@{k}", self.val_maj, batch_size=n)
+            self._record(batch, sro, correct_PG.flatten().float(), sample=k, answers=answers)
         return correct
+
+    def _record(self, batch, ro, correct, sample: int | None, answers=None) -> None:
+        """Per-response results for the offline test-time-scaling analysis (one row per response)."""
+        if not self.record_samples:
+            return
+        G = ro.group_size
+        ids = batch.get("ids") or list(range(len(batch["references"])))
+        tokens = ro.response_mask_BT.sum(-1).tolist()
+        seconds = ro.seconds / max(len(tokens), 1)
+        for b, text in enumerate(ro.response_texts):
+            self.records.append({
+                "prompt_id": ids[b // G], "sample": -1 if sample is None else b % G,
+                "answer": answers[b] if answers is not None else self.answer_fn(text),
+                "correct": bool(correct[b]), "tokens": int(tokens[b]), "seconds": seconds,
+                "truncated": bool(ro.truncated_B[b]), "response": text, "reference": ro.references[b],
+            })
 
     def validation_step(self, batch, batch_idx):
         return self._evaluate(batch, "val")

@@ -1,7 +1,7 @@
 """Rollouts: the policy samples ``G`` responses per prompt; the result carries everything the loss needs.
 
 A rollout backend is any callable ``(model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
-num_samples, greedy, **model_kwargs) -> Rollout``. ``HFGenerateRollout`` uses Hugging Face ``generate``
+num_samples, greedy, max_new_tokens, **model_kwargs) -> Rollout``. ``HFGenerateRollout`` uses Hugging Face ``generate``
 (KV cache, temperature, top-p, top-k, max new tokens, stop at EOS); a vLLM backend plugs in the same way.
 
 Rollout-time log-probs and entropies are recorded *during* decoding by a logits processor that sees the
@@ -148,8 +148,11 @@ class HFGenerateRollout:
 
     @torch.no_grad()
     def __call__(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
-                 num_samples: int | None = None, greedy: bool = False, **model_kwargs) -> Rollout:
+                 num_samples: int | None = None, greedy: bool = False, max_new_tokens: int | None = None,
+                 **model_kwargs) -> Rollout:
+        """``max_new_tokens`` overrides the budget (default: ``val_max_new_tokens`` greedy, else ``max_new_tokens``)."""
         G = 1 if greedy else (num_samples or self.num_samples)
+        budget = max_new_tokens or (self.val_max_new_tokens if greedy else self.max_new_tokens)
         if G > 1:
             prompt_ids_BP = prompt_ids_BP.repeat_interleave(G, dim=0)
             prompt_mask_BP = prompt_mask_BP.repeat_interleave(G, dim=0)
@@ -162,7 +165,7 @@ class HFGenerateRollout:
         # Sampling knobs are applied by our own processors below; the config's are neutral.
         sampling = {} if greedy else dict(temperature=1.0, top_p=1.0, top_k=0)
         gen_cfg = GenerationConfig(
-            max_new_tokens=self.val_max_new_tokens if greedy else self.max_new_tokens,
+            max_new_tokens=budget,
             do_sample=not greedy, num_beams=1, repetition_penalty=1.0, **sampling,
             eos_token_id=eos_token_ids, pad_token_id=pad_token_id, bos_token_id=None,
             return_dict_in_generate=False, use_cache=True,

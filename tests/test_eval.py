@@ -1,0 +1,62 @@
+"""``src/eval.py`` with k samples: metrics, the per-response records, and the real-data path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from src.analysis.test_time_scaling import load_results, scaling_curve
+from src.eval import evaluate
+from src.train import train
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math"
+
+
+def test_eval_with_k_samples_writes_results_the_analysis_reads(make_cfg, single_thread):
+    cfg = make_cfg("test=false", "trainer.max_steps=2", "algorithm=sft")
+    train(cfg)
+    hf_dir = Path(cfg.paths.output_dir) / "checkpoints" / "hf" / "final"
+    ev = make_cfg("model=pretrained", f"model.student.path={hf_dir}", "model.student.dtype=float32", "k=4",
+                  "model_name=tiny-sft", "rollout.temperature=1.5", config="eval")
+    metrics, obj = evaluate(ev)
+    key = "test/arithmetic"
+    for name in ("acc", "avg@4", "pass@1", "pass@2", "pass@4", "maj@4", "response_len", "truncation_rate"):
+        assert f"{key}/{name}" in metrics, name
+    # pass@1's unbiased estimator is the mean single-sample accuracy; pass@k grows with k
+    assert metrics[f"{key}/pass@1"] == pytest.approx(metrics[f"{key}/avg@4"], abs=1e-6)
+    assert metrics[f"{key}/pass@1"] <= metrics[f"{key}/pass@2"] <= metrics[f"{key}/pass@4"]
+
+    out = obj["out_dir"]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    n_prompts = len({r["prompt_id"] for r in rows})
+    assert n_prompts == ev.data.test.n and len(rows) == n_prompts * (1 + 4)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["model"] == "tiny-sft" and meta["k"] == 4
+    assert meta["n_params"] == sum(p.numel() for p in obj["module"].student.parameters())
+
+    results = load_results(out)
+    greedy_acc = sum(r["correct"] for r in rows if r["sample"] == -1) / n_prompts
+    assert greedy_acc == pytest.approx(metrics[f"{key}/acc"])
+    curve = {row["k"]: row for row in scaling_curve(results)}
+    assert curve[4]["pass@k"] == pytest.approx(metrics[f"{key}/pass@4"], abs=1e-6)
+    assert curve[4]["maj@k"] == pytest.approx(metrics[f"{key}/maj@4"], abs=1e-6)
+
+
+def test_validation_during_training_logs_pass_at_k(make_cfg, single_thread):
+    cfg = make_cfg("test=false", "trainer.max_steps=2", "module.eval_samples=2")
+    metrics, _ = train(cfg)
+    assert {"val/arithmetic/pass@1", "val/arithmetic/pass@2", "val/arithmetic/maj@2"} <= set(metrics)
+
+
+def test_eval_on_a_real_benchmark_file(make_cfg, single_thread):
+    if not (DATA / "gsm8k.jsonl").exists():
+        pytest.skip(f"{DATA} not present")
+    root = Path(__file__).resolve().parents[1]
+    ev = make_cfg("data=gsm8k", f"paths.root_dir={root}", "data.test.limit=4", "data.train.limit=4", "k=2",
+                  "rollout.max_new_tokens=6", "trainer.enable_progress_bar=false", config="eval", fast=False)
+    metrics, obj = evaluate(ev)
+    rows = [json.loads(line) for line in (obj["out_dir"] / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 3 and rows[0]["reference"].endswith("#### 18")
+    assert "test/gsm8k/pass@2" in metrics
