@@ -1,0 +1,217 @@
+"""Run model-written Python in a fresh interpreter, with limits, and return what it printed.
+
+Each call: a throwaway temporary directory (the child's cwd, HOME and TMPDIR; deleted afterwards), a
+child ``python -I -u -c BOOT PRELUDE`` in its own session, the code sent on stdin, stdout and stderr
+redirected to files *outside* that directory, of which the parent reads a bounded head (stdout) and
+tail (stderr).
+
+Limits, set by the prelude before the user's code runs (hard and soft, so the code cannot raise them):
+``RLIMIT_CPU`` (the CPU-time limit; SIGXCPU), ``RLIMIT_AS`` (memory: an allocation over it is a
+``MemoryError``), ``RLIMIT_FSIZE`` (any file, stdout included, stops growing at ``max_file_mb``: a program
+printing gigabytes costs the parent nothing), ``RLIMIT_CORE = 0``. The wall-clock limit is the parent's:
+``communicate(timeout=...)`` then SIGKILL to the whole process group.
+
+The prelude also installs a ``sys.addaudithook`` hook (CPython's audit events fire from C, so they cover
+``builtins.open``, ``io.FileIO``, ``os.open``, ``_socket`` and ``posix``, which monkeypatching
+``socket.socket`` or ``builtins.open`` would miss, and a hook cannot be removed once added). It refuses:
+writes, deletes, renames, mkdir/chmod outside the working directory (paths resolved through symlinks);
+every network socket, connection and name lookup; starting processes (``subprocess``, ``os.system``,
+``fork``, ``exec*``); signalling other processes; changing resource limits. The environment is rebuilt from
+scratch (no proxy variables, no credentials; ``-I`` ignores ``PYTHON*`` variables and the user site).
+
+Limits are set in the child rather than in ``preexec_fn``: the ``ToolEnvironment`` runs calls on worker
+threads, and CPython documents ``preexec_fn`` as unsafe (it may deadlock) in a threaded parent.
+
+This is a best-effort sandbox against accidental damage by a small model, NOT a security boundary against
+an adversary: ``ctypes``, native extensions, or a process running as root (which may raise hard limits
+through syscalls the hook cannot see) get around it. For untrusted code in production, run the tool
+inside a container, nsjail, firejail or gVisor, as an unprivileged user without network.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+from src.tools.base import Tool
+
+_PRELUDE = r'''
+import os, sys, resource, signal, socket, traceback, linecache
+code = sys.stdin.buffer.read().decode("utf-8", "replace")
+sys.stdin = open(os.devnull)
+cpu_s, mem_bytes, file_bytes = (int(a) for a in sys.argv[2:5])
+resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
+resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full file is an OSError, not a silent kill
+sys.dont_write_bytecode = True
+
+def _make_hook(root, pid, af_unix):
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    # event -> how many leading arguments are paths it changes
+    path_events = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1, "os.chown": 1,
+                   "os.utime": 1, "os.truncate": 1, "os.chflags": 1, "os.setxattr": 1, "os.removexattr": 1,
+                   "shutil.rmtree": 1, "shutil.chown": 1, "os.rename": 2, "os.link": 2}
+    network = {"socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
+               "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo"}
+    processes = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "os.fork",
+                 "os.forkpty"}
+
+    def inside(path):
+        if isinstance(path, int):
+            return True  # an already-open descriptor
+        try:
+            real = os.path.realpath(os.fsdecode(path))
+        except Exception:
+            return False
+        return real == root or real.startswith(root + os.sep)
+
+    def refuse_write(path):
+        if not inside(path):
+            raise PermissionError(f"sandbox: writing outside the working directory is not allowed: {path}")
+
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & write_flags:
+                refuse_write(path)
+        elif event in path_events:
+            for path in args[: path_events[event]]:
+                refuse_write(path)
+        elif event == "os.symlink":
+            refuse_write(args[1])
+        elif event in network or (event == "socket.__new__" and args[1] != af_unix):
+            raise PermissionError("sandbox: network access is disabled")
+        elif event in processes:
+            raise PermissionError("sandbox: starting processes is disabled")
+        elif event in ("os.kill", "os.killpg") and args[0] not in (pid, 0):
+            raise PermissionError("sandbox: signalling other processes is disabled")
+        elif event in ("resource.setrlimit", "resource.prlimit"):
+            raise PermissionError("sandbox: resource limits cannot be changed")
+    return hook
+
+linecache.cache["<tool>"] = (len(code), None, code.splitlines(True), "<tool>")
+try:
+    compiled = compile(code, "<tool>", "exec")
+except (SyntaxError, ValueError) as e:  # ValueError: a null byte in the source
+    traceback.print_exception(type(e), e, None)
+    sys.exit(1)
+sys.addaudithook(_make_hook(os.path.realpath(os.getcwd()), os.getpid(), socket.AF_UNIX))
+del _make_hook
+sys.argv = ["<tool>"]
+try:
+    exec(compiled, {"__name__": "__main__", "__builtins__": __builtins__})
+except SystemExit:
+    raise
+except BaseException as e:  # the traceback without the prelude's and the audit hook's frames
+    report = traceback.TracebackException(type(e), e, e.__traceback__)
+    part = report
+    while part is not None:
+        part.stack[:] = [frame for frame in part.stack if frame.filename != "<sandbox>"]
+        part = part.__cause__ or part.__context__
+    sys.stderr.write("".join(report.format()))
+    sys.exit(1)
+'''
+# the prelude is compiled under its own file name, so its frames can be told from the user's
+_BOOT = "import sys; exec(compile(sys.argv[1], '<sandbox>', 'exec'))"
+
+
+def _read_head(path: str, max_chars: int) -> tuple[str, int, bool]:
+    """The first ``max_chars`` characters of a file (reading at most 4 bytes a character), its size in
+    bytes, and whether that is not all of it."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        data = f.read(4 * max_chars)
+    text = data.decode("utf-8", "replace")
+    return text[:max_chars], size, len(data) < size or len(text) > max_chars
+
+
+def _read_tail(path: str, max_chars: int) -> tuple[str, int, bool]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 4 * max_chars))
+        data = f.read()
+    text = data.decode("utf-8", "replace")
+    return (text[-max_chars:] if max_chars else ""), size, len(data) < size or len(text) > max_chars
+
+
+class PythonTool(Tool):
+    """Executes a Python program and returns its stdout (with stderr when it fails).
+
+    Args:
+        timeout_s: wall-clock limit; the CPU-time limit is its ceiling. Keep it below the environment's.
+        memory_mb: address-space limit of the child (the interpreter itself takes about 20 MB).
+        max_output_chars: characters of output returned; the rest is cut with a note.
+        max_file_mb: largest file the child may write, stdout and stderr included.
+        python: interpreter to run (default: this one, so the venv's packages are importable).
+    """
+
+    name = "python"
+    description = ("Run a Python 3 program and return what it prints. Each call starts a fresh interpreter "
+                   "in an empty temporary directory, so print() every result you need. No network access.")
+    parameters = {
+        "type": "object",
+        "properties": {"code": {"type": "string", "description": "the complete program to run"}},
+        "required": ["code"],
+    }
+
+    def __init__(self, timeout_s: float = 5.0, memory_mb: int = 1024, max_output_chars: int = 4000,
+                 max_file_mb: int = 16, python: str | None = None):
+        self.timeout_s, self.memory_mb, self.max_output_chars = timeout_s, memory_mb, max_output_chars
+        self.max_file_mb, self.python = max_file_mb, python or sys.executable
+
+    def run(self, code: str) -> str:
+        with tempfile.TemporaryDirectory(prefix="reopold-python-", ignore_cleanup_errors=True) as root:
+            work = os.path.join(root, "work")
+            os.mkdir(work)
+            out_path, err_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
+            env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8",
+                   "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                   "MKL_NUM_THREADS": "1"}
+            limits = [str(math.ceil(self.timeout_s)), str(self.memory_mb << 20), str(self.max_file_mb << 20)]
+            timed_out = False
+            with open(out_path, "wb") as out, open(err_path, "wb") as err:
+                proc = subprocess.Popen([self.python, "-I", "-u", "-c", _BOOT, _PRELUDE, *limits],
+                                        stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=work, env=env,
+                                        start_new_session=True, close_fds=True)
+                try:
+                    proc.communicate(code.encode("utf-8", "replace"), timeout=self.timeout_s)
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    try:  # the whole group, before the leader is reaped, so the group id cannot be reused
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    proc.wait()
+            return self._format(proc.returncode, timed_out, out_path, err_path)
+
+    def _format(self, returncode: int, timed_out: bool, out_path: str, err_path: str) -> str:
+        if timed_out:
+            header = f"error: timed out after {self.timeout_s:g}s (wall clock)"
+        elif returncode == -signal.SIGXCPU:
+            header = f"error: CPU time limit of {math.ceil(self.timeout_s)}s exceeded"
+        elif returncode < 0:
+            number = -returncode
+            name = signal.Signals(number).name if number in signal.valid_signals() else f"signal {number}"
+            hint = " (memory limit?)" if name in ("SIGKILL", "SIGSEGV") else ""
+            header = f"error: killed by {name}{hint}"
+        elif returncode > 0:
+            header = f"error: exit code {returncode}"
+        else:
+            header = ""
+        budget = self.max_output_chars
+        stderr = ""
+        if header:  # the traceback's end says what went wrong: keep up to half the budget for it
+            stderr, _, cut = _read_tail(err_path, budget // 2)
+            stderr = "... " + stderr if cut else stderr
+        stdout, out_size, cut = _read_head(out_path, budget - len(stderr))
+        if cut:
+            stdout += f"\n... [output truncated: {out_size} bytes in all]"
+        if not header:
+            return stdout.rstrip("\n") if stdout.strip() else "(no output; print() the values you need)"
+        return "\n".join(part.rstrip("\n") for part in (header, stdout, stderr) if part.strip())
