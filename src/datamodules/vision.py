@@ -1,0 +1,464 @@
+"""Vision-language prompt data: chats with images as prompt rows, batched by a Qwen2-VL / Qwen2.5-VL
+processor.
+
+Rows. ``VisionPrompts`` reads one split (JSONL, JSON, Parquet or a ``datasets`` name, read as ``math.py``
+reads them) and returns ``{"id", "prompt": [chat messages], "answer"[, "solution", "min_pixels",
+"max_pixels"]}``; user content interleaves ``{"type": "image", "image": <PIL.Image | absolute path>}`` and
+``{"type": "text", "text": ...}`` items. Each row takes the first layout that fits:
+
+    layout         prompt                                    images                       answer
+    messages       messages: chat, content text or items     in the items, or bare        answer, else the
+                   (``{"type": "image", "image": ...}``)     ``{"type": "image"}`` items  last assistant
+                                                             filled from ``images``       turn (dropped)
+    conversations  LLaVA: [{"from": "human", "value"}, ...]  image / images               as messages
+    question       problem / question / query / prompt text  images / decoded_image /     answer
+                   (Geometry3K: problem; MathVista: question) image: one or a list
+
+In text, each ``<image>`` marks where the next image goes; text without placeholders gets its images first
+(Qwen's convention); a placeholder count that differs from the image count is a bad row. MathVista's
+multiple choice: a non-empty ``choices`` list is rendered as ``Choices:\\n(A) ...\\n(B) ...`` after the
+question and the reference becomes the *letter* of the choice equal to ``answer`` (graded as a letter); an
+answer that is neither a choice nor a letter in range is a bad row.
+
+An image may be a path (relative to ``image_root``, else to the data file's folder), an absolute path, a
+``file://`` URI, a ``data:image/...;base64,`` URI, bytes, a ``{"bytes", "path"}`` dict as Parquet and
+``datasets`` store it, or a PIL image. Each is decoded in full at load (``load()``, which also catches the
+truncated files ``verify()`` passes); files stay paths in the row (decoded again per batch, so memory stays
+small), the rest become PIL images. Remote URLs are refused: download them first. A missing or unreadable
+image makes its row bad; bad rows are named ``file:line`` (``file:row i`` outside JSONL) with the image as
+written and as resolved, all in one ``DataRowError`` (``on_error="raise"``) or one warning each (``skip``).
+
+Batches. ``VisionPromptDataModule`` renders each chat with the processor's template, fetches and resizes the
+images with ``qwen_vl_utils.process_vision_info`` (per-image ``min_pixels``/``max_pixels`` ride in the image
+items: the item's own, else the row's, else the module's) and calls the processor on the whole batch, left
+padded. ``batch["model_kwargs"]`` holds what the model needs beside ``input_ids``/``attention_mask``:
+
+    pixel_values       [sum of patches over the batch's images, C * temporal_patch * patch**2]  (flat!)
+    image_grid_thw     [images in the batch, 3]; image i has prod(image_grid_thw[i]) patches
+    mm_token_type_ids  [B, P]; 1 on image tokens (Qwen2.5-VL's 3-D RoPE needs it)
+    images_per_row     [B]; bookkeeping, not a model input: strip it with ``model_inputs``
+
+``pixel_values`` is not batched by row, so ``t[idx]`` / ``repeat_interleave`` on it is wrong: select rows with
+``split_vision_kwargs`` and expand groups with ``repeat_vision_kwargs``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from src.datamodules.math import ID_FIELDS, MAX_LISTED, MathBenchmark, _BadRow, reference_text
+from src.datamodules.prompts import DataRowError, PromptDataModule
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER = "<image>"
+PROMPT_FIELDS = ("problem", "question", "query", "prompt")
+IMAGE_FIELDS = ("images", "decoded_image", "image")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+PER_PATCH, PER_IMAGE = ("pixel_values",), ("image_grid_thw",)
+BOOKKEEPING = ("images_per_row",)
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+def open_image(ref: Any, base: Path) -> Image.Image | str:
+    """``ref`` decoded and checked: an absolute path for a file, else a loaded PIL image (raises _BadRow)."""
+    if isinstance(ref, Image.Image):
+        return _decoded(lambda: ref, "given as a PIL image")
+    if isinstance(ref, dict):  # Parquet / datasets: {"bytes", "path"}; OpenAI style: {"url"}
+        ref = ref.get("bytes") or ref.get("path") or ref.get("url")
+    if isinstance(ref, (bytes, bytearray)):
+        data = bytes(ref)
+        return _decoded(lambda: Image.open(io.BytesIO(data)), f"of {len(data)} bytes")
+    if not isinstance(ref, str) or not ref:
+        raise _BadRow(f"image is {type(ref).__name__} {ref!r}, not a path, URI, bytes or PIL image")
+    if ref.startswith("data:"):
+        try:
+            data = base64.b64decode(ref.split("base64,", 1)[1], validate=True)
+        except (IndexError, binascii.Error) as e:
+            raise _BadRow(f"image {ref[:40]!r}...: not a base64 data URI") from e
+        return _decoded(lambda: Image.open(io.BytesIO(data)), f"{ref[:30]!r}...")
+    if ref.startswith(("http://", "https://")):
+        raise _BadRow(f"image {ref!r}: remote images are not fetched at load; download them and give paths")
+    path = Path(ref.removeprefix("file://")).expanduser()
+    path = (path if path.is_absolute() else base / path).resolve()
+    if not path.is_file():
+        raise _BadRow(f"image {ref!r} ({path}): no such file")
+    with _decoded(lambda: Image.open(path), f"{ref!r} ({path})"):
+        pass
+    return str(path)
+
+
+def _decoded(opener, shown: str) -> Image.Image:
+    try:
+        image = opener()
+        image.load()
+        return image
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+        raise _BadRow(f"image {shown}: unreadable ({type(e).__name__}: {e})") from e
+
+
+# ------------------------------------------------------------------------------------------------- rows
+
+class VisionPrompts:
+    """One split of a vision-language data set; calling it returns the rows (see the module docstring).
+
+    Args:
+        path: ``.jsonl``, ``.json`` or ``.parquet`` file (or give ``dataset``).
+        image_root: folder that relative image paths start from (default: the data file's folder).
+        prompt_field, answer_field, image_field: replace the layout's field.
+        choices_field: multiple-choice options (MathVista); rendered as lettered options.
+        on_error: ``raise`` (one ``DataRowError`` naming every bad row) or ``skip`` (warn about each).
+        limit: stop after this many good rows (later images are not opened).
+        dataset, subset, split: ``datasets.load_dataset(dataset, subset, split=split)``.
+    """
+
+    def __init__(self, path: str | None = None, image_root: str | None = None,
+                 prompt_field: str | None = None, answer_field: str = "answer",
+                 image_field: str | None = None, choices_field: str = "choices", on_error: str = "raise",
+                 limit: int | None = None, dataset: str | None = None, subset: str | None = None,
+                 split: str = "test"):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        self.reader = MathBenchmark(path=path, dataset=dataset, subset=subset, split=split)
+        self.name = self.reader.name
+        root = image_root or (Path(path).parent if path is not None else ".")
+        self.image_root = Path(root).expanduser()
+        self.prompt_field, self.answer_field, self.image_field = prompt_field, answer_field, image_field
+        self.choices_field, self.on_error, self.limit = choices_field, on_error, limit
+
+    def __call__(self) -> list[dict]:
+        records, by_line = self.reader._read()
+        rows, errors = [], []
+        for pos, record in records:
+            if self.limit and len(rows) >= self.limit:
+                break
+            try:
+                if isinstance(record, _BadRow):
+                    raise record
+                rows.append(self._row(pos, record))
+            except _BadRow as e:
+                errors.append(f"{self.name}:{pos if by_line else f'row {pos}'}: {e}")
+        if errors and self.on_error == "raise":
+            listed = "\n  ".join(errors[:MAX_LISTED])
+            more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+            raise DataRowError(f"{self.name}: {len(errors)} bad rows (fix them, or set on_error=skip to drop "
+                               f"them):\n  {listed}{more}")
+        for error in errors:
+            log.warning("skipping %s", error)
+        if errors:
+            log.warning("%s: skipped %d rows (on_error=skip)", self.name, len(errors))
+        if not rows:
+            raise DataRowError(f"{self.name}: no usable rows")
+        return rows
+
+    def _row(self, pos: int, record: dict) -> dict:
+        image_field = self.image_field or next((f for f in IMAGE_FIELDS if record.get(f) is not None), None)
+        refs = record.get(image_field) if image_field else None
+        images = [] if refs is None else list(refs) if isinstance(refs, (list, tuple)) else [refs]
+        answer = reference_text(record.get(self.answer_field))
+        fields = (self.prompt_field,) if self.prompt_field else ("messages", "conversations", *PROMPT_FIELDS)
+        prompt_field = next((f for f in fields if record.get(f)), None)
+        if prompt_field is None:
+            raise _BadRow(f"missing or empty prompt: none of {list(fields)} (has {sorted(record)})")
+        prompt = record[prompt_field]
+        if isinstance(prompt, str):
+            text, answer = self._choices(prompt, answer, record.get(self.choices_field))
+            messages = [{"role": "user", "content": text}]
+        elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            messages = [{"role": ROLES.get(m.get("role", m.get("from")), m.get("role", m.get("from"))),
+                         "content": m.get("content", m.get("value"))} for m in prompt]
+        else:
+            raise _BadRow(f"prompt {prompt_field!r} is a {type(prompt).__name__}, not text or chat messages")
+        if messages and messages[-1]["role"] == "assistant":  # a training chat: its reply is the answer
+            reply = messages.pop()["content"]
+            answer = answer or (reply if isinstance(reply, str) else " ".join(
+                i.get("text", "") for i in reply if isinstance(i, dict))).strip()
+        if not messages or messages[-1]["role"] != "user":
+            raise _BadRow("the chat does not end with a user turn")
+        if not answer:
+            raise _BadRow(f"missing or empty answer (field {self.answer_field!r})")
+        row = {"id": next((record[k] for k in (*ID_FIELDS, "pid") if record.get(k) is not None), pos),
+               "prompt": self._place_images(messages, images), "answer": answer}
+        if isinstance(record.get("solution"), str) and record["solution"].strip():
+            row["solution"] = record["solution"].strip()
+        row.update({k: record[k] for k in ("min_pixels", "max_pixels") if record.get(k) is not None})
+        return row
+
+    @staticmethod
+    def _choices(question: str, answer: str, choices: Any) -> tuple[str, str]:
+        if choices is None or len(choices) == 0:
+            return question, answer
+        choices = [str(c).strip() for c in choices]
+        letters = string.ascii_uppercase[: len(choices)]
+        text = question.rstrip() + "\nChoices:\n" + "\n".join(f"({x}) {c}" for x, c in zip(letters, choices))
+        if answer in choices:
+            return text, letters[choices.index(answer)]
+        if len(answer) == 1 and answer.upper() in letters:
+            return text, answer.upper()
+        raise _BadRow(f"answer {answer!r} is none of the choices {choices}")
+
+    def _place_images(self, messages: list[dict], images: list) -> list[dict]:
+        """Messages whose content is a list of items, every image decoded and placed (module docstring)."""
+        pending, errors, slots = list(images), [], 0
+
+        def image_item(ref, extra: dict) -> dict | None:
+            try:
+                return {**extra, "type": "image", "image": open_image(ref, self.image_root)}
+            except _BadRow as e:
+                errors.append(str(e))
+
+        def next_image(extra: dict) -> dict | None:  # an <image> placeholder or a bare image item
+            nonlocal slots
+            slots += 1
+            return image_item(pending.pop(0), extra) if pending else None
+
+        out = []
+        for m in messages:
+            content, items = m["content"], []
+            if isinstance(content, str):
+                for k, part in enumerate(content.split(PLACEHOLDER)):
+                    items += [next_image({})] if k else []
+                    items += [{"type": "text", "text": part.strip()}] if part.strip() else []
+            elif isinstance(content, list):
+                for item in content:
+                    if not isinstance(item, dict):
+                        raise _BadRow(f"content item {item!r} is not an object")
+                    kind = item.get("type", "image" if "image" in item else "text")
+                    extra = {k: v for k, v in item.items() if k in ("min_pixels", "max_pixels")}
+                    if kind not in ("image", "image_url", "text"):
+                        raise _BadRow(f"content item of type {kind!r}: only text and image are supported")
+                    ref = item.get("image", item.get("image_url"))
+                    items.append({"type": "text", "text": item.get("text", "")} if kind == "text" else
+                                 image_item(ref, extra) if ref is not None else next_image(extra))
+            else:
+                raise _BadRow(f"{m['role']} message content is a {type(content).__name__}")
+            out.append({"role": m["role"], "content": items})
+        if slots == 0 and pending:  # no placeholders: the images lead the first user turn
+            first = next(m for m in out if m["role"] == "user")
+            first["content"][:0] = [image_item(ref, {}) for ref in pending]
+        elif slots != len(images):
+            raise _BadRow(f"{slots} image placeholders but {len(images)} images in the row")
+        if errors:
+            raise _BadRow("; ".join(errors))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+class _Chats(torch.utils.data.Dataset):
+    def __init__(self, chats: list, answers: list, targets: list | None, row_ids: list):
+        self.chats, self.answers, self.targets, self.row_ids = chats, answers, targets, row_ids
+
+    def __len__(self):
+        return len(self.chats)
+
+    def __getitem__(self, i):
+        target = self.targets[i] if self.targets is not None else None
+        return self.chats[i], self.answers[i], target, self.row_ids[i]
+
+
+class VisionPromptDataModule(PromptDataModule):
+    """``PromptDataModule`` for chats with images; batches carry ``model_kwargs`` (module docstring).
+
+    Args:
+        min_pixels, max_pixels: default pixel budget of an image (``qwen_vl_utils`` resizes it to fit, in
+            multiples of patch * merge size); a row's or image item's own value wins. The processor's own
+            bounds still apply after, so keep these inside them.
+        other arguments: as ``PromptDataModule``; ``instruction`` is appended to the last user turn's text.
+    """
+
+    def __init__(self, train, val=None, test=None, min_pixels: int | None = None,
+                 max_pixels: int | None = None, **kwargs):
+        super().__init__(train, val, test, **kwargs)
+        self.pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels}
+        self.processor = None
+
+    def set_processor(self, processor) -> None:
+        if not (hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")):
+            raise TypeError(f"VisionPromptDataModule needs the student's processor (AutoProcessor of a "
+                            f"Qwen2-VL / Qwen2.5-VL model), got a {type(processor).__name__}")
+        processor.tokenizer.padding_side = "left"  # every response starts in the same column
+        self.processor, self.tokenizer = processor, processor.tokenizer
+
+    def set_tokenizer(self, tokenizer) -> None:
+        self.set_processor(tokenizer)  # the framework hands over what the student spec loads
+
+    def messages(self, row: dict) -> list[dict]:
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        # copies of the items: the pixel budgets and the instruction must not leak into the source rows
+        msgs = [{**m, "content": [dict(i) for i in m["content"]] if isinstance(m["content"], list)
+                 else m["content"]} for m in prompt]
+        for m in msgs:
+            for item in m["content"] if isinstance(m["content"], list) else []:
+                if item.get("type") == "image":
+                    for key, default in self.pixels.items():
+                        if key not in item and row.get(key, default) is not None:
+                            item[key] = row.get(key, default)
+        if self.instruction:
+            last = next(m for m in reversed(msgs) if m["role"] == "user")
+            if isinstance(last["content"], str):
+                last["content"] = f"{last['content']}\n{self.instruction}"
+            elif last["content"] and last["content"][-1].get("type") == "text":
+                last["content"][-1]["text"] = f"{last['content'][-1]['text']}\n{self.instruction}"
+            else:
+                last["content"].append({"type": "text", "text": self.instruction})
+        if self.system_prompt and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": self.system_prompt}] + msgs
+        return msgs
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.processor is None:
+            raise RuntimeError("VisionPromptDataModule.set_processor(processor) must come before setup()")
+        for split, source in self.sources.items():
+            if source is None or split in self.splits:
+                continue
+            rows = source()
+            chats = [self.messages(r) for r in rows]
+            if self.max_prompt_tokens:
+                for i, chat in enumerate(chats):
+                    if (n := self.prompt_tokens(chat)) > self.max_prompt_tokens:
+                        raise ValueError(f"{split} row {rows[i].get('id', i)}: prompt has {n} tokens (images "
+                                         "included) > data.max_prompt_tokens")
+            targets = None
+            if rows and all("solution" in r for r in rows):
+                targets = [self.tokenizer(r["solution"], add_special_tokens=False)["input_ids"] for r in rows]
+            self.splits[split] = _Chats(chats, [r["answer"] for r in rows], targets,
+                                        [r.get("id", i) for i, r in enumerate(rows)])
+
+    def prompt_tokens(self, chat: list[dict]) -> int:
+        """Tokens of the rendered prompt with every image expanded, without resizing any image."""
+        from qwen_vl_utils import extract_vision_info
+        from qwen_vl_utils.vision_process import IMAGE_MAX_TOKEN_NUM, IMAGE_MIN_TOKEN_NUM, smart_resize
+
+        text = self.processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ip = self.processor.image_processor
+        factor = ip.patch_size * ip.merge_size
+        for item in extract_vision_info(chat):
+            image = item["image"]
+            if isinstance(image, Image.Image):
+                w, h = image.size
+            else:
+                with Image.open(image) as im:
+                    w, h = im.size
+            h, w = smart_resize(h, w, factor, item.get("min_pixels", IMAGE_MIN_TOKEN_NUM * factor**2),
+                                item.get("max_pixels", IMAGE_MAX_TOKEN_NUM * factor**2))
+            n += ip.get_number_of_image_patches(h, w, {}) // ip.merge_size**2 - 1  # 1 pad already counted
+        return n
+
+    def collate(self, items) -> dict:
+        from qwen_vl_utils import extract_vision_info, process_vision_info
+
+        chats, answers, targets, row_ids = zip(*items)
+        proc = self.processor
+        texts = [proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+        images, _ = process_vision_info(list(chats), image_patch_size=proc.image_processor.patch_size)
+        enc = proc(text=texts, images=images, padding=True, return_tensors="pt")
+        model_kwargs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        model_kwargs["images_per_row"] = torch.tensor([len(extract_vision_info(c)) for c in chats])
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                 "references": list(answers), "ids": list(row_ids), "model_kwargs": model_kwargs}
+        if targets[0] is not None:
+            batch["target_ids"] = list(targets)
+        return batch
+
+
+# -------------------------------------------------------------------------------------- model_kwargs rows
+
+def model_inputs(model_kwargs: dict, seq_len: int | None = None) -> dict:
+    """What the model's ``forward``/``generate`` takes: bookkeeping dropped (``generate`` rejects unknown
+    kwargs), and ``mm_token_type_ids`` [B, P] right-padded with text (0) to ``seq_len`` columns once
+    responses have been appended to the prompts (scoring ``[B, P + T]``)."""
+    out = {k: v for k, v in model_kwargs.items() if k not in BOOKKEEPING}
+    types = out.get("mm_token_type_ids")
+    if seq_len is not None and types is not None and types.shape[1] < seq_len:
+        out["mm_token_type_ids"] = torch.nn.functional.pad(types, (0, seq_len - types.shape[1]))
+    return out
+
+
+def split_vision_kwargs(model_kwargs: dict, row_index) -> dict:
+    """``model_kwargs`` of the rows ``row_index`` (any order, repeats allowed), as if those rows alone had
+    been collated: image-level tensors are gathered through each row's images (``images_per_row``) and
+    patches (``prod(image_grid_thw[i])`` per image); other tensors with B rows are indexed by row."""
+    if "pixel_values_videos" in model_kwargs:
+        raise NotImplementedError("video inputs: rows would need per-row video counts")
+    per_row = model_kwargs["images_per_row"].cpu()
+    B, none = per_row.shape[0], torch.zeros(0, dtype=torch.long)
+    idx = torch.as_tensor(row_index, dtype=torch.long).flatten().cpu()
+    grid = model_kwargs.get("image_grid_thw")
+    patches = grid.prod(-1).cpu() if grid is not None else none
+    # row r owns images first_image[r] .. first_image[r + 1] - 1; image i likewise its patches
+    first_image = torch.cat([none.new_zeros(1), per_row.cumsum(0)])  # [B + 1]
+    first_patch = torch.cat([none.new_zeros(1), patches.cumsum(0)])  # [images + 1]
+    pixels = model_kwargs.get("pixel_values")
+    if first_image[-1] != len(patches) or (pixels is not None and len(pixels) != first_patch[-1]):
+        raise ValueError(f"inconsistent vision kwargs: images_per_row sums to {int(first_image[-1])}, "
+                         f"image_grid_thw has {len(patches)} images of {int(first_patch[-1])} patches, "
+                         f"pixel_values {None if pixels is None else len(pixels)} rows")
+    image_idx = torch.cat([torch.arange(first_image[r], first_image[r + 1]) for r in idx.tolist()] or [none])
+    patch_idx = torch.cat([torch.arange(first_patch[i], first_patch[i + 1])
+                           for i in image_idx.tolist()] or [none])
+    out = {}
+    for k, v in model_kwargs.items():
+        if k in PER_PATCH + PER_IMAGE and len(image_idx) == 0:
+            continue  # as the processor leaves them out of a batch without images
+        if k in PER_PATCH:
+            v = v.index_select(0, patch_idx.to(v.device))
+        elif k in PER_IMAGE:
+            v = v.index_select(0, image_idx.to(v.device))
+        elif isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B:
+            v = v.index_select(0, idx.to(v.device))
+        out[k] = v
+    return out
+
+
+def repeat_vision_kwargs(model_kwargs: dict, G: int) -> dict:
+    """``model_kwargs`` for each row repeated ``G`` times in place (rows ``[b*G:(b+1)*G]`` share prompt b),
+    the vision counterpart of ``repeat_interleave(G, dim=0)``."""
+    B = model_kwargs["images_per_row"].shape[0]
+    return split_vision_kwargs(model_kwargs, torch.arange(B).repeat_interleave(G))
+
+
+# ----------------------------------------------------------------------------------------- tiny processor
+
+VL_PROCESSOR_VERSION = 1  # for a tiny VL model's cache key: bump when the tokens or the template change
+VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' or 'image' in item %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_vl_processor(min_pixels: int = 56 * 56, max_pixels: int = 112 * 112, patch_size: int = 14,
+                            merge_size: int = 2, temporal_patch_size: int = 2):
+    """A ``Qwen2_5_VLProcessor`` built offline: the character tokenizer plus Qwen's vision tokens (appended,
+    so the character ids are unchanged; ``len(processor.tokenizer)`` is the vocabulary a model needs) and a
+    ChatML template that renders an image item as ``<|vision_start|><|image_pad|><|vision_end|>``.
+    ``save_pretrained`` / ``AutoProcessor.from_pretrained`` round-trip it."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    from src.modules.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    tok.add_tokens(VL_TOKENS, special_tokens=True)
+    vision = dict(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size)
+    images = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, **vision)
+    videos = Qwen2VLVideoProcessor(**vision)  # unused, but the processor requires one
+    return Qwen2_5_VLProcessor(image_processor=images, tokenizer=tok, video_processor=videos,
+                               chat_template=VL_CHAT_TEMPLATE)

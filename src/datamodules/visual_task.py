@@ -1,0 +1,117 @@
+"""Synthetic visual arithmetic: a small image shows ``n_digits`` digits; the model reads them and adds them.
+
+Example (``n_digits=3``; the image shows 3, 5 and 4 from left to right)::
+
+    prompt:   [image] "Add the digits in the image."
+    solution: "3+5=8\\n8+4=12\\n#### 12"
+
+Digit ``i`` is drawn in the ``i``-th of ``n_digits`` vertical strips, at a random place inside it, in a
+random dark colour on a random light background (PIL's default font), so left to right is reading order
+and glyphs never overlap; ``distractors`` adds light circles behind the digits. Rows are deterministic
+functions of ``(seed, split, n_digits, image_size, ...)``.
+
+Splits are disjoint by the digit sequence (``arithmetic.split_of``, a sha256 digest of it): no validation
+or test image shows a sequence seen in training. A split's sequences are shuffled and taken in turn; past
+``n`` = their number, they come round again with fresh renderings.
+
+``VisualTask.save(folder)`` writes the rows as ``<split>.jsonl`` (Geometry3K's layout: ``problem`` with
+``<image>``, ``images``, ``answer``, ``solution``) and ``images/<id>.png``; ``VisionPrompts`` reads it back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from src.datamodules.arithmetic import split_of
+
+QUESTION = "Add the digits in the image."
+
+
+def sum_steps(digits: list[int]) -> str:
+    """Running sum, one addition a line: ``[3, 5, 4]`` -> ``"3+5=8\\n8+4=12\\n#### 12"``."""
+    total, lines = digits[0], []
+    for d in digits[1:]:
+        lines.append(f"{total}+{d}={total + d}")
+        total += d
+    return "\n".join(lines + [f"#### {total}"])
+
+
+class VisualTask:
+    """Rows ``{"id", "prompt": [chat with a PIL image], "answer", "solution", "digits"}`` of one split.
+
+    Args:
+        split: ``train``, ``val`` or ``test``.
+        n: number of rows.
+        n_digits: digits in each image (difficulty knob; at most 6).
+        image_size: side of the square canvas in pixels.
+        seed: sampling and rendering seed.
+        font_size: glyph size (default: as large as ``n_digits`` strips allow, at most 0.4 * image_size).
+        distractors: light circles drawn behind the digits (difficulty knob).
+        val_frac, test_frac: shares of the digit sequences held out.
+    """
+
+    def __init__(self, split: str = "train", n: int = 1000, n_digits: int = 3, image_size: int = 56,
+                 seed: int = 0, font_size: int | None = None, distractors: int = 0, val_frac: float = 0.1,
+                 test_frac: float = 0.1):
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {split!r}")
+        if not 1 <= n_digits <= 6:
+            raise ValueError(f"n_digits must lie in 1..6, got {n_digits}")
+        self.split, self.n, self.n_digits, self.image_size, self.seed = split, n, n_digits, image_size, seed
+        self.font_size = font_size or max(8, int(min(0.4 * image_size, 1.5 * image_size / n_digits)))
+        self.distractors, self.val_frac, self.test_frac = distractors, val_frac, test_frac
+
+    def __call__(self) -> list[dict]:
+        sequences = ["".join(s) for s in itertools.product("0123456789", repeat=self.n_digits)]
+        sequences = [s for s in sequences if split_of(s, self.val_frac, self.test_frac) == self.split]
+        if not sequences:
+            raise ValueError(f"no {self.n_digits}-digit sequence falls in split {self.split!r}; add digits")
+        rng = random.Random(f"{self.seed}-{self.split}-{self.n_digits}-{self.image_size}-{self.distractors}")
+        rng.shuffle(sequences)
+        font = ImageFont.load_default(size=self.font_size)
+        rows = []
+        for i in range(self.n):
+            digits = [int(c) for c in sequences[i % len(sequences)]]
+            image = self.render(digits, rng, font)
+            rows.append({"id": f"{self.split}-{i}",
+                         "prompt": [{"role": "user", "content": [{"type": "image", "image": image},
+                                                                 {"type": "text", "text": QUESTION}]}],
+                         "answer": str(sum(digits)), "solution": sum_steps(digits), "digits": digits})
+        return rows
+
+    def render(self, digits: list[int], rng: random.Random, font) -> Image.Image:
+        S = self.image_size
+        strip = S // len(digits)
+        image = Image.new("RGB", (S, S), tuple(rng.randint(200, 255) for _ in range(3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(self.distractors):
+            x, y, r = rng.randrange(S), rng.randrange(S), rng.randint(2, max(2, S // 8))
+            draw.ellipse((x - r, y - r, x + r, y + r), outline=tuple(rng.randint(150, 200) for _ in range(3)))
+        for k, d in enumerate(digits):
+            left, top, right, bottom = font.getbbox(str(d))
+            w, h = right - left, bottom - top
+            if w > strip or h > S:
+                raise ValueError(f"{len(digits)} digits of font_size {self.font_size} do not fit {S}px")
+            x, y = k * strip + rng.randint(0, strip - w), rng.randint(0, S - h)
+            ink = tuple(rng.randint(0, 110) for _ in range(3))
+            draw.text((x - left, y - top), str(d), font=font, fill=ink)
+        return image
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``folder/<split>.jsonl`` and ``folder/images/<id>.png``; returns the JSONL path."""
+        folder = Path(folder)
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        lines = []
+        for row in self():
+            name = f"images/{row['id']}.png"
+            row["prompt"][0]["content"][0]["image"].save(folder / name)
+            lines.append(json.dumps({"id": row["id"], "problem": f"<image>{QUESTION}", "images": [name],
+                                     **{k: row[k] for k in ("answer", "solution", "digits")}}))
+        path = folder / f"{self.split}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        return path
