@@ -48,7 +48,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
-    datamodule.set_tokenizer(module.student_spec.load_tokenizer())
+    datamodule.set_tokenizer(module.student_spec.load_processor())  # a processor for vision-language models
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=instantiate_loggers(cfg.get("logger")))
     trainer.test(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -35,7 +35,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
-    datamodule.set_tokenizer(module.student_spec.load_tokenizer())
+    datamodule.set_tokenizer(module.student_spec.load_processor())  # a processor for vision-language models
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)

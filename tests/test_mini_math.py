@@ -109,6 +109,10 @@ def test_stage_cache_is_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
     assert again.build() == str(path)
     assert again.load_model().config.hidden_size == 32
 
+    # how a stage is evaluated does not change what it trains: same cache entry
+    evaluated = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=TINY_STAGE + ["module.eval_samples=4"])
+    assert evaluated.build() == str(path)
+
     changed = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=TINY_STAGE + ["module.optimizer.lr=0.01"])
     with pytest.raises(AssertionError, match="retrained"):
         changed.build()

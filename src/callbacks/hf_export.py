@@ -31,7 +31,8 @@ class HFExport(Callback):
         out = self._root(trainer) / name
         out.mkdir(parents=True, exist_ok=True)
         pl_module.student.save_pretrained(out)
-        pl_module.tokenizer.save_pretrained(out)
+        processor = getattr(pl_module, "processor", None) or pl_module.tokenizer
+        processor.save_pretrained(out)  # a vision-language processor saves its tokenizer with it
         return out
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:

@@ -57,6 +57,7 @@ from PIL import Image
 
 from src.datamodules.math import ID_FIELDS, MAX_LISTED, MathBenchmark, _BadRow, reference_text
 from src.datamodules.prompts import DataRowError, PromptDataModule
+from src.modules.multimodal import model_inputs, repeat_vision_kwargs, split_vision_kwargs  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ PLACEHOLDER = "<image>"
 PROMPT_FIELDS = ("problem", "question", "query", "prompt")
 IMAGE_FIELDS = ("images", "decoded_image", "image")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-PER_PATCH, PER_IMAGE = ("pixel_values",), ("image_grid_thw",)
-BOOKKEEPING = ("images_per_row",)
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -373,62 +372,6 @@ class VisionPromptDataModule(PromptDataModule):
         if targets[0] is not None:
             batch["target_ids"] = list(targets)
         return batch
-
-
-# -------------------------------------------------------------------------------------- model_kwargs rows
-
-def model_inputs(model_kwargs: dict, seq_len: int | None = None) -> dict:
-    """What the model's ``forward``/``generate`` takes: bookkeeping dropped (``generate`` rejects unknown
-    kwargs), and ``mm_token_type_ids`` [B, P] right-padded with text (0) to ``seq_len`` columns once
-    responses have been appended to the prompts (scoring ``[B, P + T]``)."""
-    out = {k: v for k, v in model_kwargs.items() if k not in BOOKKEEPING}
-    types = out.get("mm_token_type_ids")
-    if seq_len is not None and types is not None and types.shape[1] < seq_len:
-        out["mm_token_type_ids"] = torch.nn.functional.pad(types, (0, seq_len - types.shape[1]))
-    return out
-
-
-def split_vision_kwargs(model_kwargs: dict, row_index) -> dict:
-    """``model_kwargs`` of the rows ``row_index`` (any order, repeats allowed), as if those rows alone had
-    been collated: image-level tensors are gathered through each row's images (``images_per_row``) and
-    patches (``prod(image_grid_thw[i])`` per image); other tensors with B rows are indexed by row."""
-    if "pixel_values_videos" in model_kwargs:
-        raise NotImplementedError("video inputs: rows would need per-row video counts")
-    per_row = model_kwargs["images_per_row"].cpu()
-    B, none = per_row.shape[0], torch.zeros(0, dtype=torch.long)
-    idx = torch.as_tensor(row_index, dtype=torch.long).flatten().cpu()
-    grid = model_kwargs.get("image_grid_thw")
-    patches = grid.prod(-1).cpu() if grid is not None else none
-    # row r owns images first_image[r] .. first_image[r + 1] - 1; image i likewise its patches
-    first_image = torch.cat([none.new_zeros(1), per_row.cumsum(0)])  # [B + 1]
-    first_patch = torch.cat([none.new_zeros(1), patches.cumsum(0)])  # [images + 1]
-    pixels = model_kwargs.get("pixel_values")
-    if first_image[-1] != len(patches) or (pixels is not None and len(pixels) != first_patch[-1]):
-        raise ValueError(f"inconsistent vision kwargs: images_per_row sums to {int(first_image[-1])}, "
-                         f"image_grid_thw has {len(patches)} images of {int(first_patch[-1])} patches, "
-                         f"pixel_values {None if pixels is None else len(pixels)} rows")
-    image_idx = torch.cat([torch.arange(first_image[r], first_image[r + 1]) for r in idx.tolist()] or [none])
-    patch_idx = torch.cat([torch.arange(first_patch[i], first_patch[i + 1])
-                           for i in image_idx.tolist()] or [none])
-    out = {}
-    for k, v in model_kwargs.items():
-        if k in PER_PATCH + PER_IMAGE and len(image_idx) == 0:
-            continue  # as the processor leaves them out of a batch without images
-        if k in PER_PATCH:
-            v = v.index_select(0, patch_idx.to(v.device))
-        elif k in PER_IMAGE:
-            v = v.index_select(0, image_idx.to(v.device))
-        elif isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B:
-            v = v.index_select(0, idx.to(v.device))
-        out[k] = v
-    return out
-
-
-def repeat_vision_kwargs(model_kwargs: dict, G: int) -> dict:
-    """``model_kwargs`` for each row repeated ``G`` times in place (rows ``[b*G:(b+1)*G]`` share prompt b),
-    the vision counterpart of ``repeat_interleave(G, dim=0)``."""
-    B = model_kwargs["images_per_row"].shape[0]
-    return split_vision_kwargs(model_kwargs, torch.arange(B).repeat_interleave(G))
 
 
 # ----------------------------------------------------------------------------------------- tiny processor

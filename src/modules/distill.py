@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric
 
 from src.modules.metrics import AvgAtK, MajAtK, PassAtK, default_ks
 from src.modules.models import preflight
+from src.modules.multimodal import preflight_processors, vision_token_ids
 from src.modules.sampling import AllTokens
 from src.modules.scoring import response_hidden, score_response
 
@@ -71,7 +72,7 @@ class DistillationModule(LightningModule):
         self.eval_samples, self.record_samples, self.records = eval_samples, record_samples, []
         self.chunk_size, self.grad_clip, self.seed = chunk_size, grad_clip, seed
         self.temperature = rollout.temperature
-        self.student = self.teacher = self.tokenizer = None
+        self.student = self.teacher = self.tokenizer = self.processor = self.banned_ids = None
         self.val_acc = MeanMetric()
         self.val_len = MeanMetric()
         self.val_trunc = MeanMetric()
@@ -85,7 +86,10 @@ class DistillationModule(LightningModule):
         if self.student is not None:
             return
         self.tokenizer = self.student_spec.load_tokenizer()
+        self.processor = self.student_spec.load_processor()  # the tokenizer itself for text-only models
         self.student = self.student_spec.load_model()
+        banned = vision_token_ids(self.processor)
+        self.banned_ids = torch.tensor(banned, dtype=torch.long) if banned else None
         self.student.train()  # from_pretrained returns eval mode
         if self.teacher_spec is not None and self.objective.needs_teacher:
             teacher = self.teacher_spec.load_model()
@@ -93,6 +97,8 @@ class DistillationModule(LightningModule):
             teacher.eval()
             preflight(self.student, self.tokenizer, teacher, self.teacher_spec.load_tokenizer(),
                       self.student_spec.key, self.teacher_spec.key)
+            preflight_processors(self.processor, self.teacher_spec.load_processor(), self.student_spec.key,
+                                 self.teacher_spec.key)
             self.teacher = teacher
 
     def train(self, mode: bool = True):
@@ -124,14 +130,15 @@ class DistillationModule(LightningModule):
     def teacher_logp(self, ro) -> torch.Tensor:
         with torch.no_grad():
             logp_BT, _ = score_response(self.teacher, ro.input_ids, ro.attention_mask, ro.response_start,
-                                        self.temperature, self.chunk_size, with_entropy=False, **ro.model_kwargs)
+                                        self.temperature, self.chunk_size, with_entropy=False,
+                                        banned_ids=self.banned_ids, **ro.model_kwargs)
         return logp_BT * ro.response_mask_BT
 
     def student_scores(self, ro, with_entropy: bool = False, temperature: float | None = None):
         """Student log-probs (and entropies) of the response; at the rollout temperature unless given."""
         return score_response(self.student, ro.input_ids, ro.attention_mask, ro.response_start,
                               temperature or self.temperature, self.chunk_size, with_entropy=with_entropy,
-                              **ro.model_kwargs)
+                              banned_ids=self.banned_ids, **ro.model_kwargs)
 
     def student_hidden(self, ro):
         h = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.response_start, **ro.model_kwargs)
@@ -161,7 +168,8 @@ class DistillationModule(LightningModule):
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.step_seed())
                 ro = self.rollout(policy, batch["input_ids"], batch["attention_mask"], self.eos_token_ids,
-                                  self.tokenizer.pad_token_id, greedy=greedy, **rollout_kwargs,
+                                  self.tokenizer.pad_token_id, greedy=greedy, banned_ids=self.banned_ids,
+                                  **rollout_kwargs,
                                   **batch.get("model_kwargs", {}))
         finally:
             policy.train(was_training)

@@ -93,6 +93,30 @@ class PretrainedLM:
             tok.pad_token = tok.eos_token
         return tok
 
+    def is_multimodal(self) -> bool:
+        """Whether the model takes images (its config has a ``vision_config``)."""
+        from transformers import AutoConfig
+
+        path = self._resolve(self.path, "model")
+        config = AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        return getattr(config, "vision_config", None) is not None
+
+    def load_processor(self):
+        """What prompts are encoded with: a vision-language model's processor (images and text, with the
+        faithful tokenizer of ``load_tokenizer`` inside), else the tokenizer itself."""
+        tok = self.load_tokenizer()
+        if not self.is_multimodal():
+            return tok
+        from transformers import AutoProcessor
+
+        path = self._resolve(self.tokenizer_path or self.path, "model")
+        try:
+            proc = AutoProcessor.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        except OSError as e:
+            raise OSError(f"{self.key}: could not load the processor of {path!r} ({e})") from e
+        proc.tokenizer = tok
+        return proc
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={self.path!r}, dtype={self.dtype})"
 
@@ -110,6 +134,10 @@ class BuiltOnFirstUse(PretrainedLM):
     def load_tokenizer(self):
         self.build()
         return super().load_tokenizer()
+
+    def load_processor(self):
+        self.build()
+        return super().load_processor()
 
 
 class TinyQwen2(BuiltOnFirstUse):
@@ -156,15 +184,85 @@ class TinyQwen2(BuiltOnFirstUse):
         model.generation_config.bos_token_id = None
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".build-"))
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another rank finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-        return str(path)
+        return _save_atomically(path, model, tok)
+
+
+def _save_atomically(path: Path, *objects) -> str:
+    """``save_pretrained`` every object into ``path`` via a temporary folder (DDP ranks may race)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".build-"))
+    for obj in objects:
+        obj.save_pretrained(tmp)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another rank finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
+class TinyQwen2VL(BuiltOnFirstUse):
+    """A tiny random-weight Qwen2.5-VL (vision tower + Qwen2 decoder) with the character tokenizer plus
+    Qwen's vision tokens and a Qwen2-VL image processor, cached on disk by config; loaded through the
+    ``PretrainedLM`` path a real ``Qwen/Qwen2.5-VL-*`` checkpoint takes.
+
+    Args:
+        hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: the text decoder.
+        vision_depth, vision_hidden_size: the vision tower (patch 14, spatial merge 2 as in Qwen2.5-VL).
+        min_pixels, max_pixels: the image processor's resize bounds (few patches keep the CPU fast).
+    """
+
+    def __init__(self, cache_dir: str, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                 num_kv_heads: int = 2, intermediate_size: int | None = None, vision_depth: int = 1,
+                 vision_hidden_size: int = 32, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112,
+                 seed: int = 0, max_position_embeddings: int = 2048, dtype: str = "float32", key: str = "model",
+                 **kwargs):
+        if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+            raise ValueError(f"{key}.hidden_size / num_heads must be an even head size, got {hidden_size}/{num_heads}")
+        self.arch = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                         num_key_value_heads=num_kv_heads,
+                         intermediate_size=intermediate_size or int(hidden_size * 2.6875),
+                         max_position_embeddings=max_position_embeddings)
+        self.vision = dict(depth=vision_depth, hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
+                           num_heads=2, out_hidden_size=hidden_size, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0])
+        self.pixels, self.seed = dict(min_pixels=min_pixels, max_pixels=max_pixels), seed
+        from src.datamodules.vision import VL_PROCESSOR_VERSION
+        from src.modules.tokenizer import TOKENIZER_VERSION
+
+        spec = {**self.arch, **{f"vision_{k}": v for k, v in self.vision.items()}, **self.pixels, "seed": seed,
+                "tok": TOKENIZER_VERSION, "proc": VL_PROCESSOR_VERSION}
+        digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+        path = Path(cache_dir).expanduser() / f"tiny-qwen2.5-vl-h{hidden_size}-l{num_layers}-{digest}"
+        super().__init__(str(path), dtype=dtype, key=key, **kwargs)
+
+    def build(self) -> str:
+        path = Path(self.path)
+        if (path / "config.json").exists():
+            return str(path)
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        from src.datamodules.vision import build_tiny_vl_processor
+
+        proc = build_tiny_vl_processor(**self.pixels)
+        tok = proc.tokenizer
+        head = self.arch["hidden_size"] // self.arch["num_attention_heads"]
+        # multimodal RoPE: the head's rotary frequencies split between time, height and width (sum = head / 2)
+        section = [head // 2 - 2 * (head // 6), head // 6, head // 6]
+        ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
+            ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+        text = dict(vocab_size=len(tok), tie_word_embeddings=True, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id, rope_scaling={"type": "mrope", "mrope_section": section},
+                    **self.arch)
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=self.vision, bos_token_id=None,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                               tie_word_embeddings=True, **ids)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = Qwen2_5_VLForConditionalGeneration(cfg)
+        gen = model.generation_config
+        gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = None, tok.eos_token_id, tok.pad_token_id
+        return _save_atomically(path, model, proc)
 
 
 PROBE = "Step 1: 12 + 34 = 46.\n  Answer:\t#### 46"

@@ -23,6 +23,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from src.modules.multimodal import has_images, model_inputs, repeat_vision_kwargs, split_vision_kwargs
+
 
 @dataclasses.dataclass
 class Rollout:
@@ -70,18 +72,34 @@ class Rollout:
 
     def select_rows(self, idx: torch.Tensor) -> "Rollout":
         out = {}
+        vision = split_vision_kwargs(self.model_kwargs, idx) if has_images(self.model_kwargs) else None
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.input_ids.shape[0]:
                 v = v[idx]
             elif isinstance(v, list) and len(v) == self.input_ids.shape[0]:
                 v = [v[i] for i in idx.tolist()]
+            elif f.name == "model_kwargs" and vision is not None:
+                v = vision
             elif f.name == "model_kwargs":
                 v = {k: (t[idx] if isinstance(t, torch.Tensor) and t.shape[:1] == (self.input_ids.shape[0],) else t)
                      for k, t in v.items()}
             out[f.name] = v
         out["metrics"] = {}
         return Rollout(**out)
+
+
+class _Ban(LogitsProcessor):
+    """Tokens the policy must never emit (a vision-language model's image placeholders: one sampled into a
+    response would no longer match the image features when the sequence is scored)."""
+
+    def __init__(self, banned_ids: torch.Tensor):
+        self.banned_ids = banned_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        from src.modules.scoring import BANNED_LOGIT
+
+        return scores.index_fill(-1, self.banned_ids.to(scores.device), BANNED_LOGIT)
 
 
 class _RecordSampledLogProbs(LogitsProcessor):
@@ -149,15 +167,20 @@ class HFGenerateRollout:
     @torch.no_grad()
     def __call__(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
                  num_samples: int | None = None, greedy: bool = False, max_new_tokens: int | None = None,
-                 **model_kwargs) -> Rollout:
-        """``max_new_tokens`` overrides the budget (default: ``val_max_new_tokens`` greedy, else ``max_new_tokens``)."""
+                 banned_ids: torch.Tensor | None = None, **model_kwargs) -> Rollout:
+        """``max_new_tokens`` overrides the budget (default: ``val_max_new_tokens`` greedy, else ``max_new_tokens``).
+        ``banned_ids`` are never sampled (image placeholders); the recorded log-probs renormalise without them,
+        as the scorer does."""
         G = 1 if greedy else (num_samples or self.num_samples)
         budget = max_new_tokens or (self.val_max_new_tokens if greedy else self.max_new_tokens)
         if G > 1:
             prompt_ids_BP = prompt_ids_BP.repeat_interleave(G, dim=0)
             prompt_mask_BP = prompt_mask_BP.repeat_interleave(G, dim=0)
-            model_kwargs = {k: v.repeat_interleave(G, dim=0) if isinstance(v, torch.Tensor) else v
-                            for k, v in model_kwargs.items()}
+            if has_images(model_kwargs):  # pixel rows belong to images, not to sequences
+                model_kwargs = repeat_vision_kwargs(model_kwargs, G)
+            else:
+                model_kwargs = {k: v.repeat_interleave(G, dim=0) if isinstance(v, torch.Tensor) else v
+                                for k, v in model_kwargs.items()}
         eos_token_ids = list(eos_token_ids)
         # A fresh config, and the model's own swapped out while generating: `generate` fills every unset
         # field from `model.generation_config`, and checkpoints ship sampling defaults (Qwen: top_k=20,
@@ -171,6 +194,8 @@ class HFGenerateRollout:
             return_dict_in_generate=False, use_cache=True,
         )
         processors = LogitsProcessorList()
+        if banned_ids is not None and len(banned_ids):
+            processors.append(_Ban(banned_ids))
         recorder = None
         if not greedy:
             recorder = _RecordSampledLogProbs(self.temperature)
@@ -186,7 +211,7 @@ class HFGenerateRollout:
         try:
             seq = model.generate(
                 input_ids=prompt_ids_BP, attention_mask=prompt_mask_BP, generation_config=gen_cfg,
-                logits_processor=processors, **model_kwargs,
+                logits_processor=processors, **model_inputs(model_kwargs),
             )
         finally:
             model.generation_config = own_cfg

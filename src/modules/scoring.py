@@ -21,9 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from src.modules.multimodal import is_multimodal, model_inputs
 
-def _chunk_stats(h_NH, weight_VH, bias_V, target_N, inv_temp: float, with_entropy: bool):
+
+BANNED_LOGIT = -1e30  # finite, so a banned token's p * z is 0 rather than nan in the entropy
+
+
+def _chunk_stats(h_NH, weight_VH, bias_V, target_N, inv_temp: float, with_entropy: bool, banned_K=None):
     z_NV = F.linear(h_NH, weight_VH, bias_V).float() * inv_temp
+    if banned_K is not None:  # tokens the policy may never sample: renormalise over the rest
+        z_NV = z_NV.index_fill(-1, banned_K, BANNED_LOGIT)
     lse_N = torch.logsumexp(z_NV, dim=-1)
     logp_N = z_NV.gather(-1, target_N[:, None]).squeeze(-1) - lse_N
     if not with_entropy:
@@ -41,12 +48,14 @@ def token_logp_entropy(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = True,
+    banned_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of ``target_BT`` and entropy at each position, from hidden states aligned with targets.
 
     ``hidden_BTH[:, t]`` must be the state that predicts ``target_BT[:, t]``. ``chunk_size`` counts
-    tokens (B * positions) per head application. Returns (logp_BT float32, entropy_BT float32 or None);
-    the entropy carries no gradient.
+    tokens (B * positions) per head application. ``banned_ids`` are left out of the distribution (the
+    rollout never samples them: a vision-language model's image placeholder tokens). Returns
+    (logp_BT float32, entropy_BT float32 or None); the entropy carries no gradient.
     """
     B, T, H = hidden_BTH.shape
     h_NH = hidden_BTH.reshape(B * T, H)
@@ -56,7 +65,8 @@ def token_logp_entropy(
     grad = torch.is_grad_enabled() and (h_NH.requires_grad or head.weight.requires_grad)
     logps, ents = [], []
     for s in range(0, B * T, chunk_size):
-        args = (h_NH[s : s + chunk_size], head.weight, head.bias, target_N[s : s + chunk_size], inv_temp, with_entropy)
+        args = (h_NH[s : s + chunk_size], head.weight, head.bias, target_N[s : s + chunk_size], inv_temp, with_entropy,
+                banned_ids)
         if grad:
             lp, ent = checkpoint(_chunk_stats, *args, use_reentrant=False)
         else:
@@ -84,11 +94,19 @@ def position_ids_from_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:
 def response_hidden(model, input_ids_BT, attention_mask_BT, response_start: int, **model_kwargs):
     """Final hidden states that predict the response tokens ``input_ids_BT[:, response_start:]``.
 
-    Runs the backbone only (no head), so no logits are formed here.
+    Runs the backbone only (no head), so no logits are formed here. Vision-language models get their
+    images through ``model_kwargs`` (``pixel_values``, ``image_grid_thw``): the teacher scores the student's
+    tokens conditioned on the very pixels the student saw.
     """
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    if "position_ids" not in model_kwargs and not getattr(model.config, "vision_config", None):
-        model_kwargs["position_ids"] = position_ids_from_mask(attention_mask_BT)
+    if is_multimodal(model):
+        # the text decoder alone would drop pixel_values silently; the multimodal backbone (no head) merges
+        # the image features and computes its own 3-D rotary positions
+        backbone = model.model
+        model_kwargs = model_inputs(model_kwargs, seq_len=input_ids_BT.shape[1])
+    else:
+        backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        model_kwargs = dict(model_kwargs)
+        model_kwargs.setdefault("position_ids", position_ids_from_mask(attention_mask_BT))
     out = backbone(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False, **model_kwargs)
     return out.last_hidden_state[:, response_start - 1 : -1]
 
@@ -101,6 +119,7 @@ def score_response(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = True,
+    banned_ids: torch.Tensor | None = None,
     **model_kwargs,
 ):
     """Log-probs (and entropies) of the response tokens under ``model`` at ``temperature``.
@@ -110,5 +129,5 @@ def score_response(
     hidden_BTH = response_hidden(model, input_ids_BT, attention_mask_BT, response_start, **model_kwargs)
     return token_logp_entropy(
         hidden_BTH, model.get_output_embeddings(), input_ids_BT[:, response_start:],
-        temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy,
+        temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy, banned_ids=banned_ids,
     )

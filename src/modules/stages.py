@@ -11,6 +11,7 @@ tokenizer) must bump ``STAGE_VERSION``.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from src.modules.models import BuiltOnFirstUse
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # Where a stage writes and how it shows progress: not part of what it computes.
 VOLATILE = ("paths", "logger", "hydra", "task_name", "ckpt_path")
+EVAL_ONLY = ("eval_samples", "record_samples")
 STAGE_VERSION = 2  # bump when stage outputs change in ways the config does not show
 
 
@@ -47,6 +49,8 @@ def stage_digest(cfg) -> str:
     for key in VOLATILE:
         container.pop(key, None)
     container.get("callbacks", {}).pop("progress_bar", None)
+    for key in EVAL_ONLY:  # how a run is evaluated does not change the weights it trains
+        container.get("module", {}).pop(key, None)
     for key in ("enable_progress_bar", "enable_model_summary"):
         container.get("trainer", {}).pop(key, None)
     from src.modules.tokenizer import TOKENIZER_VERSION
@@ -85,6 +89,16 @@ class StageModel(BuiltOnFirstUse):
         path = Path(self.path)
         if (path / "config.json").exists():
             return str(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One builder per stage: concurrent runs (a sweep, DDP ranks) wait for it instead of each training
+        # the same model on the same cores.
+        with open(path.parent / f".{path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (path / "config.json").exists():
+                return str(path)
+            return self._build(cfg, path)
+
+    def _build(self, cfg, path: Path) -> str:
         from src.train import train
 
         work = path.parent / f".build-{path.name}-{os.getpid()}"

@@ -1,0 +1,108 @@
+"""Vision-language distillation on tiny random Qwen2.5-VL models: the rollout carries the images, the
+teacher scores the student's tokens on the same pixels, image tokens never enter the loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from src.modules.multimodal import model_inputs, vision_token_ids
+from src.train import train
+
+VL = ["experiment=visual_reasoning", "miniature=visual", "data.batch_size=4", "data.train.n=32", "data.val.n=4",
+      "data.test.n=4", "rollout.max_new_tokens=8", "rollout.num_samples=2", "trainer.max_steps=2",
+      "trainer.val_check_interval=2", "callbacks.phase_schedule.switch_step=1"]
+
+
+@pytest.fixture
+def vl_run(make_cfg, single_thread):
+    cfg = make_cfg(*VL, "test=false", fast=False)
+    metrics, obj = train(cfg)
+    return cfg, metrics, obj
+
+
+def test_visual_reasoning_miniature_trains_end_to_end(vl_run, make_cfg):
+    cfg, metrics, obj = vl_run
+    module = obj["module"]
+    assert type(module.student).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert "val/visual_mini/acc" in metrics and metrics["train/loss"] == metrics["train/loss"]
+    # the student moved, the teacher did not and is still frozen in eval mode
+    fresh = obj["cfg"].model.student
+    from hydra.utils import instantiate
+
+    initial = instantiate(fresh).load_model().state_dict()
+    changed = [k for k, v in module.student.state_dict().items() if not torch.equal(v, initial[k])]
+    assert changed, "the student's weights did not change"
+    teacher0 = instantiate(obj["cfg"].model.teacher).load_model().state_dict()
+    for k, v in module.teacher.state_dict().items():
+        assert torch.equal(v, teacher0[k]), k
+    assert not module.teacher.training and not any(p.requires_grad for p in module.teacher.parameters())
+
+
+def _rollout(module, datamodule):
+    batch = next(iter(datamodule.train_dataloader()))
+    return batch, module.generate(batch)
+
+
+def test_teacher_scores_the_students_tokens_on_the_same_images(vl_run):
+    _, _, obj = vl_run
+    module, dm = obj["module"], obj["datamodule"]
+    batch, ro = _rollout(module, dm)
+    G = ro.group_size
+    assert G == 2 and ro.input_ids.shape[0] == 2 * batch["input_ids"].shape[0]
+    # the rollout's pixels are the batch's, each prompt's images repeated for its G samples
+    n_img = batch["model_kwargs"]["images_per_row"]
+    assert torch.equal(ro.model_kwargs["images_per_row"], n_img.repeat_interleave(G))
+    assert ro.model_kwargs["pixel_values"].shape[0] == G * batch["model_kwargs"]["pixel_values"].shape[0]
+
+    logp_BT = module.teacher_logp(ro)
+    # reference: the teacher's full forward on prompt + response with the same pixels, banned ids removed
+    with torch.no_grad():
+        logits = module.teacher(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                                **model_inputs(ro.model_kwargs, seq_len=ro.input_ids.shape[1])).logits
+    logits = logits[:, ro.response_start - 1:-1].float() / module.temperature
+    logits[..., module.banned_ids] = -1e30
+    want = torch.log_softmax(logits, -1).gather(-1, ro.response_ids_BT[..., None]).squeeze(-1)
+    torch.testing.assert_close(logp_BT, want * ro.response_mask_BT, atol=1e-4, rtol=1e-4)
+    # and the images matter: other pixels, other log-probs
+    ro.model_kwargs = {**ro.model_kwargs, "pixel_values": torch.randn_like(ro.model_kwargs["pixel_values"])}
+    assert not torch.allclose(module.teacher_logp(ro), logp_BT, atol=1e-4)
+
+
+def test_image_tokens_and_prompt_never_enter_the_loss(vl_run):
+    _, _, obj = vl_run
+    module, dm = obj["module"], obj["datamodule"]
+    _, ro = _rollout(module, dm)
+    vision_ids = torch.tensor(vision_token_ids(module.processor))
+    prompt = ro.input_ids[:, :ro.response_start]
+    assert torch.isin(prompt, vision_ids).any(), "the prompts carry image tokens"
+    # the policy never samples a vision token, and the loss only ever sees response columns
+    assert not torch.isin(ro.response_ids_BT[ro.response_mask_BT], vision_ids).any()
+    module.objective.prepare(ro, module, module.selection)
+    assert ro.loss_mask_BT.shape == ro.response_mask_BT.shape == (ro.input_ids.shape[0],
+                                                                  ro.input_ids.shape[1] - ro.response_start)
+    assert not (ro.loss_mask_BT & ~ro.response_mask_BT).any()
+    # a minibatch split keeps each row with its own images
+    idx = torch.tensor([1, 0])
+    sub = ro.select_rows(idx)
+    torch.testing.assert_close(module.teacher_logp(sub), module.teacher_logp(ro)[idx])
+
+
+def test_preflight_rejects_a_teacher_with_other_image_settings():
+    from src.datamodules.vision import build_tiny_vl_processor
+    from src.modules.multimodal import preflight_processors
+
+    a, b = build_tiny_vl_processor(), build_tiny_vl_processor(max_pixels=224 * 224)
+    preflight_processors(a, build_tiny_vl_processor())
+    with pytest.raises(ValueError, match="max_pixels.*model.student has 12544.*model.teacher has 50176"):
+        preflight_processors(a, b)
+    with pytest.raises(ValueError, match="only model.student takes images"):
+        preflight_processors(a, a.tokenizer)
+
+
+def test_paper_setting_composes(make_cfg):
+    cfg = make_cfg("experiment=visual_reasoning", "data.train.path=/data/train.jsonl",
+                   "data.test.path=/data/test.jsonl", fast=False)
+    assert cfg.model.student.path == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert cfg.model.teacher.path == "Qwen/Qwen2.5-VL-32B-Instruct"
+    assert cfg.trainer.strategy._target_.endswith("DeepSpeedStrategy")
