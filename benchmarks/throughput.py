@@ -1,0 +1,129 @@
+"""Samples per second of one REOPOLD training step, on the peer benchmark's fixtures and settings.
+
+    python ../shared/peers/tiny_setup.py FIXTURES          # once: tokenizer, teacher, student, prompts
+    python benchmarks/throughput.py FIXTURES [--steps 20] [--warmup 2] [--algorithm reopold]
+
+Each step is the framework's real one, through ``lightning.Trainer.fit`` and the Hydra-composed components
+(``algorithm=reopold``: log-ratio reward, mixture clip, exploration then entropy selection): 64 prompts ->
+the student samples 32 new tokens (temperature 1, KV cache) -> the teacher scores them (no grad) -> the
+student scores them with grad -> one AdamW step (lr 1e-3, constant). Same fixtures, batch, sampling, optimiser
+and timing as ``../shared/peers/plain_opd_bench.py`` and ``trl_opd_bench.py``: the clock starts at the end of
+the last untimed warm-up step and stops at the end of the last timed one. Ends with the peers' line:
+
+    steps=<n> samples=<n> seconds=<s> samples_per_s=<x> gen_tokens_per_s=<y>
+
+and ``peak_rss_mb=<m>``. Keep the machine otherwise idle (see the peers' README): two busy threads on two
+cores slow tiny models by several times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from lightning import Callback  # noqa: E402
+
+
+class StepClock(Callback):
+    """Wall clock from the end of warm-up step ``warmup`` to the end of the last step; generated tokens."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.t0, self.t1, self.gen_tokens = warmup, None, None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = batch_idx + 1
+        if step == self.warmup:
+            self.t0 = time.perf_counter()
+        elif step > self.warmup:
+            m = trainer.callback_metrics
+            self.gen_tokens += int(round(float(m["train/response_len"]) * float(m["train/samples"])))
+            self.t1 = time.perf_counter()
+
+
+def fixture_rows(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{"prompt": r["prompt"], "answer": r.get("answer", "")} for r in rows]
+
+
+def build(args):
+    from hydra import compose, initialize_config_dir
+
+    fx = Path(args.fixtures).resolve()
+    overrides = [
+        "experiment=reopold_tiny", f"algorithm={args.algorithm}", "model=pretrained",
+        f"model.student.path={fx / 'student'}", f"+model.student.tokenizer={fx / 'tokenizer'}",
+        f"model.teacher.path={fx / 'teacher'}", f"+model.teacher.tokenizer={fx / 'tokenizer'}",
+        "model.student.dtype=float32", "model.teacher.dtype=float32",
+        f"rollout.max_new_tokens={args.max_new_tokens}", "rollout.temperature=1.0", "rollout.top_p=1.0",
+        "rollout.top_k=0", "rollout.num_samples=1", "module.optimizer.lr=1e-3", "module.optimizer.weight_decay=0.01",
+        "module.scheduler=null", f"seed={args.seed}", *args.overrides,
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    import hydra
+    from lightning import Trainer
+
+    from src.datamodules.prompts import PromptDataModule
+
+    module = hydra.utils.instantiate(cfg.module)
+    rows = fixture_rows(fx / "prompts.jsonl")
+    dm = PromptDataModule(train=lambda: rows, batch_size=args.batch, seed=args.seed)
+    dm.set_tokenizer(module.student_spec.load_processor())
+    clock = StepClock(args.warmup)
+    callbacks = [clock]
+    if cfg.callbacks.get("phase_schedule"):
+        callbacks.append(hydra.utils.instantiate(cfg.callbacks.phase_schedule))
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=args.warmup + args.steps, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
+                      inference_mode=False)
+    return cfg, module, dm, trainer, clock
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("fixtures", help="folder written by ../shared/peers/tiny_setup.py")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--algorithm", default="reopold")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (e.g. module.chunk_size=4096)")
+    args = ap.parse_args(argv)
+    if args.warmup < 1:
+        ap.error("--warmup must be >= 1 so the clock has a start point")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    torch.manual_seed(args.seed)
+    cfg, module, dm, trainer, clock = build(args)
+    print(f"framework=reopold algorithm={args.algorithm} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"device=cpu batch={args.batch} samples_per_prompt=1 max_new_tokens={args.max_new_tokens} temperature=1.0 "
+          f"top_k=0 top_p=1.0 lr=0.001 lr_scheduler=constant untimed_warmup_steps={args.warmup} "
+          f"timed_steps={args.steps} loadavg1={os.getloadavg()[0]:.2f}", flush=True)
+    trainer.fit(module, datamodule=dm)
+    seconds = clock.t1 - clock.t0
+    n = args.steps
+    out = {"steps": n, "samples": n * args.batch, "seconds": seconds, "samples_per_s": n * args.batch / seconds,
+           "gen_tokens_per_s": clock.gen_tokens / seconds,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    print(f"steps={n} samples={n * args.batch} seconds={seconds:.3f} samples_per_s={out['samples_per_s']:.2f} "
+          f"gen_tokens_per_s={out['gen_tokens_per_s']:.1f} peak_rss_mb={out['peak_rss_mb']:.0f}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
