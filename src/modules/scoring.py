@@ -7,8 +7,9 @@ For a causal LM with final hidden states ``h`` [B, T, H] and output head ``W`` [
     H_t    = logsumexp(z) - sum softmax(z) * z        # full-vocabulary entropy
 
 A full fp32 ``[B, T, V]`` tensor is never held: at 152k-token vocabularies it is ~20 GB for 8 x 4k
-tokens. The head is applied ``chunk_size`` positions at a time; under autograd each chunk runs inside
-``torch.utils.checkpoint`` so its logits are recomputed in the backward instead of kept.
+tokens. The head is applied ``chunk_size`` positions at a time by ``_ChunkLogpEntropy``, whose backward
+recomputes the chunk's logits once and turns them in place into the gradient, so no chunk's logits are
+kept between forward and backward (``benchmarks/memory.py`` measures it).
 Only the response positions are projected (the prompt's logits are never needed).
 
 The teacher and the student are scored at the same sampling temperature (peers that forget this
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from src.modules.multimodal import is_multimodal, model_inputs
 
@@ -27,18 +27,48 @@ from src.modules.multimodal import is_multimodal, model_inputs
 BANNED_LOGIT = -1e30  # finite, so a banned token's p * z is 0 rather than nan in the entropy
 
 
-def _chunk_stats(h_NH, weight_VH, bias_V, target_N, inv_temp: float, with_entropy: bool, banned_K=None):
-    z_NV = F.linear(h_NH, weight_VH, bias_V).float() * inv_temp
+def _logits(h_NH, weight_VH, bias_V, inv_temp: float, banned_K):
+    z_NV = F.linear(h_NH, weight_VH, bias_V).float().mul_(inv_temp)  # no autograd inside the Function
     if banned_K is not None:  # tokens the policy may never sample: renormalise over the rest
-        z_NV = z_NV.index_fill(-1, banned_K, BANNED_LOGIT)
-    lse_N = torch.logsumexp(z_NV, dim=-1)
-    logp_N = z_NV.gather(-1, target_N[:, None]).squeeze(-1) - lse_N
-    if not with_entropy:
-        return logp_N, None
-    with torch.no_grad():
-        p_NV = torch.softmax(z_NV, dim=-1)
-        entropy_N = lse_N - (p_NV * z_NV).sum(-1)
-    return logp_N, entropy_N
+        z_NV.index_fill_(-1, banned_K, BANNED_LOGIT)
+    return z_NV
+
+
+class _ChunkLogpEntropy(torch.autograd.Function):
+    """Log-prob of the target and entropy for one chunk of positions, with a hand-written backward.
+
+    Saves only the inputs and ``logsumexp`` (an ``[N]`` vector), never the ``[N, V]`` logits. The backward
+    rebuilds the logits once and turns them, in place, into ``d logp / d z = (onehot - softmax) / T``:
+    at a 152k vocabulary that holds one ``[N, V]`` buffer where ``torch.utils.checkpoint`` of the same
+    computation held about five (the rerun forward, the softmax, and autograd's own gradient temporaries).
+    """
+
+    @staticmethod
+    def forward(ctx, h_NH, weight_VH, bias_V, target_N, inv_temp: float, with_entropy: bool, banned_K):
+        z_NV = _logits(h_NH, weight_VH, bias_V, inv_temp, banned_K)
+        lse_N = torch.logsumexp(z_NV, dim=-1)
+        logp_N = z_NV.gather(-1, target_N[:, None]).squeeze(-1) - lse_N
+        entropy_N = None
+        if with_entropy:  # H = lse - sum p z, the product taken in place: no third [N, V] buffer
+            entropy_N = lse_N - torch.softmax(z_NV, dim=-1).mul_(z_NV).sum(-1)
+            ctx.mark_non_differentiable(entropy_N)
+        ctx.save_for_backward(h_NH, weight_VH, bias_V, target_N, lse_N, banned_K)
+        ctx.inv_temp = inv_temp
+        return logp_N, entropy_N
+
+    @staticmethod
+    def backward(ctx, g_N, _g_entropy):
+        h_NH, weight_VH, bias_V, target_N, lse_N, banned_K = ctx.saved_tensors
+        g_N = g_N.float() * ctx.inv_temp
+        gz_NV = _logits(h_NH.detach(), weight_VH.detach(), None if bias_V is None else bias_V.detach(),
+                        ctx.inv_temp, banned_K)
+        gz_NV.sub_(lse_N[:, None]).exp_()  # softmax, in place
+        gz_NV.mul_(-g_N[:, None]).scatter_add_(1, target_N[:, None], g_N[:, None])
+        gz_NV = gz_NV.to(h_NH.dtype)
+        gh = gz_NV @ weight_VH if ctx.needs_input_grad[0] else None
+        gw = gz_NV.T @ h_NH if ctx.needs_input_grad[1] else None
+        gb = gz_NV.sum(0) if bias_V is not None and ctx.needs_input_grad[2] else None
+        return gh, gw, gb, None, None, None, None
 
 
 def token_logp_entropy(
@@ -62,15 +92,12 @@ def token_logp_entropy(
     target_N = target_BT.reshape(B * T)
     inv_temp = 1.0 / float(temperature)
     chunk_size = max(1, int(chunk_size))
-    grad = torch.is_grad_enabled() and (h_NH.requires_grad or head.weight.requires_grad)
+    if banned_ids is not None:
+        banned_ids = banned_ids.to(h_NH.device)
     logps, ents = [], []
     for s in range(0, B * T, chunk_size):
-        args = (h_NH[s : s + chunk_size], head.weight, head.bias, target_N[s : s + chunk_size], inv_temp, with_entropy,
-                banned_ids)
-        if grad:
-            lp, ent = checkpoint(_chunk_stats, *args, use_reentrant=False)
-        else:
-            lp, ent = _chunk_stats(*args)
+        lp, ent = _ChunkLogpEntropy.apply(h_NH[s : s + chunk_size], head.weight, head.bias,
+                                          target_N[s : s + chunk_size], inv_temp, with_entropy, banned_ids)
         logps.append(lp)
         ents.append(ent)
     logp_BT = torch.cat(logps).view(B, T)
