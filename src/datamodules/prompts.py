@@ -74,13 +74,16 @@ class PromptDataModule(LightningDataModule):
         system_prompt: optional system message.
         max_prompt_tokens: longer prompts are an error naming the row.
         task: name used in metric keys.
+        tools: function schemas (or a ``ToolEnvironment``, whose ``schemas()`` are taken) announced to the
+            model through the chat template's ``tools=`` argument.
     """
 
     def __init__(self, train: Callable[[], list[dict]], val=None, test=None, batch_size: int = 64,
                  eval_batch_size: int | None = None, instruction: str | None = None,
                  system_prompt: str | None = None, max_prompt_tokens: int | None = None,
-                 num_workers: int = 0, seed: int = 0, task: str = "math"):
+                 num_workers: int = 0, seed: int = 0, task: str = "math", tools=None):
         super().__init__()
+        self.tools = tools.schemas() if hasattr(tools, "schemas") else (list(tools) if tools else None)
         self.sources = {"train": train, "val": val, "test": test}
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.instruction, self.system_prompt = instruction, system_prompt
@@ -109,8 +112,9 @@ class PromptDataModule(LightningDataModule):
             if source is None or split in self.splits:
                 continue
             rows = source()
-            ids = [self.tokenizer.apply_chat_template(self.messages(r), add_generation_prompt=True, tokenize=True)
-                   for r in rows]
+            extra = {"tools": self.tools} if self.tools else {}
+            ids = [self.tokenizer.apply_chat_template(self.messages(r), add_generation_prompt=True, tokenize=True,
+                                                      **extra) for r in rows]
             ids = [x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x for x in ids]
             if self.max_prompt_tokens:
                 for i, x in enumerate(ids):

@@ -87,6 +87,8 @@ class DistillationModule(LightningModule):
             return
         self.tokenizer = self.student_spec.load_tokenizer()
         self.processor = self.student_spec.load_processor()  # the tokenizer itself for text-only models
+        if hasattr(self.rollout, "set_tokenizer"):  # a multi-turn rollout decodes turns and encodes replies
+            self.rollout.set_tokenizer(self.tokenizer)
         self.student = self.student_spec.load_model()
         banned = vision_token_ids(self.processor)
         self.banned_ids = torch.tensor(banned, dtype=torch.long) if banned else None
