@@ -79,6 +79,34 @@ def detect_format(row: dict) -> str | None:
     return None
 
 
+def checked_rows(name: str, records, by_line: bool, make_row, on_error: str = "raise",
+                 limit: int | None = None) -> list[dict]:
+    """``make_row(pos, record)`` over every record, each bad one (``_BadRow``) named ``file:line`` (or
+    ``file:row i``): all in one ``DataRowError`` (``raise``), or one warning each (``skip``)."""
+    rows, errors = [], []
+    for pos, record in records:
+        if limit and len(rows) >= limit:
+            break
+        try:
+            if isinstance(record, _BadRow):
+                raise record
+            rows.append(make_row(pos, record))
+        except _BadRow as e:
+            errors.append(f"{name}:{pos if by_line else f'row {pos}'}: {e}")
+    if errors and on_error == "raise":
+        listed = "\n  ".join(errors[:MAX_LISTED])
+        more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+        raise DataRowError(f"{name}: {len(errors)} bad rows (fix them, or set on_error=skip to drop "
+                           f"them):\n  {listed}{more}")
+    for error in errors:
+        log.warning("skipping %s", error)
+    if errors:
+        log.warning("%s: skipped %d rows (on_error=skip)", name, len(errors))
+    if not rows:
+        raise DataRowError(f"{name}: no usable rows")
+    return rows
+
+
 class _BadRow(Exception):
     pass
 

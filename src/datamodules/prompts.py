@@ -112,9 +112,12 @@ class PromptDataModule(LightningDataModule):
             if source is None or split in self.splits:
                 continue
             rows = source()
-            extra = {"tools": self.tools} if self.tools else {}
-            ids = [self.tokenizer.apply_chat_template(self.messages(r), add_generation_prompt=True, tokenize=True,
-                                                      **extra) for r in rows]
+            ids = []
+            for r in rows:  # a row's own tools (tool-use data) win over the datamodule's
+                tools = r.get("tools") or self.tools
+                extra = {"tools": tools} if tools else {}
+                ids.append(self.tokenizer.apply_chat_template(self.messages(r), add_generation_prompt=True,
+                                                              tokenize=True, **extra))
             ids = [x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x for x in ids]
             if self.max_prompt_tokens:
                 for i, x in enumerate(ids):

@@ -47,7 +47,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import logging
 import string
 from pathlib import Path
 from typing import Any
@@ -55,11 +54,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from src.datamodules.math import ID_FIELDS, MAX_LISTED, MathBenchmark, _BadRow, reference_text
+from src.datamodules.math import ID_FIELDS, MathBenchmark, _BadRow, checked_rows, reference_text
 from src.datamodules.prompts import DataRowError, PromptDataModule
 from src.modules.multimodal import model_inputs, repeat_vision_kwargs, split_vision_kwargs  # noqa: F401
-
-log = logging.getLogger(__name__)
 
 PLACEHOLDER = "<image>"
 PROMPT_FIELDS = ("problem", "question", "query", "prompt")
@@ -137,28 +134,7 @@ class VisionPrompts:
 
     def __call__(self) -> list[dict]:
         records, by_line = self.reader._read()
-        rows, errors = [], []
-        for pos, record in records:
-            if self.limit and len(rows) >= self.limit:
-                break
-            try:
-                if isinstance(record, _BadRow):
-                    raise record
-                rows.append(self._row(pos, record))
-            except _BadRow as e:
-                errors.append(f"{self.name}:{pos if by_line else f'row {pos}'}: {e}")
-        if errors and self.on_error == "raise":
-            listed = "\n  ".join(errors[:MAX_LISTED])
-            more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
-            raise DataRowError(f"{self.name}: {len(errors)} bad rows (fix them, or set on_error=skip to drop "
-                               f"them):\n  {listed}{more}")
-        for error in errors:
-            log.warning("skipping %s", error)
-        if errors:
-            log.warning("%s: skipped %d rows (on_error=skip)", self.name, len(errors))
-        if not rows:
-            raise DataRowError(f"{self.name}: no usable rows")
-        return rows
+        return checked_rows(self.name, records, by_line, self._row, self.on_error, self.limit)
 
     def _row(self, pos: int, record: dict) -> dict:
         image_field = self.image_field or next((f for f in IMAGE_FIELDS if record.get(f) is not None), None)

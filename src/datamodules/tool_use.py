@@ -1,0 +1,145 @@
+"""Tool-use prompts: a question, the tools it may call (JSON Schema function definitions) and a verifiable
+answer, as rows for ``PromptDataModule`` (which renders each row's ``tools`` through the chat template).
+
+``ToolPrompts`` reads JSONL, JSON, Parquet or a ``datasets`` split (the readers of ``math.py``) with rows
+
+    {"question" | "prompt" | "messages": ..., "tools": [function definitions], "answer": ...}
+
+A function definition is OpenAI / Qwen style ``{"type": "function", "function": {"name", "description",
+"parameters"}}`` or its bare ``{"name", "description", "parameters"}``; a JSON string of either is read too.
+Every row is checked before any is returned: a bad one (missing field, a tool without a name or with
+non-object parameters) is named by file and line, all in one error, or each warned about with
+``on_error="skip"``.
+
+``ToolArithmeticTask`` is the synthetic task of the tool-use miniature: arithmetic on numbers too large
+to do in the head (a short word problem), with the calculator's schema; deterministic by seed, splits
+disjoint by a hash of the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from typing import Any
+
+from src.datamodules.math import ID_FIELDS, MathBenchmark, _BadRow, checked_rows, reference_text
+
+PROMPT_FIELDS = ("messages", "question", "prompt", "query", "problem")
+
+
+def function_schema(tool: Any) -> dict:
+    """A tool definition in the ``{"type": "function", "function": {...}}`` form (raises _BadRow)."""
+    if isinstance(tool, str):
+        try:
+            tool = json.loads(tool)
+        except json.JSONDecodeError as e:
+            raise _BadRow(f"tool definition is not JSON ({e.msg})") from e
+    if not isinstance(tool, dict):
+        raise _BadRow(f"tool definition is a {type(tool).__name__}, not an object")
+    fn = tool.get("function", tool) if tool.get("type", "function") == "function" else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise _BadRow(f"tool definition without a name: {json.dumps(tool)[:80]}")
+    params = fn.get("parameters", {"type": "object", "properties": {}})
+    if not isinstance(params, dict) or params.get("type", "object") != "object":
+        raise _BadRow(f"tool {fn['name']!r}: parameters must be a JSON Schema object")
+    return {"type": "function", "function": {"name": fn["name"], "description": fn.get("description", ""),
+                                             "parameters": params}}
+
+
+class ToolPrompts:
+    """One split of a tool-use data set; calling it returns ``{"id", "prompt", "answer", "tools"}`` rows.
+
+    Args:
+        path: ``.jsonl``, ``.json`` or ``.parquet`` file (or give ``dataset``).
+        prompt_field, answer_field, tools_field: the row's fields (the prompt is found among
+            ``messages``, ``question``, ``prompt``, ``query``, ``problem`` when not given).
+        on_error: ``raise`` (one ``DataRowError`` naming every bad row) or ``skip`` (warn about each).
+        limit: keep the first ``limit`` good rows.
+        dataset, subset, split: ``datasets.load_dataset(dataset, subset, split=split)``.
+    """
+
+    def __init__(self, path: str | None = None, prompt_field: str | None = None, answer_field: str = "answer",
+                 tools_field: str = "tools", on_error: str = "raise", limit: int | None = None,
+                 dataset: str | None = None, subset: str | None = None, split: str = "test"):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        self.reader = MathBenchmark(path=path, dataset=dataset, subset=subset, split=split)
+        self.name = self.reader.name
+        self.prompt_field, self.answer_field, self.tools_field = prompt_field, answer_field, tools_field
+        self.on_error, self.limit = on_error, limit
+
+    def __call__(self) -> list[dict]:
+        records, by_line = self.reader._read()
+        rows = checked_rows(self.name, records, by_line, self._row, self.on_error)
+        return rows[: self.limit] if self.limit is not None else rows
+
+    def _row(self, pos: int, record: dict) -> dict:
+        fields = (self.prompt_field,) if self.prompt_field else PROMPT_FIELDS
+        field = next((f for f in fields if record.get(f)), None)
+        if field is None:
+            raise _BadRow(f"missing or empty prompt: none of {list(fields)} (has {sorted(record)})")
+        if record.get(self.answer_field) is None:
+            raise _BadRow(f"missing field {self.answer_field!r} (has {sorted(record)})")
+        tools = record.get(self.tools_field)
+        if isinstance(tools, str):
+            try:
+                tools = json.loads(tools)
+            except json.JSONDecodeError as e:
+                raise _BadRow(f"field {self.tools_field!r} is not JSON ({e.msg})") from e
+        if not isinstance(tools, list) or not tools:
+            raise _BadRow(f"field {self.tools_field!r} must be a non-empty list of function definitions")
+        row_id = next((record[k] for k in ID_FIELDS if record.get(k) is not None), pos)
+        return {"id": row_id, "prompt": record[field], "answer": reference_text(record[self.answer_field]),
+                "tools": [function_schema(t) for t in tools]}
+
+
+CALCULATOR_SCHEMA = {"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate an arithmetic expression exactly (+ - * / // % ** and parentheses).",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+
+_STORIES = [
+    ("A warehouse has {a} crates with {b} bolts in each crate. How many bolts are there?", "{a}*{b}"),
+    ("A farm sold {a} eggs on Monday and {b} eggs on Tuesday. How many eggs in total?", "{a}+{b}"),
+    ("A tank held {a} litres and {b} litres were drained. How many litres are left?", "{a}-{b}"),
+    ("Each of {a} runners ran {b} metres. How many metres did they run together?", "{a}*{b}"),
+]
+
+
+def _split_of(problem: str) -> str:
+    h = int(hashlib.sha256(problem.encode()).hexdigest()[:8], 16) % 10
+    return "test" if h == 0 else "val" if h == 1 else "train"
+
+
+class ToolArithmeticTask:
+    """Word problems on ``digits``-digit numbers with the calculator's schema; answer the exact result.
+
+    Args:
+        split: ``train``, ``val`` or ``test`` (disjoint: a hash of the problem decides its split).
+        n: rows; digits: size of each operand; seed: the generator's seed.
+    """
+
+    def __init__(self, split: str, n: int, digits: int = 6, seed: int = 0):
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, not {split!r}")
+        self.split, self.n, self.digits, self.seed = split, n, digits, seed
+
+    def __call__(self) -> list[dict]:
+        rng = random.Random(f"tool-arithmetic-{self.seed}")
+        rows, seen, lo, hi = [], set(), 10 ** (self.digits - 1), 10**self.digits - 1
+        for _ in range(200 * self.n):
+            story, expr = rng.choice(_STORIES)
+            a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+            if "-" in expr and b > a:
+                a, b = b, a
+            question = story.format(a=a, b=b)
+            if question in seen or _split_of(question) != self.split:
+                continue
+            seen.add(question)
+            expression = expr.format(a=a, b=b)
+            value = a * b if "*" in expr else a + b if "+" in expr else a - b
+            rows.append({"id": len(rows), "prompt": question, "answer": str(value), "expression": expression,
+                         "tools": [CALCULATOR_SCHEMA]})
+            if len(rows) == self.n:
+                return rows
+        raise ValueError(f"could not draw {self.n} distinct {self.split} problems of {self.digits} digits")

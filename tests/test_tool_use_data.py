@@ -1,0 +1,106 @@
+"""Tool-use data (rows with function schemas), the miniature's task, the composite GRPO reward, and the
+tool-use experiment's miniature end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from src.datamodules.prompts import DataRowError, PromptDataModule
+from src.datamodules.tool_use import CALCULATOR_SCHEMA, ToolArithmeticTask, ToolPrompts
+from src.modules.tokenizer import build_char_tokenizer
+from src.modules.tool_rollout import TOOL_CHAT_TEMPLATE
+from src.tools.reward import CompositeToolScore
+
+BARE = {"name": "calculator", "description": "math", "parameters": {"type": "object", "properties": {}}}
+
+
+def write(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def test_tool_prompts_read_schemas_in_every_form(tmp_path):
+    path = write(tmp_path / "t.jsonl", [
+        {"question": "1+1?", "tools": [BARE], "answer": 2, "id": "a"},
+        {"prompt": "2+2?", "tools": [CALCULATOR_SCHEMA], "answer": "4"},
+        {"messages": [{"role": "user", "content": "3+3?"}], "tools": json.dumps([BARE]), "answer": "6"},
+    ])
+    rows = ToolPrompts(path)()
+    assert [r["answer"] for r in rows] == ["2", "4", "6"] and rows[0]["id"] == "a" and rows[1]["id"] == 2
+    for r in rows:
+        assert r["tools"][0]["type"] == "function" and r["tools"][0]["function"]["name"] == "calculator"
+
+
+def test_bad_tool_rows_are_named_by_file_and_line(tmp_path, caplog):
+    path = write(tmp_path / "bad.jsonl", [
+        {"question": "ok", "tools": [BARE], "answer": "1"},
+        "{not json",
+        {"question": "no tools", "answer": "1"},
+        {"question": "nameless", "tools": [{"parameters": {}}], "answer": "1"},
+        {"question": "no answer", "tools": [BARE]},
+    ])
+    with pytest.raises(DataRowError) as e:
+        ToolPrompts(path)()
+    for line in (2, 3, 4, 5):
+        assert f"bad.jsonl:{line}:" in str(e.value)
+    with caplog.at_level("WARNING"):
+        rows = ToolPrompts(path, on_error="skip")()
+    assert len(rows) == 1 and sum("skipping" in r.message for r in caplog.records) == 4
+
+
+def test_tool_arithmetic_task_is_right_deterministic_and_split_disjoint():
+    train, test = ToolArithmeticTask("train", 200)(), ToolArithmeticTask("test", 50)()
+    assert train == ToolArithmeticTask("train", 200)()
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    from src.tools.calculator import evaluate
+
+    for r in train + test:
+        assert str(evaluate(r["expression"])) == r["answer"] and r["tools"] == [CALCULATOR_SCHEMA]
+        assert len(r["expression"].split("*")[0].split("+")[0].split("-")[0]) == 6
+
+
+def test_each_rows_tools_reach_its_prompt():
+    tok = build_char_tokenizer()
+    tok.chat_template = TOOL_CHAT_TEMPLATE
+    rows = ToolArithmeticTask("train", 2)()
+    rows[1] = {**rows[1], "tools": [{"type": "function", "function": {**BARE, "name": "abacus"}}]}
+    dm = PromptDataModule(train=lambda: rows, batch_size=1)
+    dm.set_tokenizer(tok)
+    dm.setup("fit")
+    first, second = (tok.decode(x) for x in dm.splits["train"].ids)
+    assert '"name": "calculator"' in first and "abacus" not in first
+    assert '"name": "abacus"' in second and "calculator" not in second
+
+
+@pytest.mark.parametrize("response,score", [
+    ('<tool_call>{"name": "calculator", "arguments": {"expression": "2*3"}}</tool_call>The answer is 6.', 1.2),
+    ('<tool_call>{"name": "calculator", "arguments": {"expression": "2*3"}}</tool_call>The answer is 7.', 0.2),
+    ("<tool_call>{oops</tool_call>The answer is 6.", 1.0),
+    ("I think it is big.", 0.0),
+])
+def test_composite_tool_reward(response, score):
+    assert CompositeToolScore()(response, "6") == pytest.approx(score)
+
+
+def test_tool_use_miniature_runs_end_to_end(make_cfg, single_thread):
+    from src.train import train
+
+    cfg = make_cfg("experiment=tool_use", "miniature=tools", "data.batch_size=4", "data.train.n=16",
+                   "data.val.n=4", "data.test.n=4", "rollout.max_new_tokens=12", "rollout.max_turns=2",
+                   "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.progress_bar=null",
+                   "trainer.enable_progress_bar=false", "test=false", fast=False)
+    metrics, obj = train(cfg)
+    assert type(obj["module"].rollout).__name__ == "ToolRollout"
+    assert "val/tool_mini/acc" in metrics and "train/tools/calls_per_episode" in metrics
+
+
+def test_tool_use_paper_setting_composes(make_cfg):
+    cfg = make_cfg("experiment=tool_use", "data.train.path=/d/train.jsonl", "data.test.path=/d/test.jsonl",
+                   fast=False)
+    assert cfg.model.teacher.path == "Qwen/Qwen2.5-7B-Instruct"
+    assert [t._target_.rsplit(".", 1)[-1] for t in cfg.rollout.environment.tools] == [
+        "Calculator", "PythonTool", "SearchTool"]
+    grpo = make_cfg("experiment=tool_use", "algorithm=grpo", "reward=tool_composite", fast=False)
+    assert grpo.reward.scorer._target_ == "src.tools.reward.CompositeToolScore" and grpo.model.teacher is None
