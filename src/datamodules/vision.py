@@ -55,7 +55,7 @@ import torch
 from PIL import Image
 
 from src.datamodules.math import ID_FIELDS, MathBenchmark, _BadRow, checked_rows, reference_text
-from src.datamodules.prompts import DataRowError, PromptDataModule
+from src.datamodules.prompts import PromptDataModule
 from src.modules.multimodal import model_inputs, repeat_vision_kwargs, split_vision_kwargs  # noqa: F401
 
 PLACEHOLDER = "<image>"
