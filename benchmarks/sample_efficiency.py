@@ -96,28 +96,35 @@ def samples_to_reach(points: list[tuple[int, float]], target: float) -> float:
     return math.inf
 
 
-def summarise(rows: list[dict], target: float, reference: str = "reopold") -> str:
-    """Markdown table: final accuracy mean +- std, and samples needed to reach ``target``."""
+def summarise(rows: list[dict], target: float | list[float], reference: str = "reopold") -> str:
+    """Markdown table: final accuracy mean +- std, and for each target accuracy the mean samples needed
+    to reach it (when every seed does) with its ratio to ``reference``'s."""
+    targets = [target] if isinstance(target, (int, float)) else list(target)
     by = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by[r["method"]][r["seed"]].append((r["samples"], r["val_acc"]))
-    need = {}
-    lines = [f"| method | seeds | final val acc (mean ± std) | samples to reach {100 * target:.1f}% (mean) | "
-             f"ratio to {reference} |", "|---|---|---|---|---|"]
-    for method, seeds in by.items():
-        reached = [samples_to_reach(p, target) for p in seeds.values()]
-        need[method] = statistics.mean(reached) if all(math.isfinite(x) for x in reached) else math.inf
+    head = "| method | seeds | final val acc (mean ± std) |"
+    for t in targets:
+        head += f" samples to reach {100 * t:.1f}% (mean) | ratio to {reference} |"
+    lines = [head, "|---|---|---|" + "---|---|" * len(targets)]
+    need = {t: {} for t in targets}
+    for t in targets:
+        for method, seeds in by.items():
+            reached = [samples_to_reach(p, t) for p in seeds.values()]
+            need[t][method] = statistics.mean(reached) if all(math.isfinite(x) for x in reached) else math.inf
     for method, seeds in by.items():
         finals = [max(p)[1] for p in seeds.values()]
         std = statistics.stdev(finals) if len(finals) > 1 else 0.0
-        reached = [samples_to_reach(p, target) for p in seeds.values()]
-        n_ok = sum(math.isfinite(x) for x in reached)
-        need_s = f"{need[method]:,.0f}" if math.isfinite(need[method]) else f"not reached ({n_ok}/{len(reached)} seeds)"
-        ref = need.get(reference, math.inf)
-        ratio = (f"{need[method] / ref:.2f}x" if math.isfinite(need[method]) and math.isfinite(ref) and ref > 0
-                 else "—")
-        lines.append(f"| {method} | {len(finals)} | {100 * statistics.mean(finals):.1f} ± {100 * std:.1f} | "
-                     f"{need_s} | {ratio} |")
+        line = f"| {method} | {len(finals)} | {100 * statistics.mean(finals):.1f} ± {100 * std:.1f} |"
+        for t in targets:
+            reached = [samples_to_reach(p, t) for p in seeds.values()]
+            n_ok = sum(math.isfinite(x) for x in reached)
+            n = need[t][method]
+            need_s = f"{n:,.0f}" if math.isfinite(n) else f"not reached ({n_ok}/{len(reached)} seeds)"
+            ref = need[t].get(reference, math.inf)
+            ratio = f"{n / ref:.2f}x" if math.isfinite(n) and math.isfinite(ref) and ref > 0 else "—"
+            line += f" {need_s} | {ratio} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -160,7 +167,8 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     ap.add_argument("--runs", type=Path, default=ROOT / "logs" / "sample_efficiency")
-    ap.add_argument("--target-frac", type=float, default=0.9, help="target = this fraction of the teacher's acc")
+    ap.add_argument("--target-frac", type=float, nargs="+", default=[0.9, 0.4],
+                    help="targets = these fractions of the teacher's accuracy")
     ap.add_argument("--teacher-acc", type=float, default=None, help="default: read from the teacher's stage.json")
     ap.add_argument("--summarise-only", action="store_true")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
@@ -191,11 +199,14 @@ def main(argv=None) -> None:
         if stage.exists():
             metrics = json.loads(stage.read_text())["metrics"]
             teacher_acc = next((v for k, v in metrics.items() if k.startswith("test/") and k.endswith("/acc")), None)
-    target = args.target_frac * (teacher_acc if teacher_acc is not None else 1.0)
-    table = summarise(rows, target)
+    scale = teacher_acc if teacher_acc is not None else 1.0
+    targets = [f * scale for f in args.target_frac]
+    table = summarise(rows, targets)
+    teacher_s = f"{100 * teacher_acc:.1f}%" if teacher_acc is not None else "n/a"
     (args.out / "sample_efficiency.md").write_text(
-        f"Target: {100 * target:.1f}% validation accuracy ({args.target_frac:.0%} of the teacher's "
-        f"{'%.1f%%' % (100 * teacher_acc) if teacher_acc is not None else 'n/a'}).\n\n{table}\n")
+        "Targets: " + ", ".join(f"{100 * t:.1f}% ({f:.0%} of the teacher's {teacher_s})"
+                                for t, f in zip(targets, args.target_frac))
+        + " validation accuracy.\n\n" + table + "\n")
     plot(rows, args.out / "sample_efficiency.png", teacher_acc)
     print(table)
 

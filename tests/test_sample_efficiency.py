@@ -41,3 +41,11 @@ def test_csv_round_trip_and_plot(tmp_path):
     assert rows == _rows()
     se.plot(rows, tmp_path / "s.png", teacher_acc=1.0)
     assert (tmp_path / "s.png").stat().st_size > 10_000
+
+
+def test_summary_with_two_targets_reports_each():
+    table = se.summarise(_rows(), target=[0.9, 0.75])
+    assert "samples to reach 90.0% (mean) | ratio to reopold | samples to reach 75.0% (mean) |" in table
+    assert "| opd | 3 | 90.0 ± 0.0 | 1,920 | 1.50x | 1,920 | 3.00x |" in table
+    rows = [r for r in _rows() if not (r["method"] == "opd" and r["samples"] == 1920)]
+    assert "| opd | 3 | 70.0 ± 0.0 | not reached (0/3 seeds) | — |" in se.summarise(rows, target=0.9)
