@@ -1,0 +1,101 @@
+"""This framework against TRL's DistillationTrainer (and the plain PyTorch floor), interleaved.
+
+    python benchmarks/vs_trl.py FIXTURES --trl-python /path/to/trl-venv/bin/python [--rounds 3]
+
+Each round runs ``trl`` (``../shared/peers/trl_opd_bench.py`` in the TRL venv), ``plain``
+(``plain_opd_bench.py``) and ``reopold`` (``benchmarks/throughput.py``) once, in that order, on the same
+fixtures (built with ``tiny_setup.py`` when missing) and settings, and prints each run's samples/s, the
+CPU time other processes took meanwhile (a run above ``--max-others`` % of a core is redone, as the peers'
+``run_bench.sh`` does), and per round the ratio reopold / trl. Ratios drift far less than raw rates on
+these machines, so the summary is the median per-round ratio. ``--out`` appends the figures to a Markdown
+file (``docs/results/performance.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT.parent / "shared" / "peers"
+LINE = re.compile(r"^steps=(\d+) samples=(\d+) seconds=([\d.]+) samples_per_s=([\d.]+) gen_tokens_per_s=([\d.]+)")
+
+
+def busy_seconds() -> float:
+    """Machine-wide non-idle CPU seconds so far (/proc/stat)."""
+    fields = open("/proc/stat").readline().split()[1:]
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def run(cmd: list[str]) -> tuple[float, float, float]:
+    """(samples/s, gen tokens/s, CPU % of one core used by other processes) of one benchmark run."""
+    b0, t0 = busy_seconds(), time.time()
+    r0 = os.times()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    r1 = os.times()
+    wall, busy = time.time() - t0, busy_seconds() - b0
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    own = (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)
+    m = next(LINE.match(line) for line in proc.stdout.splitlines()[::-1] if LINE.match(line))
+    return float(m.group(4)), float(m.group(5)), max(0.0, (busy - own) / wall * 100)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("fixtures")
+    ap.add_argument("--trl-python", required=True, help="python of a venv with trl (see ../shared/peers/README.md)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--max-others", type=float, default=10.0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    fx = Path(args.fixtures)
+    if not (fx / "prompts.jsonl").exists():
+        subprocess.run([sys.executable, str(PEERS / "tiny_setup.py"), str(fx)], check=True, capture_output=True)
+    common = [str(fx), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    variants = {
+        "trl": [args.trl_python, str(PEERS / "trl_opd_bench.py"), *common],
+        "plain": [sys.executable, str(PEERS / "plain_opd_bench.py"), *common],
+        "reopold": [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), *common],
+    }
+    results = {v: [] for v in variants}
+    for r in range(1, args.rounds + 1):
+        for name, cmd in variants.items():
+            for attempt in range(5):
+                sps, tps, others = run(cmd)
+                if others <= args.max_others or attempt == 4:
+                    break
+                print(f"round {r} {name}: DISCARDED (others {others:.0f}% of a core)", flush=True)
+                time.sleep(5)
+            results[name].append(sps)
+            print(f"round {r} {name:8s} samples_per_s={sps:7.2f} gen_tokens_per_s={tps:8.1f} others_cpu_pct={others:.0f}",
+                  flush=True)
+        print(f"round {r} ratio reopold/trl={results['reopold'][-1] / results['trl'][-1]:.2f} "
+              f"reopold/plain={results['reopold'][-1] / results['plain'][-1]:.2f}", flush=True)
+    ratios = [a / b for a, b in zip(results["reopold"], results["trl"])]
+    summary = {f"{v}_samples_per_s": statistics.median(x) for v, x in results.items()}
+    summary["ratio_reopold_trl"] = statistics.median(ratios)
+    summary["ratio_reopold_plain"] = statistics.median(a / b for a, b in zip(results["reopold"], results["plain"]))
+    print(" ".join(f"{k}={v:.2f}" for k, v in summary.items()), flush=True)
+    if args.out:
+        with args.out.open("a") as f:
+            f.write(f"\n`python benchmarks/vs_trl.py FIXTURES --trl-python VENV/bin/python --rounds {args.rounds}` "
+                    f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores), median of {args.rounds} interleaved "
+                    "rounds, samples/s:\n\n| trl | plain | reopold | reopold / trl (median per round) |\n"
+                    "|---|---|---|---|\n"
+                    f"| {summary['trl_samples_per_s']:.1f} | {summary['plain_samples_per_s']:.1f} | "
+                    f"{summary['reopold_samples_per_s']:.1f} | {summary['ratio_reopold_trl']:.2f}x |\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
