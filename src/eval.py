@@ -1,4 +1,5 @@
-"""Evaluate a model: ``python src/eval.py model.student.path=<HF dir or hub id> [ckpt_path=<.ckpt>] [k=8]``.
+"""Evaluate a model: ``python src/eval.py model=pretrained model.student.path=<HF dir or hub id> [k=8]``
+(or ``ckpt_path=<.ckpt>`` for a Lightning checkpoint of a training run's student).
 
 Mirrors ``train.py``: compose, instantiate, ``trainer.test`` on the datamodule's test split, return the
 metrics. Greedy accuracy always; with ``k > 0`` also ``k`` samples per prompt for avg@k, pass@k, maj@k.
@@ -20,18 +21,24 @@ from pathlib import Path  # noqa: E402
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from src.utils.instantiate import instantiate_loggers  # noqa: E402
 
 
 def _gather(records: list[dict]) -> list[dict]:
-    """Every rank's records on every rank (DDP), in rank order."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return records
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, records)
-    return [r for part in out for r in part]
+    """Every rank's records on every rank (DDP), in rank order, each response once: the distributed
+    sampler pads the last ranks with repeated prompts so that every rank gets as many."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, records)
+        records = [r for part in out for r in part]
+    seen, unique = set(), []
+    for r in records:
+        if (r["prompt_id"], r["sample"]) not in seen:
+            seen.add((r["prompt_id"], r["sample"]))
+            unique.append(r)
+    return unique
 
 
 def write_results(out_dir: str | Path, records: list[dict], meta: dict) -> Path:
@@ -46,6 +53,10 @@ def write_results(out_dir: str | Path, records: list[dict], meta: dict) -> Path:
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     L.seed_everything(cfg.seed, workers=True)
+    with open_dict(cfg):  # evaluation never reads the train split (data=math needs no train path)
+        data = OmegaConf.to_container(cfg.data, resolve=True)  # val/test may refer to train's settings
+        data["train"] = None
+        cfg.data = data
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
     datamodule.set_tokenizer(module.student_spec.load_processor())  # a processor for vision-language models
@@ -58,6 +69,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         meta = {"model": cfg.get("model_name") or module.student_spec.path,
                 "n_params": sum(p.numel() for p in module.student.parameters()),
                 "k": int(cfg.module.eval_samples), "ckpt_path": cfg.get("ckpt_path"), "task": module.task,
+                "seed": int(cfg.seed), "top_p": module.rollout.top_p, "top_k": module.rollout.top_k,
                 "max_new_tokens": module.rollout.val_max_new_tokens, "temperature": module.rollout.temperature,
                 "metrics": metrics}
         out_dir = write_results(cfg.paths.output_dir, records, meta)

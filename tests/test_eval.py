@@ -60,3 +60,24 @@ def test_eval_on_a_real_benchmark_file(make_cfg, single_thread):
     rows = [json.loads(line) for line in (obj["out_dir"] / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * 3 and rows[0]["reference"].endswith("#### 18")
     assert "test/gsm8k/pass@2" in metrics
+
+
+def test_generic_math_data_needs_no_train_path_and_seed_changes_the_samples(make_cfg, single_thread):
+    if not (DATA / "aime24.jsonl").exists():
+        pytest.skip(f"{DATA} not present")
+    common = ["data=math", f"data.test.path={DATA / 'aime24.jsonl'}", "data.test.limit=3", "k=2",
+              "rollout.max_new_tokens=6", "trainer.enable_progress_bar=false"]
+    answers = []
+    for seed in (0, 1):
+        _, obj = evaluate(make_cfg(*common, f"seed={seed}", config="eval", fast=False))
+        rows = [json.loads(line) for line in (obj["out_dir"] / "samples.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 * 3 and json.loads((obj["out_dir"] / "meta.json").read_text())["seed"] == seed
+        answers.append([r["response"] for r in rows if r["sample"] >= 0])
+    assert answers[0] != answers[1], "seed= must change the sampled responses"
+
+
+def test_gathered_records_keep_each_response_once():
+    from src.eval import _gather
+
+    rows = [{"prompt_id": 1, "sample": 0}, {"prompt_id": 1, "sample": -1}, {"prompt_id": 1, "sample": 0}]
+    assert _gather(rows) == rows[:2]

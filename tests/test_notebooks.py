@@ -30,7 +30,7 @@ def test_test_time_scaling_notebook_runs_on_tiny_models(tmp_path, monkeypatch, c
     for name in ("test_time_scaling.png", "test_time_scaling_k.png", "test_time_scaling.md"):
         assert (tmp_path / "figures" / name).stat().st_size > 0, name
     table = (tmp_path / "figures" / "test_time_scaling.md").read_text()
-    assert "| REOPOLD | 4 |" in table and "REOPOLD vs teacher" in table
+    assert "| REOPOLD | 4 |" in table and "REOPOLD vs teacher (maj@k)" in table and "(pass@k)" in table
     for model in ("teacher", "reopold", "opd"):
         rows = (tmp_path / "results" / model / "samples.jsonl").read_text().splitlines()
         assert len(rows) == 6 * (1 + 4)

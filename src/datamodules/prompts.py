@@ -9,6 +9,7 @@ A *source* is any callable returning the rows of one split (``list[dict]``): the
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -127,6 +128,11 @@ class PromptDataModule(LightningDataModule):
             if rows and all("solution" in r for r in rows):  # reference solutions, for the SFT stage
                 targets = [self.tokenizer(r["solution"], add_special_tokens=False)["input_ids"] for r in rows]
             row_ids = [r.get("id", i) for i, r in enumerate(rows)]  # joins eval results back to the data
+            counts = Counter(map(str, row_ids))
+            dup = sorted(x for x, c in counts.items() if c > 1)
+            if dup:
+                raise DataRowError(f"{split} split: row ids must be unique, repeated: {dup[:10]}"
+                                   f"{' ...' if len(dup) > 10 else ''} (give each row its own 'id')")
             self.splits[split] = _Tokenized(ids, [r["answer"] for r in rows], targets, row_ids)
 
     def collate(self, items) -> dict:

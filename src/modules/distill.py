@@ -154,21 +154,23 @@ class DistillationModule(LightningModule):
     def updates_per_rollout(self) -> int:
         return self.objective.epochs * self.objective.minibatches
 
-    def step_seed(self) -> int:
-        """Sampling seed of this rollout step and rank: resumed runs replay uninterrupted ones exactly."""
+    def step_seed(self, eval_batch: int | None = None) -> int:
+        """Sampling seed of this rollout step and rank: resumed runs replay uninterrupted ones exactly.
+        Evaluation batches get their own streams (``eval_batch``), so samples are independent across them."""
         step = self.trainer.global_step // self.updates_per_rollout if self._trainer is not None else 0
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        return (self.seed * 1_000_003 + step * 1_009 + rank) % (2**63)
+        salt = 0 if eval_batch is None else 7_919 * (eval_batch + 1)
+        return (self.seed * 1_000_003 + step * 1_009 + rank + salt) % (2**63)
 
     # ---------------------------------------------------------------- steps
-    def generate(self, batch, greedy: bool = False, policy=None, **rollout_kwargs):
+    def generate(self, batch, greedy: bool = False, policy=None, eval_batch: int | None = None, **rollout_kwargs):
         policy = policy or self.student
         was_training = policy.training
         policy.eval()
         devices = [self.device] if self.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.step_seed())
+                torch.manual_seed(self.step_seed(eval_batch))
                 ro = self.rollout(policy, batch["input_ids"], batch["attention_mask"], self.eos_token_ids,
                                   self.tokenizer.pad_token_id, greedy=greedy, banned_ids=self.banned_ids,
                                   **rollout_kwargs,
@@ -222,7 +224,7 @@ class DistillationModule(LightningModule):
         self.log("train/loss_step", logs["loss"], prog_bar=True, logger=False)
         return logs["loss"]
 
-    def _evaluate(self, batch, stage: str):
+    def _evaluate(self, batch, stage: str, batch_idx: int = 0):
         """Greedy decoding (and ``eval_samples`` samples) graded against the references; metrics
         aggregate across DDP ranks."""
         ro = self.generate(batch, greedy=True)
@@ -238,7 +240,8 @@ class DistillationModule(LightningModule):
         self._record(batch, ro, correct, sample=None)
         if self.eval_samples:
             k = self.eval_samples
-            sro = self.generate(batch, num_samples=k, max_new_tokens=self.rollout.val_max_new_tokens)
+            sro = self.generate(batch, num_samples=k, max_new_tokens=self.rollout.val_max_new_tokens,
+                                eval_batch=batch_idx)
             correct_PG = torch.tensor([bool(self.grader(r, ref)) for r, ref in zip(sro.response_texts, sro.references)])
             correct_PG = correct_PG.view(n, k)
             answers = [self.answer_fn(r) for r in sro.response_texts]
@@ -258,7 +261,7 @@ class DistillationModule(LightningModule):
         if not self.record_samples:
             return
         G = ro.group_size
-        ids = batch.get("ids") or list(range(len(batch["references"])))
+        ids = batch["ids"]
         tokens = ro.response_mask_BT.sum(-1).tolist()
         seconds = ro.seconds / max(len(tokens), 1)
         for b, text in enumerate(ro.response_texts):
@@ -270,10 +273,16 @@ class DistillationModule(LightningModule):
             })
 
     def validation_step(self, batch, batch_idx):
-        return self._evaluate(batch, "val")
+        return self._evaluate(batch, "val", batch_idx)
 
     def test_step(self, batch, batch_idx):
-        return self._evaluate(batch, "test")
+        return self._evaluate(batch, "test", batch_idx)
+
+    def on_validation_epoch_start(self) -> None:
+        self.records = []  # the records of the latest evaluation only
+
+    def on_test_epoch_start(self) -> None:
+        self.records = []
 
     def configure_optimizers(self):
         opt = self.optimizer_fn(params=[p for p in self.student.parameters() if p.requires_grad])

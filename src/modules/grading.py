@@ -25,6 +25,7 @@ off in any other (a dataloader or reward worker thread), so grading never raises
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 
@@ -81,6 +82,10 @@ def _unwrap(ans: str) -> str:
     return (m.group(1) if m else ans).strip()
 
 
+_ANSWER_MARKER = re.compile(r"(?i)(?:the (?:final )?answer is|answer\s*:)\s*:?\s*")
+_CLAUSE_END = re.compile(r"[.;]\s|,\s(?=[A-Za-z]{3,}\b)|\s(?:since|because|so|but)\s")
+
+
 def extract_answer(text: str) -> str | None:
     """The final answer a response states by a marker (boxed, ``####``, "the answer is"), or None."""
     boxed = last_boxed(text)
@@ -89,9 +94,11 @@ def extract_answer(text: str) -> str | None:
     m = re.findall(r"####\s*([^\n]+)", text)
     if m:
         return m[-1].strip()
-    m = re.findall(r"(?i)(?:the (?:final )?answer is|answer\s*:)\s*:?\s*([^\n]+)", text)
-    if m:
-        return m[-1].strip().rstrip(".").strip()
+    markers = list(_ANSWER_MARKER.finditer(text))
+    if markers:  # the last marker; its answer ends with the line or the first clause ("5. Then ...")
+        rest = text[markers[-1].end():].split("\n", 1)[0].strip()
+        rest = _CLAUSE_END.split(rest, 1)[0].strip().rstrip(".").strip()
+        return rest or None
     return None
 
 
@@ -105,9 +112,10 @@ def reference_answer(reference: str) -> str:
 def as_number(s: str) -> float | None:
     """``"1,234"``, ``"$18"``, ``"18.0"``, ``"50%"`` -> float; None for anything that is not a plain number."""
     s = s.strip().strip("$").strip()
-    s = re.sub(r"^\\\$", "", s).replace("\\%", "%").rstrip("%").replace(" ", "").rstrip(".")
-    if s and _NUM.match(s) and any(c.isdigit() for c in s):
-        return float(s.replace(",", ""))
+    s = re.sub(r"^\\\$", "", s).replace("\\%", "%").rstrip("%").strip().rstrip(".")
+    if s and _NUM.match(s) and any(c.isdigit() for c in s):  # "1, 234" is a list, not a number
+        value = float(s.replace(",", ""))
+        return value if math.isfinite(value) else None
     return None
 
 
@@ -115,7 +123,7 @@ def canonical_answer(ans: str | None) -> str | None:
     """A key under which equal answers collide, for majority voting: numbers in one form, LaTeX tidied."""
     if ans is None:
         return None
-    num = as_number(ans)
+    num = number_with_unit(ans)
     if num is not None:
         return str(int(num)) if num == int(num) and abs(num) < 1e15 else repr(num)
     s = re.sub(r"\\left|\\right|\\!|\\,|\\;|\s+", "", ans).replace("dfrac", "frac").replace("tfrac", "frac")
@@ -152,15 +160,25 @@ def _verify(gold, pred) -> bool:
         return False
 
 
-_NUM_WITH_UNIT = re.compile(r"^\\?\$?\s*([-+]?\d[\d,]*(?:\.\d+)?)\s*(?:\\?%|[A-Za-z][A-Za-z .]*)$")
+_NUM_WITH_UNIT = re.compile(r"^\\?\$?\s*([-+]?\d[\d,]*(?:\.\d+)?)(?:\s*\\?%|\s+([A-Za-z]{2,}[A-Za-z .]*))$")
+NOT_UNITS = {"pi", "sqrt", "cdot", "times", "frac"}
+
+
+def number_with_unit(s: str) -> float | None:
+    """A plain number (``as_number``), or one followed by a unit word: ``"18 dollars"``, ``"$18 per day"``.
+    A letter stuck to the number (``2i``, ``5x``) or a symbol (``3 pi``) is not a unit."""
+    num = as_number(s)
+    if num is not None:
+        return num
+    m = _NUM_WITH_UNIT.match(s.strip())
+    if m is None or (m.group(2) and m.group(2).split()[0].lower() in NOT_UNITS):
+        return None
+    return as_number(m.group(1))
 
 
 def answers_match(predicted: str, reference: str, rel_tol: float = REL_TOL) -> bool:
     """Whether two extracted answers are equal: numerically, else symbolically, else as strings."""
-    a, b = as_number(predicted), as_number(reference)
-    if a is None and b is not None:  # "18 dollars", "$18 per day": a number with a unit after it
-        m = _NUM_WITH_UNIT.match(predicted.strip())
-        a = as_number(m.group(1)) if m else None
+    a, b = number_with_unit(predicted), as_number(reference)
     if a is not None and b is not None:
         return abs(a - b) <= rel_tol * max(1.0, abs(b))
     if _verify(_parse(reference, as_math=True), _parse(predicted, as_math=True)):
