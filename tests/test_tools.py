@@ -236,19 +236,7 @@ def test_schema_is_the_function_definition_format():
 
 
 # A Qwen2.5-style template with a tools section (the project's CHATML_TEMPLATE ignores `tools`).
-# transformers renders with trim_blocks, which eats a newline right after a tag: hence {{ '\\n' }}.
-QWEN_TOOLS_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
-    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}</tools>\n\n"
-    "For each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags.<|im_end|>\n{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message['content'] }}\n"
-    "</tool_response><|im_end|>\n"
-    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from src.modules.tool_rollout import TOOL_CHAT_TEMPLATE as QWEN_TOOLS_TEMPLATE  # noqa: E402
 
 
 def test_schemas_and_tool_messages_render_through_a_chat_template():
