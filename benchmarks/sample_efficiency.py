@@ -167,7 +167,7 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     ap.add_argument("--runs", type=Path, default=ROOT / "logs" / "sample_efficiency")
-    ap.add_argument("--target-frac", type=float, nargs="+", default=[0.9, 0.4],
+    ap.add_argument("--target-frac", type=float, nargs="+", default=[0.9, 0.35],
                     help="targets = these fractions of the teacher's accuracy")
     ap.add_argument("--teacher-acc", type=float, default=None, help="default: read from the teacher's stage.json")
     ap.add_argument("--summarise-only", action="store_true")
