@@ -49,28 +49,30 @@ class AvgAtK(_PromptMean):
         self._add(correct_PG.float().mean(-1))
 
 
-class PassAtK(_PromptMean):
-    """Unbiased pass@k from all G >= k samples of each prompt."""
+class _AtK(_PromptMean):
+    name = "@k"
 
     def __init__(self, k: int, **kwargs):
         super().__init__(**kwargs)
         if k < 1:
-            raise ValueError(f"pass@k needs k >= 1, got {k}")
+            raise ValueError(f"{self.name} needs k >= 1, got {k}")
         self.k = k
+
+
+class PassAtK(_AtK):
+    """Unbiased pass@k from all G >= k samples of each prompt."""
+
+    name = "pass@k"
 
     def update(self, correct_PG: torch.Tensor) -> None:
         G = correct_PG.shape[1]
         self._add(torch.as_tensor(pass_at_k(G, correct_PG.sum(-1).cpu().numpy(), self.k)).reshape(-1))
 
 
-class MajAtK(_PromptMean):
+class MajAtK(_AtK):
     """Expected accuracy of a majority vote over k of each prompt's samples."""
 
-    def __init__(self, k: int, **kwargs):
-        super().__init__(**kwargs)
-        if k < 1:
-            raise ValueError(f"maj@k needs k >= 1, got {k}")
-        self.k = k
+    name = "maj@k"
 
     def update(self, answers_PG: list[list[str | None]], correct_PG: torch.Tensor) -> None:
         correct = correct_PG.bool().tolist()
