@@ -1,11 +1,13 @@
 """Rollouts: the policy samples ``G`` responses per prompt; the result carries everything the loss needs.
 
 A rollout backend is any callable ``(model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
-num_samples, greedy, max_new_tokens, **model_kwargs) -> Rollout``. ``HFGenerateRollout`` uses Hugging Face ``generate``
-(KV cache, temperature, top-p, top-k, max new tokens, stop at EOS); a vLLM backend plugs in the same way.
+num_samples, greedy, max_new_tokens, **model_kwargs) -> Rollout``. ``HFGenerateRollout`` decodes with the lean loop of
+``src.modules.decode`` (the model's forward over a KV cache; temperature, top-p, top-k, max new tokens, stop at
+EOS) or with Hugging Face ``generate`` (``backend: generate``, and always for vision-language inputs); both give the
+same tokens and records. A vLLM backend plugs in the same way.
 
-Rollout-time log-probs and entropies are recorded *during* decoding by a logits processor that sees the
-raw logits before any warper, scaled by the sampling temperature (the same distribution the scorer uses).
+Rollout-time log-probs and entropies are recorded *during* decoding (under ``generate``, by a logits processor) from
+the raw logits before any warper, scaled by the sampling temperature (the same distribution the scorer uses).
 It keeps one ``[B, V]`` step in memory, never ``[B, T, V]``.
 """
 
@@ -17,12 +19,8 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-from transformers.generation.logits_process import (
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
+from src.modules import decode
 from src.modules.multimodal import has_images, model_inputs, repeat_vision_kwargs, split_vision_kwargs
 
 
@@ -141,7 +139,7 @@ def response_mask_from_ids(response_ids_BT: torch.Tensor, eos_token_ids) -> tupl
 
 
 class HFGenerateRollout:
-    """Sampling with ``transformers`` ``generate``.
+    """Sampling from a ``transformers`` causal LM, by the lean loop of ``src.modules.decode`` or by ``generate``.
 
     Args:
         max_new_tokens: token budget per response.
@@ -149,20 +147,27 @@ class HFGenerateRollout:
             only (the untruncated distribution), the convention of vLLM and of the paper's reward.
         num_samples: G responses per prompt.
         val_max_new_tokens: budget for greedy validation decoding (defaults to ``max_new_tokens``).
+        backend: ``loop`` (``src.modules.decode``; falls back to ``generate`` for inputs it does not support, such
+            as images) or ``generate``.
     """
 
+    BACKENDS = ("loop", "generate")
+
     def __init__(self, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 num_samples: int = 1, val_max_new_tokens: int | None = None):
+                 num_samples: int = 1, val_max_new_tokens: int | None = None, backend: str = "loop"):
         if temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0 (use greedy=True for argmax), got {temperature}")
         if not 0 < top_p <= 1:
             raise ValueError(f"rollout.top_p must lie in (0, 1], got {top_p}")
         if num_samples < 1:
             raise ValueError(f"rollout.num_samples must be >= 1, got {num_samples}")
+        if backend not in self.BACKENDS:
+            raise ValueError(f"rollout.backend must be one of {self.BACKENDS}, got {backend!r}")
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.num_samples = num_samples
         self.val_max_new_tokens = val_max_new_tokens or max_new_tokens
+        self.backend = backend
 
     @torch.no_grad()
     def __call__(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
@@ -182,6 +187,32 @@ class HFGenerateRollout:
                 model_kwargs = {k: v.repeat_interleave(G, dim=0) if isinstance(v, torch.Tensor) else v
                                 for k, v in model_kwargs.items()}
         eos_token_ids = list(eos_token_ids)
+        start = time.perf_counter()
+        if self.backend == "loop" and decode.loop_supports(model, model_inputs(model_kwargs)):
+            seq, old_logp_BT, entropy_BT = decode.sample(
+                model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id, budget, greedy=greedy,
+                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, banned_ids=banned_ids)
+        else:
+            seq, old_logp_BT, entropy_BT = self._generate(model, prompt_ids_BP, prompt_mask_BP, eos_token_ids,
+                                                          pad_token_id, budget, greedy, banned_ids, model_kwargs)
+        seconds = time.perf_counter() - start
+        P = prompt_ids_BP.shape[1]
+        response_ids_BT = seq[:, P:]
+        response_mask_BT, truncated_B = response_mask_from_ids(response_ids_BT, eos_token_ids)
+        if old_logp_BT is not None:
+            zero = torch.zeros((), device=seq.device)
+            old_logp_BT = torch.where(response_mask_BT, old_logp_BT, zero)
+            entropy_BT = torch.where(response_mask_BT, entropy_BT, zero)
+        attention_mask = torch.cat([prompt_mask_BP, response_mask_BT.to(prompt_mask_BP.dtype)], dim=1)
+        return Rollout(
+            input_ids=seq, attention_mask=attention_mask, response_start=P,
+            response_mask_BT=response_mask_BT, old_logp_BT=old_logp_BT, entropy_BT=entropy_BT,
+            truncated_B=truncated_B, group_size=G, seconds=seconds, model_kwargs=model_kwargs,
+        )
+
+    def _generate(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id, budget, greedy,
+                  banned_ids, model_kwargs):
+        """``generate`` with our processors: (sequences, raw rollout-time log-probs, entropies)."""
         # A fresh config, and the model's own swapped out while generating: `generate` fills every unset
         # field from `model.generation_config`, and checkpoints ship sampling defaults (Qwen: top_k=20,
         # repetition_penalty=1.05) that would silently change the sampling distribution.
@@ -200,13 +231,7 @@ class HFGenerateRollout:
         if not greedy:
             recorder = _RecordSampledLogProbs(self.temperature)
             processors.append(recorder)
-            if self.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(self.temperature))
-            if self.top_k:
-                processors.append(TopKLogitsWarper(self.top_k))
-            if self.top_p < 1.0:
-                processors.append(TopPLogitsWarper(self.top_p))
-        start = time.perf_counter()
+            processors.extend(decode.warpers(self.temperature, self.top_k, self.top_p))
         own_cfg, model.generation_config = model.generation_config, GenerationConfig()
         try:
             seq = model.generate(
@@ -215,39 +240,36 @@ class HFGenerateRollout:
             )
         finally:
             model.generation_config = own_cfg
-        seconds = time.perf_counter() - start
-        P = prompt_ids_BP.shape[1]
-        response_ids_BT = seq[:, P:]
-        response_mask_BT, truncated_B = response_mask_from_ids(response_ids_BT, eos_token_ids)
-        old_logp_BT = entropy_BT = None
-        if recorder is not None:
-            old_logp_BT, entropy_BT = recorder.finish(response_ids_BT[:, -1])
-            zero = torch.zeros((), device=seq.device)
-            old_logp_BT = torch.where(response_mask_BT, old_logp_BT, zero)
-            entropy_BT = torch.where(response_mask_BT, entropy_BT, zero)
-        attention_mask = torch.cat([prompt_mask_BP, response_mask_BT.to(prompt_mask_BP.dtype)], dim=1)
-        return Rollout(
-            input_ids=seq, attention_mask=attention_mask, response_start=P,
-            response_mask_BT=response_mask_BT, old_logp_BT=old_logp_BT, entropy_BT=entropy_BT,
-            truncated_B=truncated_B, group_size=G, seconds=seconds, model_kwargs=model_kwargs,
-        )
+        if recorder is None:
+            return seq, None, None
+        return seq, *recorder.finish(seq[:, -1])
 
 
 def reference_rollout(batch: dict, eos_token_id: int, pad_token_id: int) -> Rollout:
-    """A Rollout whose responses are the batch's reference solutions (``target_ids``) followed by EOS."""
+    """A Rollout whose responses are the batch's reference solutions (``target_ids``) followed by EOS.
+
+    With ``target_mask`` (multi-turn tool-use demonstrations) only the masked tokens and the final EOS are the
+    model's (``response_mask_BT``, the SFT loss); the rest (tool responses, template glue) is attended only.
+    """
     prompt_ids_BP, prompt_mask_BP = batch["input_ids"], batch["attention_mask"]
+    device = prompt_ids_BP.device
     targets = [list(t) + [eos_token_id] for t in batch["target_ids"]]
+    masks = [list(m) + [True] for m in batch.get("target_mask", [[True] * (len(t) - 1) for t in targets])]
     T = max(len(t) for t in targets)
     response_BT = torch.full((len(targets), T), pad_token_id, dtype=prompt_ids_BP.dtype)
-    for i, t in enumerate(targets):
+    written_BT = torch.zeros((len(targets), T), dtype=torch.bool)
+    for i, (t, m) in enumerate(zip(targets, masks)):
+        if len(m) != len(t):
+            raise ValueError(f"row {i}: target_mask has {len(m) - 1} entries for {len(t) - 1} target tokens")
         response_BT[i, : len(t)] = torch.tensor(t, dtype=prompt_ids_BP.dtype)
-    response_BT = response_BT.to(prompt_ids_BP.device)
-    response_mask_BT = torch.arange(T, device=prompt_ids_BP.device)[None, :] < torch.tensor(
-        [len(t) for t in targets], device=prompt_ids_BP.device)[:, None]
+        written_BT[i, : len(t)] = torch.tensor(m, dtype=torch.bool)
+    response_BT, response_mask_BT = response_BT.to(device), written_BT.to(device)
+    real_BT = torch.arange(T, device=device)[None, :] < torch.tensor([len(t) for t in targets], device=device)[:, None]
     return Rollout(
         input_ids=torch.cat([prompt_ids_BP, response_BT], dim=1),
-        attention_mask=torch.cat([prompt_mask_BP, response_mask_BT.to(prompt_mask_BP.dtype)], dim=1),
+        attention_mask=torch.cat([prompt_mask_BP, real_BT.to(prompt_mask_BP.dtype)], dim=1),
         response_start=prompt_ids_BP.shape[1], response_mask_BT=response_mask_BT, old_logp_BT=None,
-        entropy_BT=None, truncated_B=torch.zeros(len(targets), dtype=torch.bool, device=prompt_ids_BP.device),
+        entropy_BT=None, truncated_B=torch.zeros(len(targets), dtype=torch.bool, device=device),
         references=list(batch["references"]),
+        model_kwargs=batch.get("model_kwargs", {}),  # the images a vision-language row is about
     )
