@@ -380,3 +380,117 @@ def test_prompts_announce_the_tools_through_the_chat_template(tok, env):
     plain.set_tokenizer(tok)
     plain.setup("fit")
     assert "calculator" not in tok.decode(plain.splits["train"].ids[0])
+
+
+# ---------------------------------------------------------------- reference episodes for the SFT stages
+@pytest.fixture(scope="module")
+def mini_tok():
+    from src.modules.tokenizer import TOOLS_CHATML_TEMPLATE
+
+    t = build_char_tokenizer()
+    t.chat_template = TOOLS_CHATML_TEMPLATE
+    return t
+
+
+def demonstrations(tok, n=2):
+    from src.datamodules.prompts import PromptDataModule
+    from src.datamodules.tool_use import ToolArithmeticTask
+
+    rows = ToolArithmeticTask("train", n)()
+    dm = PromptDataModule(train=lambda: rows, batch_size=n)
+    dm.set_tokenizer(tok)
+    dm.setup("fit")
+    return rows, dm.collate([dm.splits["train"][i] for i in range(n)])
+
+
+@pytest.mark.parametrize("template", ["compact", "qwen"])
+def test_reference_episode_is_the_rollouts_episode_token_by_token(mini_tok, template, env):
+    """What the SFT stage trains on is exactly the token stream (and the sampled mask) that ToolRollout
+    produces when the policy writes the demonstration's turns."""
+    from src.modules.rollout import reference_rollout
+
+    tok = mini_tok if template == "compact" else globals()["build_char_tokenizer"]()
+    if template == "qwen":
+        tok.chat_template = TOOL_CHAT_TEMPLATE
+    rows, batch = demonstrations(tok)
+    ref = reference_rollout(batch, tok.eos_token_id, tok.pad_token_id)
+    scripts = {r["prompt"]: [m["content"] for m in r["solution"] if m["role"] == "assistant"] for r in rows}
+    model = ScriptedLM(tok, scripts)
+    ro = ToolRollout(env, tokenizer=tok, max_new_tokens=400)(model, batch["input_ids"], batch["attention_mask"],
+                                                             [tok.eos_token_id], tok.pad_token_id)
+    for name in ("input_ids", "attention_mask", "response_mask_BT", "truncated_B"):
+        assert torch.equal(getattr(ro, name), getattr(ref, name)), name
+    assert ro.metrics["tools/calls_per_episode"] == 1 and ro.metrics["tools/error_rate"] == 0
+
+
+def test_reference_loss_mask_covers_only_the_assistants_tokens(mini_tok):
+    from src.modules.objectives import ReferenceSFT
+    from src.modules.rollout import reference_rollout
+
+    rows, batch = demonstrations(mini_tok)
+    ro = reference_rollout(batch, mini_tok.eos_token_id, mini_tok.pad_token_id)
+    ReferenceSFT().prepare(ro, scorer=None)
+    im_end = "<|im_end|>"
+    for b, row in enumerate(rows):
+        call, reply, answer = row["solution"]
+        real = ro.attention_mask[b, ro.response_start:].bool()
+        written, read = ro.loss_mask_BT[b], real & ~ro.loss_mask_BT[b]
+        ids = ro.response_ids_BT[b]
+        assert mini_tok.decode(ids[written]) == call["content"] + im_end + answer["content"] + im_end
+        assert mini_tok.decode(ids[read]) == (f"\n<|im_start|>user\n<tool_response>\n{reply['content']}\n"
+                                              f"</tool_response>{im_end}\n<|im_start|>assistant\n")
+        assert reply["content"] == row["answer"] and f"The answer is {row['answer']}." == answer["content"]
+        prompt = mini_tok.decode(ro.input_ids[b, : ro.response_start][ro.attention_mask[b, : ro.response_start].bool()])
+        assert prompt.startswith("<|im_start|>system\nTools: calculator(expression)<|im_end|>\n")
+    # a plain-string solution still trains on every token of the solution and its EOS
+    plain = {k: v for k, v in batch.items() if k != "target_mask"}
+    ro = reference_rollout(plain, mini_tok.eos_token_id, mini_tok.pad_token_id)
+    assert torch.equal(ro.response_mask_BT, ro.attention_mask[:, ro.response_start:].bool())
+
+
+class ScriptedPolicy(torch.nn.Module):
+    """A ``ScriptedLM`` the module can hold as its student."""
+
+    def __init__(self, tok, scripts):
+        super().__init__()
+        self.lm = ScriptedLM(tok, scripts)
+        self.generation_config = self.lm.generation_config
+
+    def generate(self, *args, **kwargs):
+        return self.lm.generate(*args, **kwargs)
+
+
+GOOD, BAD = "Each of 2 runners ran 3 metres?", "A farm sold 4 eggs?"
+SCRIPTS = {GOOD: [CALL.replace("123456789*987654321", "2*3"), "The answer is 6."],
+           BAD: ['<tool_call>{"name": "calculator", "arguments": {"expression": "4+5"}</tool_call>',
+                 "The answer is 9."],
+           DIRECT: ["The answer is Paris."]}
+
+
+def test_validation_logs_tool_episode_metrics_pooled_over_batches(make_cfg, tok, single_thread):
+    """acc, tool calls per episode, malformed calls per call, turns and truncation, as val/<task>/...;
+    pooled over batches (a per-batch mean would give the malformed rate 1/3 here, not 1/2)."""
+    from src.callbacks.report import greedy_eval
+
+    cfg = make_cfg("rollout=tools", "rollout.max_turns=3", "rollout.max_new_tokens=200")
+    module = hydra.utils.instantiate(cfg.module)
+    module.configure_model()
+    module.tokenizer = module.rollout.tokenizer = tok
+    module.student = ScriptedPolicy(tok, SCRIPTS)
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    batches = []
+    for questions, refs in (([GOOD, DIRECT], ["6", "Paris"]), ([BAD], ["9"])):
+        ids, mask = prompts(tok, module.rollout.environment, questions)
+        batches.append({"input_ids": ids, "attention_mask": mask, "references": refs, "ids": questions})
+        module._evaluate(batches[-1], "val")
+    got = {k: float(v.compute()) for k, v in logged.items()}
+    task = cfg.data.task
+    assert got == pytest.approx({f"val/{task}/acc": 1.0, f"val/{task}/response_len": got[f"val/{task}/response_len"],
+                                 f"val/{task}/truncation_rate": 0.0, f"val/{task}/tools/calls_per_episode": 2 / 3,
+                                 f"val/{task}/tools/malformed_rate": 1 / 2, f"val/{task}/tools/error_rate": 1 / 2,
+                                 f"val/{task}/turns_mean": 5 / 3})
+    row = greedy_eval(module, batches, module.student)
+    assert row["acc"] == 1.0 and row["n"] == 3 and row["truncation_rate"] == 0
+    assert row["calls_per_episode"] == pytest.approx(2 / 3) and row["malformed_rate"] == pytest.approx(1 / 2)
+    assert row["turns"] == pytest.approx(5 / 3)

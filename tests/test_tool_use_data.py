@@ -4,6 +4,7 @@ tool-use experiment's miniature end to end."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -87,13 +88,34 @@ def test_composite_tool_reward(response, score):
 def test_tool_use_miniature_runs_end_to_end(make_cfg, single_thread):
     from src.train import train
 
-    cfg = make_cfg("experiment=tool_use", "miniature=tools", "data.batch_size=4", "data.train.n=16",
+    # tiny random models instead of the trained stages (model=tool_mini), which take minutes to build
+    cfg = make_cfg("experiment=tool_use", "miniature=tools", "model=tiny", "+model.student.chat_template=tools",
+                   "+model.teacher.chat_template=tools", "data.batch_size=2", "data.train.n=16",
                    "data.val.n=4", "data.test.n=4", "rollout.max_new_tokens=12", "rollout.max_turns=2",
                    "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.progress_bar=null",
-                   "trainer.enable_progress_bar=false", "test=false", fast=False)
+                   "trainer.enable_progress_bar=false", fast=False)
     metrics, obj = train(cfg)
     assert type(obj["module"].rollout).__name__ == "ToolRollout"
-    assert "val/tool_mini/acc" in metrics and "train/tools/calls_per_episode" in metrics
+    for name in ("acc", "truncation_rate", "tools/calls_per_episode", "tools/malformed_rate", "turns_mean"):
+        assert f"val/tool_mini/{name}" in metrics
+    assert "train/tools/calls_per_episode" in metrics
+    report = json.loads((Path(cfg.paths.output_dir) / "report.json").read_text())
+    assert set(report) == {"teacher", "student before", "student after"}
+    assert {"calls_per_episode", "malformed_rate", "turns", "truncation_rate"} <= set(report["student after"])
+
+
+def test_tool_use_miniature_uses_the_trained_stages(make_cfg):
+    cfg = make_cfg("experiment=tool_use", "miniature=tools", fast=False)
+    assert (cfg.model.student.experiment, cfg.model.teacher.experiment) == ("tool_student_init", "tool_teacher")
+    grpo = make_cfg("experiment=tool_use", "miniature=tools", "algorithm=grpo", "reward=tool_composite", fast=False)
+    assert grpo.model.teacher is None and grpo.rollout.num_samples == cfg.rollout.num_samples == 4
+    assert grpo.reward.scorer._target_ == "src.tools.reward.CompositeToolScore"
+    # no phase schedule left half-configured (a switch_step without a _target_) once GRPO turns it off
+    assert not grpo.callbacks.get("phase_schedule") and cfg.callbacks.phase_schedule._target_
+    for stage in ("tool_teacher", "tool_student_init"):
+        stage_cfg = make_cfg(f"experiment={stage}", fast=False)
+        assert stage_cfg.objective._target_.endswith("ReferenceSFT") and stage_cfg.model.teacher is None
+        assert stage_cfg.model.student.chat_template == "tools" and stage_cfg.data.train.digits == 4
 
 
 def test_tool_use_paper_setting_composes(make_cfg):
@@ -104,3 +126,35 @@ def test_tool_use_paper_setting_composes(make_cfg):
         "Calculator", "PythonTool", "SearchTool"]
     grpo = make_cfg("experiment=tool_use", "algorithm=grpo", "reward=tool_composite", fast=False)
     assert grpo.reward.scorer._target_ == "src.tools.reward.CompositeToolScore" and grpo.model.teacher is None
+
+
+def test_tool_arithmetic_rows_carry_a_reference_episode_with_the_real_calculators_reply():
+    from src.tools import Calculator, ToolEnvironment
+    from src.tools.calls import parse_tool_calls
+
+    for r in ToolArithmeticTask("train", 20)():
+        call, reply, answer = r["solution"]
+        assert [m["role"] for m in r["solution"]] == ["assistant", "tool", "assistant"]
+        (parsed,) = parse_tool_calls(call["content"])
+        assert parsed.name == "calculator" and parsed.arguments == {"expression": r["expression"]}
+        assert [reply] == ToolEnvironment([Calculator()]).execute(call["content"])
+        assert reply["content"] == r["answer"] and answer["content"] == f"The answer is {r['answer']}."
+        assert CompositeToolScore()(call["content"] + answer["content"], r["answer"]) == pytest.approx(1.2)
+
+
+def test_tiny_model_chat_template_option(tmp_path):
+    from src.modules.models import TinyQwen2
+
+    default = TinyQwen2(cache_dir=str(tmp_path), hidden_size=32, num_layers=1)
+    tools = TinyQwen2(cache_dir=str(tmp_path), hidden_size=32, num_layers=1, chat_template="tools")
+    assert default.path != tools.path  # the template is part of the cache key
+    assert TinyQwen2(cache_dir=str(tmp_path), hidden_size=32, num_layers=1, chat_template="chatml").path == default.path
+    tok = tools.load_tokenizer()
+    text = tok.apply_chat_template([{"role": "user", "content": "q"}], tools=[CALCULATOR_SCHEMA], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == "<|im_start|>system\nTools: calculator(expression)<|im_end|>\n<|im_start|>user\nq<|im_end|>\n" \
+                   "<|im_start|>assistant\n"
+    assert "Tools" not in default.load_tokenizer().apply_chat_template(
+        [{"role": "user", "content": "q"}], tools=[CALCULATOR_SCHEMA], tokenize=False)
+    with pytest.raises(ValueError, match="chat_template"):
+        TinyQwen2(cache_dir=str(tmp_path), chat_template="qwen")

@@ -2,7 +2,8 @@
 
 Before training it evaluates the teacher and the student (greedy decoding, graded answers); after
 training the student again. It prints one table (accuracy, mean response length, generated tokens
-per second) and writes it to ``<output_dir>/report.json``.
+per second; for tool-use episodes also tool calls per episode, the malformed call rate, turns per episode
+and the truncation rate) and writes it to ``<output_dir>/report.json``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,20 @@ import torch
 from lightning import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
+from src.modules.tool_rollout import episode_totals
+
+# a tool-use evaluation's extra columns: (row key, header, format)
+TOOL_COLUMNS = (("calls_per_episode", "tool calls/episode", "{:.2f}"), ("malformed_rate", "malformed", "{:.1%}"),
+                ("turns", "turns", "{:.2f}"), ("truncation_rate", "truncated", "{:.1%}"))
+
 
 @torch.no_grad()
 def greedy_eval(pl_module, dataloader, policy) -> dict[str, float]:
-    """Accuracy, mean response length and generated tokens/s of ``policy`` on ``dataloader``."""
-    correct = n = tokens = 0
+    """Accuracy, mean response length and generated tokens/s of ``policy`` on ``dataloader``; with a tool
+    rollout also tool calls per episode, malformed calls per call, turns per episode and truncation rate."""
+    correct = n = tokens = truncated = 0
     seconds = 0.0
+    tools = None
     for batch in dataloader:
         batch = {k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         start = time.perf_counter()
@@ -29,8 +38,17 @@ def greedy_eval(pl_module, dataloader, policy) -> dict[str, float]:
         correct += sum(bool(pl_module.grader(r, ref)) for r, ref in zip(ro.response_texts, ro.references))
         n += len(ro.references)
         tokens += int(ro.response_mask_BT.sum())
-    return {"acc": correct / max(n, 1), "response_len": tokens / max(n, 1), "tokens_per_s": tokens / max(seconds, 1e-9),
-            "n": n}
+        truncated += int(ro.truncated_B.sum())
+        totals = episode_totals(ro)
+        if totals is not None:
+            tools = {k: (tools or {}).get(k, 0) + v for k, v in totals.items()}
+    out = {"acc": correct / max(n, 1), "response_len": tokens / max(n, 1), "tokens_per_s": tokens / max(seconds, 1e-9),
+           "n": n}
+    if tools is not None:
+        out.update(calls_per_episode=tools["calls"] / max(tools["episodes"], 1),
+                   malformed_rate=tools["malformed"] / max(tools["calls"], 1),
+                   turns=tools["turns"] / max(tools["episodes"], 1), truncation_rate=truncated / max(n, 1))
+    return out
 
 
 class DistillationReport(Callback):
@@ -66,12 +84,13 @@ class DistillationReport(Callback):
         from rich.table import Table
 
         table = Table(title=f"{self.split} split: greedy accuracy")
-        for col in ("model", "accuracy", "mean response length", "tokens/s", "n"):
+        tools = [c for c in TOOL_COLUMNS if all(c[0] in r for r in self.rows.values())]
+        for col in ("model", "accuracy", "mean response length", "tokens/s", "n", *(c[1] for c in tools)):
             table.add_column(col, justify="left" if col == "model" else "right")
         for name, r in self.rows.items():
             table.add_row(name, f"{100 * r['acc']:.1f}%", f"{r['response_len']:.1f}", f"{r['tokens_per_s']:.0f}",
-                          str(r["n"]))
-        Console(width=100).print(table)
+                          str(r["n"]), *(fmt.format(r[key]) for key, _, fmt in tools))
+        Console(width=140 if tools else 100).print(table)
         if "student before" in self.rows:
             gain = 100 * (self.rows["student after"]["acc"] - self.rows["student before"]["acc"])
             print(f"student gain: {gain:+.1f} points")

@@ -2,7 +2,11 @@
 template, left-padded so every response starts in the same column.
 
 A *source* is any callable returning the rows of one split (``list[dict]``): the synthetic
-``ArithmeticTask`` or ``JsonlPrompts`` for files. The tokenizer reaches the datamodule through
+``ArithmeticTask`` or ``JsonlPrompts`` for files.
+
+A row may carry a reference ``solution`` for the SFT stage: a string (the whole response), or a
+multi-turn tool-use episode ``[assistant, tool, ..., assistant]`` rendered as ``ToolRollout`` renders one
+(``tool_rollout.render_episode``); batches then carry ``target_mask``, 1 on the assistant's tokens only. The tokenizer reaches the datamodule through
 ``set_tokenizer`` (it belongs to the student, which the LightningModule loads).
 """
 
@@ -54,15 +58,17 @@ class JsonlPrompts:
 
 class _Tokenized(torch.utils.data.Dataset):
     def __init__(self, ids: list[list[int]], answers: list[str], targets: list[list[int]] | None = None,
-                 row_ids: list | None = None):
-        self.ids, self.answers, self.targets = ids, answers, targets
+                 row_ids: list | None = None, target_masks: list[list[bool]] | None = None):
+        self.ids, self.answers, self.targets, self.target_masks = ids, answers, targets, target_masks
         self.row_ids = row_ids if row_ids is not None else list(range(len(ids)))
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, i):
-        return self.ids[i], self.answers[i], (self.targets[i] if self.targets is not None else None), self.row_ids[i]
+        target = self.targets[i] if self.targets is not None else None
+        target_mask = self.target_masks[i] if self.target_masks is not None else None
+        return self.ids[i], self.answers[i], target, self.row_ids[i], target_mask
 
 
 class PromptDataModule(LightningDataModule):
@@ -124,19 +130,35 @@ class PromptDataModule(LightningDataModule):
                 for i, x in enumerate(ids):
                     if len(x) > self.max_prompt_tokens:
                         raise ValueError(f"{split} row {i}: prompt has {len(x)} tokens > data.max_prompt_tokens")
-            targets = None
+            targets = target_masks = None
             if rows and all("solution" in r for r in rows):  # reference solutions, for the SFT stage
-                targets = [self.tokenizer(r["solution"], add_special_tokens=False)["input_ids"] for r in rows]
+                if all(isinstance(r["solution"], str) for r in rows):
+                    targets = [self.tokenizer(r["solution"], add_special_tokens=False)["input_ids"] for r in rows]
+                else:
+                    targets, target_masks = map(list, zip(*(self.episode_target(r) for r in rows)))
             row_ids = [r.get("id", i) for i, r in enumerate(rows)]  # joins eval results back to the data
             counts = Counter(map(str, row_ids))
             dup = sorted(x for x, c in counts.items() if c > 1)
             if dup:
                 raise DataRowError(f"{split} split: row ids must be unique, repeated: {dup[:10]}"
                                    f"{' ...' if len(dup) > 10 else ''} (give each row its own 'id')")
-            self.splits[split] = _Tokenized(ids, [r["answer"] for r in rows], targets, row_ids)
+            self.splits[split] = _Tokenized(ids, [r["answer"] for r in rows], targets, row_ids, target_masks)
+
+    def episode_target(self, row: dict) -> tuple[list[int], list[bool]]:
+        """A solution's tokens without the closing EOS (``reference_rollout`` appends it) and the mask of those
+        the model writes; a string solution is all the model's."""
+        solution = row["solution"]
+        if isinstance(solution, str):
+            ids = self.tokenizer(solution, add_special_tokens=False)["input_ids"]
+            return ids, [True] * len(ids)
+        from src.modules.tool_rollout import render_episode
+
+        ids, mask = render_episode(self.tokenizer, list(solution), self.tokenizer.eos_token_id,
+                                   row.get("tools") or self.tools)
+        return ids[:-1], mask[:-1]
 
     def collate(self, items) -> dict:
-        ids, answers, targets, row_ids = zip(*items)
+        ids, answers, targets, row_ids, target_masks = zip(*items)
         P = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(ids), P), pad, dtype=torch.long)
@@ -148,6 +170,8 @@ class PromptDataModule(LightningDataModule):
                  "ids": list(row_ids)}
         if targets[0] is not None:
             batch["target_ids"] = list(targets)
+        if target_masks[0] is not None:
+            batch["target_mask"] = list(target_masks)
         return batch
 
     def _eval_loader(self, split):

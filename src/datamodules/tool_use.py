@@ -12,8 +12,10 @@ non-object parameters) is named by file and line, all in one error, or each warn
 ``on_error="skip"``.
 
 ``ToolArithmeticTask`` is the synthetic task of the tool-use miniature: arithmetic on numbers too large
-to do in the head (a short word problem), with the calculator's schema; deterministic by seed, splits
-disjoint by a hash of the problem.
+to do in the head (a short word problem whose numbers are given as ``(a = ..., b = ...)``), with the
+calculator's schema; deterministic by seed, splits
+disjoint by a hash of the problem. Each row carries a reference episode (``solution``) for the SFT stages:
+the calculator call, the real calculator's reply, and the answer read off it.
 """
 
 from __future__ import annotations
@@ -98,12 +100,18 @@ CALCULATOR_SCHEMA = {"type": "function", "function": {
     "name": "calculator", "description": "Evaluate an arithmetic expression exactly (+ - * / // % ** and parentheses).",
     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
 
+# The numbers come last, in one frame for every story, so that the call copies them from the same place
+# (a tiny model learns copying at a fixed offset in a few thousand examples, at a story-dependent one far later).
 _STORIES = [
-    ("A warehouse has {a} crates with {b} bolts in each crate. How many bolts are there?", "{a}*{b}"),
-    ("A farm sold {a} eggs on Monday and {b} eggs on Tuesday. How many eggs in total?", "{a}+{b}"),
-    ("A tank held {a} litres and {b} litres were drained. How many litres are left?", "{a}-{b}"),
-    ("Each of {a} runners ran {b} metres. How many metres did they run together?", "{a}*{b}"),
+    ("A warehouse has a crates with b bolts in each crate. How many bolts are there?", "{a}*{b}"),
+    ("A farm sold a eggs on Monday and b eggs on Tuesday. How many eggs in total?", "{a}+{b}"),
+    ("A tank held a litres and b litres were drained. How many litres are left?", "{a}-{b}"),
+    ("Each of a runners ran b metres. How many metres did they run together?", "{a}*{b}"),
 ]
+NUMBERS = " (a = {a}, b = {b})"
+
+
+TOOL_CALL = "<tool_call>{}</tool_call>"
 
 
 def _split_of(problem: str) -> str:
@@ -123,6 +131,18 @@ class ToolArithmeticTask:
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, not {split!r}")
         self.split, self.n, self.digits, self.seed = split, n, digits, seed
+        self._environment = None
+
+    def demonstration(self, expression: str) -> list[dict]:
+        """The reference episode: call the calculator, read its reply (the real tool's output), state it."""
+        if self._environment is None:
+            from src.tools import Calculator, ToolEnvironment
+
+            self._environment = ToolEnvironment([Calculator()])
+        call = TOOL_CALL.format(json.dumps({"name": "calculator", "arguments": {"expression": expression}}))
+        replies = self._environment.execute(call)
+        return [{"role": "assistant", "content": call}, *replies,
+                {"role": "assistant", "content": f"The answer is {replies[-1]['content']}."}]
 
     def __call__(self) -> list[dict]:
         rng = random.Random(f"tool-arithmetic-{self.seed}")
@@ -132,14 +152,14 @@ class ToolArithmeticTask:
             a, b = rng.randint(lo, hi), rng.randint(lo, hi)
             if "-" in expr and b > a:
                 a, b = b, a
-            question = story.format(a=a, b=b)
+            question = story + NUMBERS.format(a=a, b=b)
             if question in seen or _split_of(question) != self.split:
                 continue
             seen.add(question)
             expression = expr.format(a=a, b=b)
             value = a * b if "*" in expr else a + b if "+" in expr else a - b
             rows.append({"id": len(rows), "prompt": question, "answer": str(value), "expression": expression,
-                         "tools": [CALCULATOR_SCHEMA]})
+                         "tools": [CALCULATOR_SCHEMA], "solution": self.demonstration(expression)})
             if len(rows) == self.n:
                 return rows
         raise ValueError(f"could not draw {self.n} distinct {self.split} problems of {self.digits} digits")

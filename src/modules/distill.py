@@ -21,11 +21,12 @@ import torch
 from lightning import LightningModule
 from torchmetrics import MeanMetric
 
-from src.modules.metrics import AvgAtK, MajAtK, PassAtK, default_ks
+from src.modules.metrics import AvgAtK, MajAtK, PassAtK, Ratio, default_ks
 from src.modules.models import preflight
 from src.modules.multimodal import preflight_processors, vision_token_ids
 from src.modules.sampling import AllTokens
 from src.modules.scoring import response_hidden, score_response
+from src.modules.tool_rollout import TOOL_STATS, episode_totals
 
 
 class DistillationModule(LightningModule):
@@ -76,6 +77,8 @@ class DistillationModule(LightningModule):
         self.val_acc = MeanMetric()
         self.val_len = MeanMetric()
         self.val_trunc = MeanMetric()
+        # a tool-use rollout's episode statistics, pooled over the evaluation (unused by other rollouts)
+        self.val_tools = torch.nn.ModuleDict({name.replace("/", "_"): Ratio() for name, _, _ in TOOL_STATS})
         if eval_samples:
             self.val_avg = AvgAtK()
             self.val_pass = torch.nn.ModuleDict({str(k): PassAtK(k) for k in default_ks(eval_samples)})
@@ -237,6 +240,12 @@ class DistillationModule(LightningModule):
         self.log(f"{key}/acc", self.val_acc, prog_bar=True, batch_size=n)
         self.log(f"{key}/response_len", self.val_len, batch_size=n)
         self.log(f"{key}/truncation_rate", self.val_trunc, batch_size=n)
+        totals = episode_totals(ro)
+        if totals is not None:
+            for name, num, den in TOOL_STATS:
+                metric = self.val_tools[name.replace("/", "_")]
+                metric.update(totals[num], totals[den])
+                self.log(f"{key}/{name}", metric, batch_size=n)
         self._record(batch, ro, correct, sample=None)
         if self.eval_samples:
             k = self.eval_samples

@@ -12,7 +12,8 @@ G samples each.
   a tie gets the fraction of tied answers that are correct.
 Both estimators are those of ``src.analysis.test_time_scaling``, so training-time validation and the
 offline test-time-scaling analysis agree on the numbers.
-Greedy accuracy, response length and truncation rate are means (``torchmetrics.MeanMetric``).
+Greedy accuracy, response length and truncation rate are means (``torchmetrics.MeanMetric``); a tool-use
+episode's statistics are ``Ratio``s (malformed calls per call weighs every call alike, whatever its batch).
 """
 
 from __future__ import annotations
@@ -79,4 +80,25 @@ class MajAtK(_AtK):
         self._add(torch.tensor([maj_at_k(a, c, self.k) for a, c in zip(answers_PG, correct)]))
 
 
-__all__ = ["AvgAtK", "MajAtK", "PassAtK", "default_ks"]
+class Ratio(Metric):
+    """``sum(numerator) / sum(denominator)`` over an evaluation; 0 when the denominator is 0 (no calls, no
+    malformed calls)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("numerator", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("denominator", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, numerator: float, denominator: float) -> None:
+        self.numerator += float(numerator)
+        self.denominator += float(denominator)
+
+    def compute(self) -> torch.Tensor:
+        if self.denominator <= 0:
+            return torch.zeros((), dtype=torch.float32, device=self.numerator.device)
+        return (self.numerator / self.denominator).float()
+
+
+__all__ = ["AvgAtK", "MajAtK", "PassAtK", "Ratio", "default_ks"]

@@ -38,17 +38,20 @@ class PretrainedLM:
         dtype: weights dtype (``float32``, ``bfloat16``, ``float16``).
         tokenizer: tokenizer location if not ``path``.
         key: the config key of this spec, named in error messages.
+        freeze: parameter-name prefixes kept fixed in training (e.g. ``[model.visual]``: a vision-language
+            model's vision tower and merger, as LLaVA- and Qwen-VL-style fine-tunes often do).
         kwargs: passed to ``from_pretrained`` (``attn_implementation``, ``revision``, ...).
     """
 
     def __init__(self, path: str, dtype: str = "float32", tokenizer: str | None = None, key: str = "model",
-                 trust_remote_code: bool = False, **kwargs):
+                 trust_remote_code: bool = False, freeze: list[str] | None = None, **kwargs):
         if not path:
             raise ValueError(f"{key}.path is empty: give a hub id or a local model directory")
         self.path, self.key = str(path), key
         self.dtype = _dtype(dtype, key)
         self.tokenizer_path = str(tokenizer) if tokenizer else None
         self.trust_remote_code = trust_remote_code
+        self.freeze = [str(f) for f in (freeze or [])]
         self.kwargs = kwargs
 
     def _resolve(self, path: str, what: str) -> str:
@@ -65,11 +68,25 @@ class PretrainedLM:
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code)
             auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) else AutoModelForCausalLM
-            return auto.from_pretrained(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
-                                        **self.kwargs)
+            model = auto.from_pretrained(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                                         **self.kwargs)
         except OSError as e:
             raise OSError(f"{self.key}: could not load model {path!r} ({e}). Offline? Set {self.key}.path to a "
                           "local directory.") from e
+        return self._frozen(model)
+
+    def _frozen(self, model):
+        """``model`` with the parameters under ``freeze`` set to ``requires_grad=False`` (the optimiser skips them)."""
+        for prefix in self.freeze:
+            params = [p for name, p in model.named_parameters() if name == prefix or name.startswith(prefix + ".")]
+            if not params:
+                roots = sorted({name.split(".")[0] + "." + name.split(".")[1] for name, _ in model.named_parameters()
+                                if name.count(".") >= 1})
+                raise ValueError(f"{self.key}.freeze: no parameter of {self.path!r} is under {prefix!r} "
+                                 f"(top-level modules: {roots[:12]})")
+            for p in params:
+                p.requires_grad_(False)
+        return model
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -148,18 +165,28 @@ class TinyQwen2(BuiltOnFirstUse):
         hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: architecture.
         seed: weight initialisation seed.
         max_position_embeddings: context length.
+        chat_template: the tokenizer's chat template: a name in ``tokenizer.CHAT_TEMPLATES`` (``chatml``,
+            ``tools``: ChatML that announces ``tools=``) or a Jinja template.
     """
 
     def __init__(self, cache_dir: str, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                  num_kv_heads: int = 2, intermediate_size: int | None = None, seed: int = 0,
-                 max_position_embeddings: int = 1024, dtype: str = "float32", key: str = "model", **kwargs):
+                 max_position_embeddings: int = 1024, chat_template: str = "chatml", dtype: str = "float32",
+                 key: str = "model", **kwargs):
         self.arch = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                          num_key_value_heads=num_kv_heads,
                          intermediate_size=intermediate_size or int(hidden_size * 2.6875),
                          max_position_embeddings=max_position_embeddings, seed=seed)
-        from src.modules.tokenizer import TOKENIZER_VERSION
+        from src.modules.tokenizer import CHAT_TEMPLATES, CHATML_TEMPLATE, TOKENIZER_VERSION
 
-        digest = hashlib.sha1(json.dumps({**self.arch, "tok": TOKENIZER_VERSION}, sort_keys=True).encode())
+        if chat_template not in CHAT_TEMPLATES and "{%" not in chat_template:
+            raise ValueError(f"{key}.chat_template must be one of {sorted(CHAT_TEMPLATES)} or a Jinja template, "
+                             f"got {chat_template!r}")
+        self.chat_template = CHAT_TEMPLATES.get(chat_template, chat_template)
+        spec = {**self.arch, "tok": TOKENIZER_VERSION}
+        if self.chat_template != CHATML_TEMPLATE:  # the default keeps the folders built before the option
+            spec["template"] = self.chat_template
+        digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode())
         path = Path(cache_dir).expanduser() / f"tiny-qwen2-h{hidden_size}-l{num_layers}-{digest.hexdigest()[:10]}"
         super().__init__(str(path), dtype=dtype, key=key, **kwargs)
 
@@ -173,6 +200,7 @@ class TinyQwen2(BuiltOnFirstUse):
         from src.modules.tokenizer import build_char_tokenizer
 
         tok = build_char_tokenizer()
+        tok.chat_template = self.chat_template
         arch = dict(self.arch)
         seed = arch.pop("seed")
         cfg = Qwen2Config(vocab_size=len(tok), tie_word_embeddings=True, bos_token_id=None,

@@ -18,6 +18,21 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# ChatML with tools (for tool-use miniatures): Qwen2.5's layout (tool messages as a user turn in
+# <tool_response> tags, see src/modules/tool_rollout.py's TOOL_CHAT_TEMPLATE), but the tools section names
+# each tool and its arguments only, since every prompt token costs CPU time: "Tools: calculator(expression)".
+TOOLS_CHATML_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for tool in tools %}{% set fn = tool.function or tool %}"
+    " {{ fn.name }}({{ (fn.parameters or {}).properties | default({}) | join(', ') }}){% endfor %}"
+    "<|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message['content'] }}\n"
+    "</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# by name, for configs: TinyQwen2(chat_template="tools")
+CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE, "tools": TOOLS_CHATML_TEMPLATE}
 
 
 def build_char_tokenizer():

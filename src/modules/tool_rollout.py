@@ -34,6 +34,10 @@ Decisions (deviations from a single ``generate``):
   without the EOS, special tokens kept); an empty reply means the turn was final. ``ToolEnvironment`` replies
   exactly when ``has_tool_call(text)``.
 - Text only: images with tools are not combined yet (``NotImplementedError``).
+- Reference episodes for SFT (``render_episode``) go through the same ``tool_glue``: a demonstration's tokens
+  and sampled mask are those of the episode the rollout produces when the policy writes the same turns.
+- Validation pools the episode statistics over batches (``episode_totals``, ``TOOL_STATS``): tool calls per
+  episode, malformed calls per call, failed calls per call, turns per episode.
 - ``seconds`` is the wall time of the whole episode loop, tool execution included.
 """
 
@@ -89,6 +93,68 @@ def tool_glue(tokenizer, turn_text: str, tool_messages: list[dict], eos_texts: l
     if not ends:
         raise ValueError(f"the chat template closes assistant turns with none of the EOS tokens {eos_texts}")
     return full[min(ends):]
+
+
+def glue_ids(tokenizer, turn_text: str, tool_messages: list[dict], eos_texts: list[str],
+             tools: list[dict] | None = None) -> list[int]:
+    """``tool_glue`` tokenised: the environment's tokens of one step of an episode."""
+    glue = tool_glue(tokenizer, turn_text, tool_messages, eos_texts, tools)
+    return tokenizer(glue, add_special_tokens=False)["input_ids"]
+
+
+def render_episode(tokenizer, messages: list[dict], eos_token_id: int, tools: list[dict] | None = None
+                   ) -> tuple[list[int], list[bool]]:
+    """The response tokens a ``ToolRollout`` episode holds had the policy written ``messages``' assistant turns,
+    and which of them it wrote (sampled: True; environment glue: False).
+
+    ``messages`` alternate assistant turns and the tool messages answering them (``[assistant, tool, ...,
+    assistant]``) and end with an assistant turn. Each turn is its text's tokens and ``eos_token_id``; the glue
+    is ``tool_glue`` as the rollout renders it, so a reference demonstration trains on the token stream the
+    rollout produces (``tests/test_tool_use_data.py`` checks one against a scripted episode token by token).
+    """
+    eos_texts = [tokenizer.decode([eos_token_id])]
+    ids: list[int] = []
+    sampled: list[bool] = []
+    i = 0
+    while i < len(messages):
+        turn = messages[i]
+        if turn.get("role") != "assistant":
+            raise ValueError(f"message {i} of an episode must be an assistant turn, not {turn.get('role')!r}")
+        turn_ids = tokenizer(turn["content"], add_special_tokens=False)["input_ids"] + [eos_token_id]
+        ids += turn_ids
+        sampled += [True] * len(turn_ids)
+        j = i + 1
+        while j < len(messages) and messages[j].get("role") == "tool":
+            j += 1
+        if j == i + 1 and j < len(messages):
+            raise ValueError(f"assistant turn {i} is followed by another assistant turn, not by tool messages")
+        if j > i + 1:
+            if j == len(messages):
+                raise ValueError("an episode must end with an assistant turn (the final answer)")
+            env_ids = glue_ids(tokenizer, turn["content"], messages[i + 1 : j], eos_texts, tools)
+            ids += env_ids
+            sampled += [False] * len(env_ids)
+        i = j
+    return ids, sampled
+
+
+# a tool rollout's episode statistics: (metric, numerator total, denominator total) of ``episode_totals``
+TOOL_STATS = (("tools/calls_per_episode", "calls", "episodes"), ("tools/malformed_rate", "malformed", "calls"),
+              ("tools/error_rate", "errors", "calls"), ("turns_mean", "turns", "episodes"))
+
+
+def episode_totals(ro) -> dict[str, float] | None:
+    """Totals over a tool rollout's episodes (``episodes``, ``calls``, ``malformed``, ``errors``, ``turns``),
+    recovered from its per-batch rates so that evaluations over several batches can pool them; None for a
+    rollout without tool statistics."""
+    m = ro.metrics
+    if "tools/calls_per_episode" not in m:
+        return None
+    episodes = float(ro.response_mask_BT.shape[0])
+    calls = round(float(m["tools/calls_per_episode"]) * episodes)
+    return {"episodes": episodes, "calls": float(calls), "turns": round(float(m["turns_mean"]) * episodes),
+            "malformed": round(float(m["tools/malformed_rate"]) * calls),
+            "errors": round(float(m["tools/error_rate"]) * calls)}
 
 
 class _Episode:
@@ -156,8 +222,7 @@ class ToolRollout:
 
     def _glue_ids(self, text: str, messages: list[dict], eos_texts: list[str]) -> list[int]:
         schemas = self.environment.schemas() if hasattr(self.environment, "schemas") else None
-        glue = tool_glue(self.tokenizer, text, messages, eos_texts, schemas)
-        return self.tokenizer(glue, add_special_tokens=False)["input_ids"]
+        return glue_ids(self.tokenizer, text, messages, eos_texts, schemas)
 
     @torch.no_grad()
     def __call__(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
