@@ -241,6 +241,28 @@ def test_visual_task_is_deterministic_and_splits_are_disjoint():
         VisualTask("train", n=1, n_digits=6, image_size=28, font_size=20)()
 
 
+def test_visual_task_row_of_cells_keeps_each_glyph_near_its_cells_centre():
+    # the miniature's layout: one 28 px cell (one merged image token) per digit, glyphs jittered <= 2 px
+    rows = VisualTask("train", n=30, n_digits=3, cell_size=28, jitter=2, seed=2)()
+    centres = []
+    for row in rows:
+        image = items(row, "image")[0]["image"].convert("L")
+        assert image.size == (84, 28)
+        for k in range(3):
+            cell = image.crop((k * 28, 0, (k + 1) * 28, 28))
+            ink = [(i % 28, i // 28) for i, v in enumerate(cell.getdata()) if v < 120]
+            assert ink, f"no glyph in cell {k}"
+            xs, ys = [x for x, _ in ink], [y for _, y in ink]
+            centres.append(((min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2))
+    # every glyph sits within jitter (+ a pixel of glyph asymmetry and rounding) of the centre, and they do move
+    assert all(abs(x - 13.5) <= 4 and abs(y - 13.5) <= 4 for x, y in centres)
+    assert len({round(x) for x, _ in centres}) > 1
+    with pytest.raises(ValueError, match="jitter"):
+        VisualTask("train", n=1, jitter=-1)
+    with pytest.raises(ValueError, match="cell_size"):
+        VisualTask("train", n=1, cell_size=4)
+
+
 def test_visual_task_saved_folder_reads_back(tmp_path):
     task = VisualTask("test", n=6, n_digits=2, image_size=56, distractors=3)
     path = task.save(tmp_path / "visual")
@@ -419,11 +441,14 @@ def test_visual_configs_compose_and_batch(make_cfg, tmp_path, processor):
     cfg = make_cfg("data=visual_mini", "data.batch_size=4", "data.train.n=16", "data.val.n=4",
                    "data.test.n=4")
     dm = hydra.utils.instantiate(cfg.data)
-    dm.set_tokenizer(processor)
+    dm.set_tokenizer(build_tiny_vl_processor(min_pixels=784))  # the miniature models' pixel budget
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 4
-    assert batch["model_kwargs"]["image_grid_thw"].tolist() == [[1, 4, 4]] * 4
+    # an 84 x 28 row of three 28 px cells: 2 x 6 patches of 14 px, one merged image token per digit
+    assert batch["model_kwargs"]["image_grid_thw"].tolist() == [[1, 2, 6]] * 4
+    n_image = (batch["input_ids"] == dm.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum(1)
+    assert n_image.tolist() == [3] * 4
     assert len(batch["target_ids"]) == 4 and len(next(iter(dm.val_dataloader()))["ids"]) == 4
 
     path = VisualTask("test", n=4, n_digits=2).save(tmp_path / "files")

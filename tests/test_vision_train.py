@@ -9,7 +9,7 @@ import torch
 from src.modules.multimodal import model_inputs, vision_token_ids
 from src.train import train
 
-VL = ["experiment=visual_reasoning", "miniature=visual", "data.batch_size=4", "data.train.n=32", "data.val.n=4",
+VL = ["experiment=visual_reasoning", "miniature=visual", "model=tiny_vl", "data.batch_size=4", "data.train.n=32", "data.val.n=4",
       "data.test.n=4", "rollout.max_new_tokens=8", "rollout.num_samples=2", "trainer.max_steps=2",
       "trainer.val_check_interval=2", "callbacks.phase_schedule.switch_step=1"]
 
@@ -106,3 +106,59 @@ def test_paper_setting_composes(make_cfg):
     assert cfg.model.student.path == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert cfg.model.teacher.path == "Qwen/Qwen2.5-VL-32B-Instruct"
     assert cfg.trainer.strategy._target_.endswith("DeepSpeedStrategy")
+
+
+def test_reference_sft_trains_the_vision_tower_on_the_rows_images(make_cfg, single_thread):
+    # the SFT stage that builds the visual teacher: its loss must see the images, so the vision tower learns
+    cfg = make_cfg("experiment=visual_teacher", "data.batch_size=4", "data.train.n=16", "data.val.n=4",
+                   "data.test.n=4", "trainer.max_steps=2", "trainer.val_check_interval=2", "test=false",
+                   "model.student.hidden_size=32", "model.student.num_layers=1", "model.student.vision_depth=1",
+                   "model.student.vision_hidden_size=16", fast=False)
+    _, obj = train(cfg)
+    module = obj["module"]
+    from hydra.utils import instantiate
+
+    initial = instantiate(obj["cfg"].model.student).load_model().state_dict()
+    visual = {k: v for k, v in module.student.state_dict().items() if ".visual." in f".{k}"}
+    assert visual and any(not torch.equal(v, initial[k]) for k, v in visual.items()), "vision tower did not train"
+
+
+def test_scorer_refuses_image_placeholders_without_pixels(vl_run):
+    _, _, obj = vl_run
+    module, dm = obj["module"], obj["datamodule"]
+    batch, ro = _rollout(module, dm)
+    from src.modules.scoring import response_hidden
+
+    with pytest.raises(ValueError, match="no pixel_values"):
+        response_hidden(module.student, ro.input_ids, ro.attention_mask, ro.response_start)
+
+
+def test_miniature_override_swaps_in_the_trained_stages(make_cfg):
+    # one override turns the paper's setting into the CPU miniature, whose models are the cached SFT stages
+    cfg = make_cfg("experiment=visual_reasoning", "miniature=visual", fast=False)
+    assert cfg.model.teacher.experiment == "visual_teacher"
+    assert cfg.model.student.experiment == "visual_student_init"
+    assert cfg.trainer.accelerator == "cpu" and "strategy" not in cfg.trainer
+    assert cfg.data.train._target_.endswith("VisualTask") and cfg.callbacks.report.split == "test"
+    from src.modules.stages import compose_stage
+
+    teacher, student = compose_stage("visual_teacher"), compose_stage("visual_student_init")
+    assert teacher.objective._target_.endswith("ReferenceSFT") and teacher.model.teacher is None
+    # the student is the smaller model, on the same task and the same image layout
+    assert student.model.student.hidden_size < teacher.model.student.hidden_size
+    assert student.data.train.cell_size == teacher.data.train.cell_size == cfg.data.train.cell_size
+
+
+def test_freeze_keeps_the_vision_tower_fixed_and_names_a_wrong_prefix(cache_dir):
+    from src.modules.models import TinyQwen2VL
+
+    spec = TinyQwen2VL(cache_dir=str(cache_dir), hidden_size=32, num_layers=1, vision_hidden_size=16,
+                       freeze=["model.visual"])
+    model = spec.load_model()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("model.visual.") for n in frozen)
+    assert any(p.requires_grad for n, p in model.named_parameters() if n.startswith("model.language_model."))
+    assert len(frozen) == sum(1 for n, _ in model.named_parameters() if n.startswith("model.visual."))
+    with pytest.raises(ValueError, match="model.student.freeze: no parameter .* under 'model.vision'"):
+        TinyQwen2VL(cache_dir=str(cache_dir), hidden_size=32, num_layers=1, vision_hidden_size=16,
+                    freeze=["model.vision"], key="model.student").load_model()

@@ -130,6 +130,11 @@ def response_hidden(model, input_ids_BT, attention_mask_BT, response_start: int,
         # the image features and computes its own 3-D rotary positions
         backbone = model.model
         model_kwargs = model_inputs(model_kwargs, seq_len=input_ids_BT.shape[1])
+        image_id = getattr(model.config, "image_token_id", None)
+        if image_id is not None and "pixel_values" not in model_kwargs and (input_ids_BT == image_id).any():
+            # without pixels the placeholders would pass as ordinary text embeddings, silently
+            raise ValueError("the sequences hold image placeholder tokens but no pixel_values came with them: "
+                             "pass the batch's model_kwargs through to the scorer")
     else:
         backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         model_kwargs = dict(model_kwargs)
