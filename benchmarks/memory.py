@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--chunk-sizes", type=int, nargs="*", default=[], help="extra chunk sizes to sweep")
     p.add_argument("--naive-sizes", nargs="*", default=["1x512", "1x1024"],
                    help="BxS sizes at which the naive path is measured when the full size would not fit")
-    p.add_argument("--quick", action="store_true", help="2 x 160 tokens, chunk 64, naive measured, no file")
+    p.add_argument("--quick", action="store_true", help="2 x 160 tokens, chunk 256, naive measured, no file")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "performance.md")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--case", choices=["backbone", "project", "naive"], help=argparse.SUPPRESS)
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                args.device)), flush=True)
         return {}
     if args.quick:
-        args.batch, args.seq, args.prompt, args.chunk_size, args.no_write = 2, 160, 32, 64, True
+        args.batch, args.seq, args.prompt, args.chunk_size, args.no_write = 2, 160, 32, 256, True
     size = (args.batch, args.seq, args.prompt)
     print(machine(), flush=True)
 
