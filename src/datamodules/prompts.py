@@ -132,10 +132,9 @@ class PromptDataModule(LightningDataModule):
                         raise ValueError(f"{split} row {i}: prompt has {len(x)} tokens > data.max_prompt_tokens")
             targets = target_masks = None
             if rows and all("solution" in r for r in rows):  # reference solutions, for the SFT stage
+                targets, target_masks = map(list, zip(*(self.episode_target(r) for r in rows)))
                 if all(isinstance(r["solution"], str) for r in rows):
-                    targets = [self.tokenizer(r["solution"], add_special_tokens=False)["input_ids"] for r in rows]
-                else:
-                    targets, target_masks = map(list, zip(*(self.episode_target(r) for r in rows)))
+                    target_masks = None  # every token is the model's
             row_ids = [r.get("id", i) for i, r in enumerate(rows)]  # joins eval results back to the data
             counts = Counter(map(str, row_ids))
             dup = sorted(x for x, c in counts.items() if c > 1)

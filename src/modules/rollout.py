@@ -43,6 +43,7 @@ class Rollout:
     references: list[str] = dataclasses.field(default_factory=list)
     response_texts: list[str] = dataclasses.field(default_factory=list)
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. pixel values
+    tool_counts_BK: torch.Tensor | None = None  # tool rollouts: per episode, tool_rollout.TOOL_COUNTS
     # filled by the objective
     teacher_logp_BT: torch.Tensor | None = None
     reward_BT: torch.Tensor | None = None

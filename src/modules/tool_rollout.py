@@ -138,23 +138,25 @@ def render_episode(tokenizer, messages: list[dict], eos_token_id: int, tools: li
     return ids, sampled
 
 
-# a tool rollout's episode statistics: (metric, numerator total, denominator total) of ``episode_totals``
+# what a tool rollout counts per episode (the columns of ``Rollout.tool_counts_BK``), and its statistics:
+# (metric, numerator total, denominator total) over ``episode_totals``
+TOOL_COUNTS = ("calls", "malformed", "errors", "turns")
 TOOL_STATS = (("tools/calls_per_episode", "calls", "episodes"), ("tools/malformed_rate", "malformed", "calls"),
               ("tools/error_rate", "errors", "calls"), ("turns_mean", "turns", "episodes"))
 
 
 def episode_totals(ro) -> dict[str, float] | None:
-    """Totals over a tool rollout's episodes (``episodes``, ``calls``, ``malformed``, ``errors``, ``turns``),
-    recovered from its per-batch rates so that evaluations over several batches can pool them; None for a
-    rollout without tool statistics."""
-    m = ro.metrics
-    if "tools/calls_per_episode" not in m:
+    """Totals over a tool rollout's episodes (``episodes`` and ``TOOL_COUNTS``), so that evaluations over
+    several batches can pool them; None for a rollout without tool statistics."""
+    if ro.tool_counts_BK is None:
         return None
-    episodes = float(ro.response_mask_BT.shape[0])
-    calls = round(float(m["tools/calls_per_episode"]) * episodes)
-    return {"episodes": episodes, "calls": float(calls), "turns": round(float(m["turns_mean"]) * episodes),
-            "malformed": round(float(m["tools/malformed_rate"]) * calls),
-            "errors": round(float(m["tools/error_rate"]) * calls)}
+    sums = ro.tool_counts_BK.sum(0).tolist()
+    return {"episodes": float(ro.tool_counts_BK.shape[0]), **dict(zip(TOOL_COUNTS, sums))}
+
+
+def tool_stats(totals: dict[str, float]) -> dict[str, float]:
+    """``TOOL_STATS`` of ``episode_totals`` (a ratio over an empty denominator is 0)."""
+    return {name: totals[num] / max(totals[den], 1) for name, num, den in TOOL_STATS}
 
 
 class _Episode:
@@ -301,13 +303,9 @@ class ToolRollout:
             sampled_BT[b, :n] = torch.tensor(ep.sampled_mask, dtype=torch.bool, device=device)
             logp_BT[b, :n] = torch.tensor(ep.logp, device=device)
             entropy_BT[b, :n] = torch.tensor(ep.entropy, device=device)
-        calls = sum(ep.calls for ep in episodes)
-        metrics = {
-            "tools/calls_per_episode": torch.tensor(calls / B),
-            "tools/malformed_rate": torch.tensor(sum(ep.malformed for ep in episodes) / max(calls, 1)),
-            "tools/error_rate": torch.tensor(sum(ep.errors for ep in episodes) / max(calls, 1)),
-            "turns_mean": torch.tensor(sum(ep.turns for ep in episodes) / B),
-        }
+        counts_BK = torch.tensor([[getattr(ep, k) for k in TOOL_COUNTS] for ep in episodes], dtype=torch.float64)
+        totals = {"episodes": float(B), **dict(zip(TOOL_COUNTS, counts_BK.sum(0).tolist()))}
+        metrics = {name: torch.tensor(v) for name, v in tool_stats(totals).items()}
         return Rollout(
             input_ids=torch.cat([prompt_ids_BP, response_BT], dim=1),
             # environment tokens are attended (the policy read them) but were not sampled
@@ -316,4 +314,5 @@ class ToolRollout:
             old_logp_BT=None if greedy else logp_BT, entropy_BT=None if greedy else entropy_BT,
             truncated_B=torch.tensor([ep.truncated for ep in episodes], dtype=torch.bool, device=device),
             group_size=G, seconds=seconds, model_kwargs=model_kwargs, metrics=metrics,
+            tool_counts_BK=counts_BK,
         )
