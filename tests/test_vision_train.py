@@ -162,3 +162,34 @@ def test_freeze_keeps_the_vision_tower_fixed_and_names_a_wrong_prefix(cache_dir)
     with pytest.raises(ValueError, match="model.student.freeze: no parameter .* under 'model.vision'"):
         TinyQwen2VL(cache_dir=str(cache_dir), hidden_size=32, num_layers=1, vision_hidden_size=16,
                     freeze=["model.vision"], key="model.student").load_model()
+
+
+def _column_rotation_gap(model, columns: int = 3) -> float:
+    """Largest difference between the decoder's rotary (cos) rows of neighbouring image columns of a 1 x N
+    image (3-D positions as Qwen2.5-VL assigns them: time fixed, height fixed, width = column)."""
+    import torch
+
+    rope = model.model.language_model.rotary_emb
+    pos = torch.zeros(3, 1, columns, dtype=torch.long)
+    pos[2, 0] = torch.arange(columns)
+    x = torch.zeros(1, columns, model.config.text_config.hidden_size)
+    cos, _ = rope(x, pos)
+    return float((cos[0, 1:] - cos[0, :-1]).abs().max())
+
+
+def test_mrope_section_lets_a_tiny_decoder_tell_image_columns_apart(cache_dir):
+    from src.modules.models import TinyQwen2VL
+
+    arch = dict(cache_dir=str(cache_dir), hidden_size=64, num_layers=1, vision_hidden_size=16)
+    default = TinyQwen2VL(**arch).load_model()
+    # Qwen2.5-VL's split hands width the slowest of a head-16's 8 frequencies: columns look alike
+    assert default.config.text_config.rope_parameters["mrope_section"] == [4, 2, 2]
+    assert _column_rotation_gap(default) < 1e-3
+    wide = TinyQwen2VL(**arch, mrope_section=[0, 0, 8]).load_model()
+    assert wide.config.text_config.rope_parameters["mrope_section"] == [0, 0, 8]
+    assert _column_rotation_gap(wide) > 0.5  # the fastest frequency turns ~1 rad per column
+    assert TinyQwen2VL(**arch, mrope_section=[0, 0, 8]).path != TinyQwen2VL(**arch).path
+    with pytest.raises(ValueError, match=r"model.student.mrope_section .* head_size / 2 = 8, got \[4, 4, 4\]"):
+        TinyQwen2VL(**arch, mrope_section=[4, 4, 4], key="model.student")
+    with pytest.raises(ValueError, match="model.student.rope_theta must be positive"):
+        TinyQwen2VL(**arch, rope_theta=0, key="model.student")

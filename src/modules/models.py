@@ -237,15 +237,32 @@ class TinyQwen2VL(BuiltOnFirstUse):
         hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: the text decoder.
         vision_depth, vision_hidden_size: the vision tower (patch 14, spatial merge 2 as in Qwen2.5-VL).
         min_pixels, max_pixels: the image processor's resize bounds (few patches keep the CPU fast).
+        mrope_section: how the decoder's ``head_size / 2`` rotary frequencies split between the time, height
+            and width positions, highest frequencies first (default: Qwen2.5-VL's proportions). Inside one
+            image every token shares the time position, so with the default a tiny head leaves width the
+            slowest few frequencies: at ``rope_theta`` 1e6 and head size 16, neighbouring columns differ by
+            about 1e-4 rad and the decoder cannot tell them apart (the image is a bag of cells to it, unless
+            the vision tower encodes position itself). ``[0, 0, head_size / 2]`` gives width every
+            frequency, as text positions have (rows then share positions: for one-row images).
+        rope_theta: the decoder's RoPE base (default: Qwen2.5-VL's 1e6).
     """
 
     def __init__(self, cache_dir: str, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                  num_kv_heads: int = 2, intermediate_size: int | None = None, vision_depth: int = 1,
                  vision_hidden_size: int = 32, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112,
-                 seed: int = 0, max_position_embeddings: int = 2048, dtype: str = "float32", key: str = "model",
-                 **kwargs):
+                 seed: int = 0, max_position_embeddings: int = 2048, mrope_section: list[int] | None = None,
+                 rope_theta: float | None = None, dtype: str = "float32", key: str = "model", **kwargs):
         if hidden_size % num_heads or (hidden_size // num_heads) % 2:
             raise ValueError(f"{key}.hidden_size / num_heads must be an even head size, got {hidden_size}/{num_heads}")
+        head = hidden_size // num_heads
+        if mrope_section is not None:
+            mrope_section = [int(x) for x in mrope_section]
+            if len(mrope_section) != 3 or min(mrope_section) < 0 or sum(mrope_section) != head // 2:
+                raise ValueError(f"{key}.mrope_section must be 3 non-negative counts (time, height, width) summing "
+                                 f"to head_size / 2 = {head // 2}, got {mrope_section}")
+        if rope_theta is not None and rope_theta <= 0:
+            raise ValueError(f"{key}.rope_theta must be positive, got {rope_theta}")
+        self.rope = {k: v for k, v in (("mrope_section", mrope_section), ("rope_theta", rope_theta)) if v is not None}
         self.arch = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                          num_key_value_heads=num_kv_heads,
                          intermediate_size=intermediate_size or int(hidden_size * 2.6875),
@@ -258,7 +275,7 @@ class TinyQwen2VL(BuiltOnFirstUse):
         from src.modules.tokenizer import TOKENIZER_VERSION
 
         spec = {**self.arch, **{f"vision_{k}": v for k, v in self.vision.items()}, **self.pixels, "seed": seed,
-                "tok": TOKENIZER_VERSION, "proc": VL_PROCESSOR_VERSION}
+                "tok": TOKENIZER_VERSION, "proc": VL_PROCESSOR_VERSION, **self.rope}  # defaults keep old folders
         digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
         path = Path(cache_dir).expanduser() / f"tiny-qwen2.5-vl-h{hidden_size}-l{num_layers}-{digest}"
         super().__init__(str(path), dtype=dtype, key=key, **kwargs)
@@ -275,12 +292,15 @@ class TinyQwen2VL(BuiltOnFirstUse):
         tok = proc.tokenizer
         head = self.arch["hidden_size"] // self.arch["num_attention_heads"]
         # multimodal RoPE: the head's rotary frequencies split between time, height and width (sum = head / 2)
-        section = [head // 2 - 2 * (head // 6), head // 6, head // 6]
+        section = self.rope.get("mrope_section", [head // 2 - 2 * (head // 6), head // 6, head // 6])
+        rope = {"type": "mrope", "mrope_section": section}
+        if "rope_theta" in self.rope:
+            rope["rope_theta"] = float(self.rope["rope_theta"])
         ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
             ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
             ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
         text = dict(vocab_size=len(tok), tie_word_embeddings=True, bos_token_id=None, eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id, rope_scaling={"type": "mrope", "mrope_section": section},
+                    pad_token_id=tok.pad_token_id, rope_scaling=rope,
                     **self.arch)
         cfg = Qwen2_5_VLConfig(text_config=text, vision_config=self.vision, bos_token_id=None,
                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
