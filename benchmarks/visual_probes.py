@@ -7,7 +7,8 @@ MODEL, STUDENT, TEACHER: Hugging Face folders of tiny Qwen2.5-VL models, e.g. th
 ``.cache/stages/visual_student_init-<hash>`` (``python src/train.py experiment=visual_reasoning miniature=visual``
 builds them).
 
-``order``: does the model read the cells in order? For 40 three-digit test images with distinct digits it
+``order``: does the model read the cells in order? For 40 three-digit images (random distinct digits,
+rendered as the task renders them) it
 compares the first response token's distribution (the first digit of the written sum) on the image with the
 same digits in reverse order, against the same digits rendered again with other ink (noise level), and
 counts how often its argmax is the image's first digit. A model that sees the cells as an unordered bag

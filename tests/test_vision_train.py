@@ -147,6 +147,9 @@ def test_miniature_override_swaps_in_the_trained_stages(make_cfg):
     # the student is the smaller model, on the same task and the same image layout
     assert student.model.student.hidden_size < teacher.model.student.hidden_size
     assert student.data.train.cell_size == teacher.data.train.cell_size == cfg.data.train.cell_size
+    # the two settings the miniature's result rests on (docs/results/visual_reasoning.md)
+    assert list(student.model.student.mrope_section) == [0, 0, 8]
+    assert cfg.module.optimizer._target_ == "torch.optim.SGD" and cfg.module.optimizer.lr == 5e-3
 
 
 def test_freeze_keeps_the_vision_tower_fixed_and_names_a_wrong_prefix(cache_dir):
@@ -177,17 +180,26 @@ def _column_rotation_gap(model, columns: int = 3) -> float:
     return float((cos[0, 1:] - cos[0, :-1]).abs().max())
 
 
+def _mrope_section(model) -> list[int]:
+    text = model.config.text_config
+    rope = getattr(text, "rope_parameters", None) or text.rope_scaling  # transformers 5 / 4
+    return list(rope["mrope_section"])
+
+
 def test_mrope_section_lets_a_tiny_decoder_tell_image_columns_apart(cache_dir):
     from src.modules.models import TinyQwen2VL
 
     arch = dict(cache_dir=str(cache_dir), hidden_size=64, num_layers=1, vision_hidden_size=16)
     default = TinyQwen2VL(**arch).load_model()
-    # Qwen2.5-VL's split hands width the slowest of a head-16's 8 frequencies: columns look alike
-    assert default.config.text_config.rope_parameters["mrope_section"] == [4, 2, 2]
+    # the default split hands width the slowest of a head-16's 8 frequencies: columns look alike
+    assert _mrope_section(default) == [4, 2, 2]
     assert _column_rotation_gap(default) < 1e-3
     wide = TinyQwen2VL(**arch, mrope_section=[0, 0, 8]).load_model()
-    assert wide.config.text_config.rope_parameters["mrope_section"] == [0, 0, 8]
+    assert _mrope_section(wide) == [0, 0, 8]
     assert _column_rotation_gap(wide) > 0.5  # the fastest frequency turns ~1 rad per column
+    based = TinyQwen2VL(**arch, rope_theta=100.0).load_model()
+    inv_freq = based.model.language_model.rotary_emb.inv_freq
+    assert abs(float(inv_freq[4]) - 100.0 ** -0.5) < 1e-6  # theta ** (-2i / head), i = 4 of 8
     assert TinyQwen2VL(**arch, mrope_section=[0, 0, 8]).path != TinyQwen2VL(**arch).path
     with pytest.raises(ValueError, match=r"model.student.mrope_section .* head_size / 2 = 8, got \[4, 4, 4\]"):
         TinyQwen2VL(**arch, mrope_section=[4, 4, 4], key="model.student")

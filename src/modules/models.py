@@ -238,12 +238,13 @@ class TinyQwen2VL(BuiltOnFirstUse):
         vision_depth, vision_hidden_size: the vision tower (patch 14, spatial merge 2 as in Qwen2.5-VL).
         min_pixels, max_pixels: the image processor's resize bounds (few patches keep the CPU fast).
         mrope_section: how the decoder's ``head_size / 2`` rotary frequencies split between the time, height
-            and width positions, highest frequencies first (default: Qwen2.5-VL's proportions). Inside one
-            image every token shares the time position, so with the default a tiny head leaves width the
-            slowest few frequencies: at ``rope_theta`` 1e6 and head size 16, neighbouring columns differ by
-            about 1e-4 rad and the decoder cannot tell them apart (the image is a bag of cells to it, unless
-            the vision tower encodes position itself). ``[0, 0, head_size / 2]`` gives width every
-            frequency, as text positions have (rows then share positions: for one-row images).
+            and width positions, highest frequencies first (default ``[h/2 - 2 (h//6), h//6, h//6]`` for head
+            size h: ``[4, 2, 2]`` at 16; Qwen2.5-VL's own is ``[16, 24, 24]`` at 128). Inside one image every
+            token shares the time position, and either split leaves width the slowest frequencies: at
+            ``rope_theta`` 1e6 and head size 16, neighbouring columns differ by about 3e-5 rad, so the decoder
+            cannot tell them apart (the image is a bag of cells to it, unless the vision tower encodes
+            position). ``[0, 0, head_size / 2]`` gives width every frequency, as text positions have (rows
+            then share positions: for one-row images).
         rope_theta: the decoder's RoPE base (default: Qwen2.5-VL's 1e6).
     """
 
@@ -294,13 +295,12 @@ class TinyQwen2VL(BuiltOnFirstUse):
         # multimodal RoPE: the head's rotary frequencies split between time, height and width (sum = head / 2)
         section = self.rope.get("mrope_section", [head // 2 - 2 * (head // 6), head // 6, head // 6])
         rope = {"type": "mrope", "mrope_section": section}
-        if "rope_theta" in self.rope:
-            rope["rope_theta"] = float(self.rope["rope_theta"])
+        theta = {"rope_theta": float(self.rope["rope_theta"])} if "rope_theta" in self.rope else {}
         ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
             ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
             ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
         text = dict(vocab_size=len(tok), tie_word_embeddings=True, bos_token_id=None, eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id, rope_scaling=rope,
+                    pad_token_id=tok.pad_token_id, rope_scaling=rope, **theta,
                     **self.arch)
         cfg = Qwen2_5_VLConfig(text_config=text, vision_config=self.vision, bos_token_id=None,
                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
