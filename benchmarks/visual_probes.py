@@ -65,6 +65,7 @@ def order(paths: list[str], n: int = 40) -> list[dict]:
     from PIL import ImageFont
 
     from src.datamodules.visual_task import QUESTION, VisualTask
+    from src.modules.multimodal import model_inputs
 
     out = []
     for path in paths:
@@ -79,9 +80,9 @@ def order(paths: list[str], n: int = 40) -> list[dict]:
             chat = dm.messages({"prompt": [{"role": "user", "content": [
                 {"type": "text", "text": QUESTION}, {"type": "image", "image": image}]}]})
             batch = dm.collate([(chat, "0", None, 0)])
-            kwargs = {k: v for k, v in batch["model_kwargs"].items() if k != "images_per_row"}
             with torch.no_grad():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               **model_inputs(batch["model_kwargs"])).logits
             return logits[0, -1].log_softmax(-1)
 
         def kl(a, b):
@@ -103,8 +104,11 @@ def order(paths: list[str], n: int = 40) -> list[dict]:
 
 
 def sharpness(student: str, teacher: str, steps=(0.01, 0.03, 0.1, 0.3)) -> dict:
+    from src.modules.clipping import mixture_floor
+    from src.modules.grading import grade
     from src.modules.multimodal import vision_token_ids
     from src.modules.rollout import HFGenerateRollout, reference_rollout
+    from src.modules.sampling import RewardFloor
     from src.modules.scoring import score_response
 
     torch.manual_seed(0)
@@ -121,7 +125,7 @@ def sharpness(student: str, teacher: str, steps=(0.01, 0.03, 0.1, 0.3)) -> dict:
                      greedy=True, banned_ids=banned, **test["model_kwargs"])
         texts = tok.batch_decode(torch.where(ro.response_mask_BT, ro.response_ids_BT, tok.pad_token_id),
                                  skip_special_tokens=True)
-        return sum(t.strip().endswith(f"#### {a}") for t, a in zip(texts, test["references"])) / len(texts)
+        return sum(grade(t, a)[0] for t, a in zip(texts, test["references"])) / len(texts)
 
     ro = rollout(model, batch["input_ids"], batch["attention_mask"], [tok.eos_token_id], tok.pad_token_id,
                  banned_ids=banned, **batch["model_kwargs"])
@@ -130,7 +134,7 @@ def sharpness(student: str, teacher: str, steps=(0.01, 0.03, 0.1, 0.3)) -> dict:
         teacher_logp, _ = score_response(teacher_model, ro.input_ids, ro.attention_mask, ro.response_start,
                                          banned_ids=banned, **ro.model_kwargs)
     reward, valid = teacher_logp - ro.old_logp_BT, ro.response_mask_BT
-    explore = valid & (reward >= -2.1972)  # REOPOLD's exploration mask, c(0.1) = log(0.1 / 0.9)
+    explore = RewardFloor(mixture_floor(0.1))(reward, valid)  # REOPOLD's exploration mask
     model.train()
 
     def logp(r):
