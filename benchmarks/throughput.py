@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--algorithm", default="reopold")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (e.g. module.chunk_size=4096)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may follow options
     if args.warmup < 1:
         ap.error("--warmup must be >= 1 so the clock has a start point")
     import warnings

@@ -167,3 +167,91 @@ def test_a_training_steps_loss_agrees_between_loop_and_generate(make_cfg, single
 def test_unknown_backend_names_the_key():
     with pytest.raises(ValueError, match="rollout.backend"):
         HFGenerateRollout(backend="vllm")
+
+
+# ---------------------------------------------------------------- the fused decode step (src.modules.fast_decode)
+def _random_lm(kind: str, dtype=torch.float32):
+    """A small random Qwen2 (q/k/v biases) or Llama (no biases, head size set apart from hidden / heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=50, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=kind == "qwen2")
+    torch.manual_seed(11)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, head_dim=16, rope_theta=500.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8) if p.dim() == 2 else p.normal_(0, 0.5)  # logits far from uniform, biases non-zero
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("kind,dtype,atol", [("qwen2", torch.float32, 1e-5), ("llama", torch.float32, 1e-5),
+                                              ("qwen2", torch.bfloat16, 0.15)])
+def test_fused_decode_step_gives_the_models_own_logits(kind, dtype, atol, single_thread):
+    from src.modules.decode import kv_cache
+    from src.modules.fast_decode import FusedDecodeStep
+    from src.modules.scoring import position_ids_from_mask
+
+    model = _random_lm(kind, dtype)
+    step = FusedDecodeStep.build(model)
+    assert step is not None
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    mask[2, :1] = 0
+    new = torch.randint(1, 50, (3, 5), generator=g)
+    full_mask = torch.cat([mask, torch.ones_like(new)], 1)
+    pos = position_ids_from_mask(full_mask)
+    bias = torch.zeros(full_mask.shape, dtype=dtype).masked_fill_(full_mask == 0, torch.finfo(dtype).min)
+    with torch.no_grad():
+        # the reference: one teacher-forced forward over prompt and new tokens
+        ref = model(input_ids=torch.cat([ids, new], 1), attention_mask=full_mask, position_ids=pos).logits
+        cache = kv_cache(model, 12)
+        model(input_ids=ids, attention_mask=mask, position_ids=pos[:, :7], cache=cache, use_cache=True)
+        for t in range(5):
+            got = step(new[:, t], pos[:, 7 + t], cache, 8 + t, bias)
+            torch.testing.assert_close(got.float(), ref[:, 7 + t].float(), atol=atol, rtol=0)
+
+
+def test_fused_decode_sampling_equals_the_models_forward(tiny, eos_bias, single_thread):
+    from src.modules.decode import sample
+    from src.modules.fast_decode import FusedDecodeStep
+
+    model, tok, ids, mask = tiny
+    assert FusedDecodeStep.build(model) is not None  # the tiny Qwen2 of every other test here takes this path
+    out = {}
+    for fused in (True, False):
+        torch.manual_seed(9)
+        out[fused] = sample(model, ids, mask, [tok.eos_token_id], tok.pad_token_id, 20, temperature=0.8,
+                            fused=fused)
+    (seq_f, lp_f, ent_f), (seq_h, lp_h, ent_h) = out[True], out[False]
+    assert torch.equal(seq_f, seq_h)
+    m = seq_f[:, ids.shape[1]:] != tok.pad_token_id
+    torch.testing.assert_close(lp_f[m], lp_h[m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_f[m], ent_h[m], atol=1e-5, rtol=0)
+
+
+def test_fused_decode_is_skipped_where_it_would_not_be_the_models_forward():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from src.modules.fast_decode import FusedDecodeStep
+
+    model = _random_lm("qwen2")
+    assert FusedDecodeStep.build(model) is not None
+    assert FusedDecodeStep.build(model.train()) is None  # dropout could be active
+    model.eval()
+    handle = model.model.layers[1].mlp.register_forward_pre_hook(lambda *a: None)  # sharding / offload wrappers
+    assert FusedDecodeStep.build(model) is None
+    handle.remove()
+    model.model.layers[0].self_attn.q_proj = torch.nn.Sequential(model.model.layers[0].self_attn.q_proj)  # adapters
+    assert FusedDecodeStep.build(model) is None
+    sliding = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                           sliding_window=4, max_window_layers=0)).eval()
+    assert FusedDecodeStep.build(sliding) is None
+    gelu = _random_lm("llama")
+    gelu.config.hidden_act = "gelu"
+    assert FusedDecodeStep.build(gelu) is None

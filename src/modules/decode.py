@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from src.modules.fast_decode import FusedDecodeStep
 from src.modules.multimodal import is_multimodal
 from src.modules.scoring import BANNED_LOGIT, position_ids_from_mask
 
@@ -97,8 +98,9 @@ def warpers(temperature: float, top_k: int, top_p: float) -> list:
 @torch.no_grad()
 def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos_token_ids, pad_token_id: int,
            max_new_tokens: int, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, banned_ids: torch.Tensor | None = None, sync_every: int = 4):
-    """Decode up to ``max_new_tokens`` per row.
+           top_p: float = 1.0, banned_ids: torch.Tensor | None = None, sync_every: int = 4, fused: bool = True):
+    """Decode up to ``max_new_tokens`` per row. After the prefill, each token goes through
+    ``FusedDecodeStep`` where it supports the model (``fused=False``: always the model's own forward).
 
     Returns ``(sequences [B, P + T], logp_BT, entropy_BT)``; the last two are ``None`` when greedy, and hold
     garbage (not zeros) after each row's EOS: the caller masks them.
@@ -120,6 +122,12 @@ def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos
     if padded:
         mask_BL = torch.cat([prompt_mask_BP, prompt_mask_BP.new_ones(B, max_new_tokens)], dim=1)
     pos_BP = position_ids_from_mask(prompt_mask_BP)
+    step = FusedDecodeStep.build(model) if fused and all(isinstance(x, _InPlaceLayer) for x in
+                                                        getattr(cache, "layers", [None])) else None
+    bias_BL = None
+    if step is not None and mask_BL is not None:
+        bias_BL = torch.zeros(mask_BL.shape, dtype=model.dtype, device=device).masked_fill_(
+            mask_BL == 0, torch.finfo(model.dtype).min)
     tokens_BT = torch.full((B, max_new_tokens), pad_token_id, dtype=prompt_ids_BP.dtype, device=device)
     logp_BT = torch.empty(B, max_new_tokens, device=device) if record else None
     entropy_BT = torch.empty(B, max_new_tokens, device=device) if record else None
@@ -128,9 +136,12 @@ def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos
 
     ids, pos_BL = prompt_ids_BP, pos_BP
     for t in range(max_new_tokens):
-        out = model(input_ids=ids, attention_mask=None if mask_BL is None else mask_BL[:, : P + t],
-                    position_ids=pos_BL, use_cache=True, **{cache_kw: cache}, **keep)
-        z_BV = out.logits[:, -1].float()
+        if t and step is not None:
+            z_BV = step(ids[:, 0], pos_BL[:, 0], cache, P + t, bias_BL).float()
+        else:
+            out = model(input_ids=ids, attention_mask=None if mask_BL is None else mask_BL[:, : P + t],
+                        position_ids=pos_BL, use_cache=True, **{cache_kw: cache}, **keep)
+            z_BV = out.logits[:, -1].float()
         if banned_K is not None:
             z_BV = z_BV.index_fill(-1, banned_K, BANNED_LOGIT)
         if greedy:

@@ -150,12 +150,15 @@ class HFGenerateRollout:
         val_max_new_tokens: budget for greedy validation decoding (defaults to ``max_new_tokens``).
         backend: ``loop`` (``src.modules.decode``; falls back to ``generate`` for inputs it does not support, such
             as images) or ``generate``.
+        fused_decode: with ``backend=loop``, decode Qwen2 / Llama models through ``FusedDecodeStep``
+            (``src.modules.fast_decode``; the same tokens with fewer ops); False keeps the model's own forward.
     """
 
     BACKENDS = ("loop", "generate")
 
     def __init__(self, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 num_samples: int = 1, val_max_new_tokens: int | None = None, backend: str = "loop"):
+                 num_samples: int = 1, val_max_new_tokens: int | None = None, backend: str = "loop",
+                 fused_decode: bool = True):
         if temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0 (use greedy=True for argmax), got {temperature}")
         if not 0 < top_p <= 1:
@@ -168,7 +171,7 @@ class HFGenerateRollout:
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.num_samples = num_samples
         self.val_max_new_tokens = val_max_new_tokens or max_new_tokens
-        self.backend = backend
+        self.backend, self.fused_decode = backend, fused_decode
 
     @torch.no_grad()
     def __call__(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
@@ -192,7 +195,8 @@ class HFGenerateRollout:
         if self.backend == "loop" and decode.loop_supports(model, model_inputs(model_kwargs)):
             seq, old_logp_BT, entropy_BT = decode.sample(
                 model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id, budget, greedy=greedy,
-                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, banned_ids=banned_ids)
+                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, banned_ids=banned_ids,
+                fused=self.fused_decode)
         else:
             seq, old_logp_BT, entropy_BT = self._generate(model, prompt_ids_BP, prompt_mask_BP, eos_token_ids,
                                                           pad_token_id, budget, greedy, banned_ids, model_kwargs)
