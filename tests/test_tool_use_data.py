@@ -62,6 +62,20 @@ def test_tool_arithmetic_task_is_right_deterministic_and_split_disjoint():
         assert len(r["expression"].split("*")[0].split("+")[0].split("-")[0]) == 6
 
 
+def test_direct_frac_swaps_that_share_of_demonstrations_and_keeps_the_problems():
+    base, mixed = ToolArithmeticTask("train", 400)(), ToolArithmeticTask("train", 400, direct_frac=0.5)()
+    assert [r["prompt"] for r in base] == [r["prompt"] for r in mixed]
+    direct = [r for r in mixed if len(r["solution"]) == 1]
+    assert 150 <= len(direct) <= 250  # about half, drawn from a stream of its own
+    for r in direct:
+        assert r["solution"] == [{"role": "assistant", "content": f"The answer is {r['answer']}."}]
+    called = [r for r, b in zip(mixed, base) if len(r["solution"]) > 1]
+    assert called and all(r["solution"][0]["content"].startswith("<tool_call>") for r in called)
+    assert mixed == ToolArithmeticTask("train", 400, direct_frac=0.5)()
+    with pytest.raises(ValueError, match="direct_frac"):
+        ToolArithmeticTask("train", 4, direct_frac=1.5)
+
+
 def test_each_rows_tools_reach_its_prompt():
     tok = build_char_tokenizer()
     tok.chat_template = TOOL_CHAT_TEMPLATE
@@ -106,16 +120,22 @@ def test_tool_use_miniature_runs_end_to_end(make_cfg, single_thread):
 
 def test_tool_use_miniature_uses_the_trained_stages(make_cfg):
     cfg = make_cfg("experiment=tool_use", "miniature=tools", fast=False)
-    assert (cfg.model.student.experiment, cfg.model.teacher.experiment) == ("tool_student_init", "tool_teacher")
+    assert (cfg.model.student.experiment, cfg.model.teacher.experiment) == ("tool_student_mixed", "tool_teacher")
     grpo = make_cfg("experiment=tool_use", "miniature=tools", "algorithm=grpo", "reward=tool_composite", fast=False)
     assert grpo.model.teacher is None and grpo.rollout.num_samples == cfg.rollout.num_samples == 4
     assert grpo.reward.scorer._target_ == "src.tools.reward.CompositeToolScore"
     # no phase schedule left half-configured (a switch_step without a _target_) once GRPO turns it off
     assert not grpo.callbacks.get("phase_schedule") and cfg.callbacks.phase_schedule._target_
-    for stage in ("tool_teacher", "tool_student_init"):
+    for stage in ("tool_teacher", "tool_student_init", "tool_student_mixed"):
         stage_cfg = make_cfg(f"experiment={stage}", fast=False)
         assert stage_cfg.objective._target_.endswith("ReferenceSFT") and stage_cfg.model.teacher is None
-        assert stage_cfg.model.student.chat_template == "tools" and stage_cfg.data.train.digits == 4
+        assert stage_cfg.data.train.digits == 4
+    # the teacher and the copy-trained warm start are tiny Qwen2s; the student continues from that warm start
+    # on demonstrations of which half skip the tool
+    assert make_cfg("experiment=tool_student_init", fast=False).model.student.chat_template == "tools"
+    mixed = make_cfg("experiment=tool_student_mixed", fast=False)
+    assert mixed.model.student.experiment == "tool_student_init" and mixed.data.train.direct_frac == 0.5
+    assert set(mixed.model.student) == {"_target_", "key", "experiment", "cache_dir", "overrides"}
 
 
 def test_tool_use_paper_setting_composes(make_cfg):

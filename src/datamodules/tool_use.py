@@ -15,7 +15,9 @@ non-object parameters) is named by file and line, all in one error, or each warn
 to do in the head (a short word problem whose numbers are given as ``(a = ..., b = ...)``), with the
 calculator's schema; deterministic by seed, splits
 disjoint by a hash of the problem. Each row carries a reference episode (``solution``) for the SFT stages:
-the calculator call, the real calculator's reply, and the answer read off it.
+the calculator call, the real calculator's reply, and the answer read off it; with ``direct_frac`` that
+fraction of the rows instead states the answer at once, without the tool (a student that has not learnt
+when to use its tools).
 """
 
 from __future__ import annotations
@@ -125,12 +127,17 @@ class ToolArithmeticTask:
     Args:
         split: ``train``, ``val`` or ``test`` (disjoint: a hash of the problem decides its split).
         n: rows; digits: size of each operand; seed: the generator's seed.
+        direct_frac: fraction of the rows whose reference episode answers directly (``The answer is ...``)
+            instead of calling the calculator; drawn from a stream of its own, so the problems do not change.
     """
 
-    def __init__(self, split: str, n: int, digits: int = 6, seed: int = 0):
+    def __init__(self, split: str, n: int, digits: int = 6, seed: int = 0, direct_frac: float = 0.0):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, not {split!r}")
+        if not 0.0 <= direct_frac <= 1.0:
+            raise ValueError(f"data.{split}.direct_frac must lie in [0, 1], got {direct_frac}")
         self.split, self.n, self.digits, self.seed = split, n, digits, seed
+        self.direct_frac = direct_frac
         self._environment = None
 
     def demonstration(self, expression: str) -> list[dict]:
@@ -146,6 +153,7 @@ class ToolArithmeticTask:
 
     def __call__(self) -> list[dict]:
         rng = random.Random(f"tool-arithmetic-{self.seed}")
+        direct_rng = random.Random(f"tool-arithmetic-direct-{self.seed}")
         rows, seen, lo, hi = [], set(), 10 ** (self.digits - 1), 10**self.digits - 1
         for _ in range(200 * self.n):
             story, expr = rng.choice(_STORIES)
@@ -158,8 +166,12 @@ class ToolArithmeticTask:
             seen.add(question)
             expression = expr.format(a=a, b=b)
             value = a * b if "*" in expr else a + b if "+" in expr else a - b
+            if self.direct_frac and direct_rng.random() < self.direct_frac:
+                solution = [{"role": "assistant", "content": f"The answer is {value}."}]
+            else:
+                solution = self.demonstration(expression)
             rows.append({"id": len(rows), "prompt": question, "answer": str(value), "expression": expression,
-                         "tools": [CALCULATOR_SCHEMA], "solution": self.demonstration(expression)})
+                         "tools": [CALCULATOR_SCHEMA], "solution": solution})
             if len(rows) == self.n:
                 return rows
         raise ValueError(f"could not draw {self.n} distinct {self.split} problems of {self.digits} digits")
