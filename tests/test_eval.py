@@ -44,6 +44,19 @@ def test_eval_with_k_samples_writes_results_the_analysis_reads(make_cfg, single_
     assert curve[4]["maj@k"] == pytest.approx(metrics[f"{key}/maj@4"], abs=1e-6)
 
 
+def test_eval_of_a_tool_use_model_writes_its_records(make_cfg, single_thread):
+    """Multi-turn tool rollouts through src/eval.py: the records and meta.json (sampling settings included)."""
+    ev = make_cfg("data=tool_mini", "data.train.n=4", "data.val.n=4", "data.test.n=4", "data.train.digits=2",
+                  "+model.student.chat_template=tools", "rollout=tools", "rollout.max_turns=2",
+                  "rollout.max_new_tokens=12", "k=2", "trainer.enable_progress_bar=false", config="eval")
+    metrics, obj = evaluate(ev)
+    assert "test/tool_mini/tools/calls_per_episode" in metrics
+    rows = [json.loads(line) for line in (obj["out_dir"] / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 3
+    meta = json.loads((obj["out_dir"] / "meta.json").read_text())
+    assert (meta["k"], meta["top_p"], meta["top_k"]) == (2, 1.0, 0)
+
+
 def test_validation_during_training_logs_pass_at_k(make_cfg, single_thread):
     cfg = make_cfg("test=false", "trainer.max_steps=2", "module.eval_samples=2")
     metrics, _ = train(cfg)

@@ -215,6 +215,8 @@ class ToolRollout:
 
     # the module reads these as it reads HFGenerateRollout's
     temperature = property(lambda self: self.turn.temperature)
+    top_p = property(lambda self: self.turn.top_p)
+    top_k = property(lambda self: self.turn.top_k)
     num_samples = property(lambda self: self.turn.num_samples)
     max_new_tokens = property(lambda self: self.turn.max_new_tokens)
     val_max_new_tokens = property(lambda self: self.turn.val_max_new_tokens)
