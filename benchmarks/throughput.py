@@ -12,7 +12,8 @@ the last untimed warm-up step and stops at the end of the last timed one. Ends w
 
     steps=<n> samples=<n> seconds=<s> samples_per_s=<x> gen_tokens_per_s=<y>
 
-and ``peak_rss_mb=<m>``. Keep the machine otherwise idle (see the peers' README): two busy threads on two
+and ``peak_rss_mb=<m>``. ``--phases`` adds the wall time per timed step of each phase (rollout, teacher
+scoring, the student's scoring forward, the backward) and the rest of the step. Keep the machine otherwise idle (see the peers' README): two busy threads on two
 cores slow tiny models by several times.
 """
 
@@ -34,6 +35,31 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from lightning import Callback  # noqa: E402
+
+
+class PhaseClock(Callback):
+    """Wall time of each phase of the timed steps, by wrapping the module's methods (``--phases``)."""
+
+    PHASES = {"generate": "rollout", "teacher_logp": "teacher scoring", "student_scores": "student scoring",
+              "manual_backward": "backward"}
+
+    def __init__(self, module, warmup: int):
+        self.warmup, self.seconds, self.timing = warmup, {v: 0.0 for v in self.PHASES.values()}, False
+        for name, label in self.PHASES.items():
+            setattr(module, name, self._timed(getattr(module, name), label))
+
+    def _timed(self, fn, label):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.timing:
+                    self.seconds[label] += time.perf_counter() - t0
+        return timed
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.timing = batch_idx + 1 >= self.warmup  # from the first timed step on
 
 
 class StepClock(Callback):
@@ -83,6 +109,10 @@ def build(args):
     dm.set_tokenizer(module.student_spec.load_processor())
     clock = StepClock(args.warmup)
     callbacks = [clock]
+    if args.phases:
+        module.configure_model()
+        clock.phases = PhaseClock(module, args.warmup)
+        callbacks.append(clock.phases)
     if cfg.callbacks.get("phase_schedule"):
         callbacks.append(hydra.utils.instantiate(cfg.callbacks.phase_schedule))
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=args.warmup + args.steps, logger=False,
@@ -101,6 +131,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--algorithm", default="reopold")
+    ap.add_argument("--phases", action="store_true", help="also print the wall time per step of each phase")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (e.g. module.chunk_size=4096)")
     args = ap.parse_intermixed_args(argv)  # overrides may follow options
     if args.warmup < 1:
@@ -122,6 +153,11 @@ def main(argv=None) -> dict:
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     print(f"steps={n} samples={n * args.batch} seconds={seconds:.3f} samples_per_s={out['samples_per_s']:.2f} "
           f"gen_tokens_per_s={out['gen_tokens_per_s']:.1f} peak_rss_mb={out['peak_rss_mb']:.0f}", flush=True)
+    if args.phases:
+        per_step = {k: 1e3 * v / n for k, v in clock.phases.seconds.items()}
+        per_step["rest of the step"] = 1e3 * seconds / n - sum(per_step.values())
+        print(" ".join(f"{k.replace(' ', '_')}_ms={v:.1f}" for k, v in per_step.items()), flush=True)
+        out["phases_ms"] = per_step
     return out
 
 

@@ -57,6 +57,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--max-others", type=float, default=10.0)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--also-unfused", action="store_true",
+                    help="also run reopold with rollout.fused_decode=false (the model's own forward in the decode loop)")
     args = ap.parse_args(argv)
     fx = Path(args.fixtures)
     if not (fx / "prompts.jsonl").exists():
@@ -67,6 +69,8 @@ def main(argv=None) -> dict:
         "plain": [sys.executable, str(PEERS / "plain_opd_bench.py"), *common],
         "reopold": [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), *common],
     }
+    if args.also_unfused:
+        variants["reopold_unfused"] = [*variants["reopold"], "+rollout.fused_decode=false"]
     results = {v: [] for v in variants}
     for r in range(1, args.rounds + 1):
         for name, cmd in variants.items():
