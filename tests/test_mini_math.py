@@ -119,6 +119,20 @@ def test_stage_cache_is_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
     assert changed.path != str(path)
 
 
+def test_a_chained_stage_hashes_the_stage_it_builds_on():
+    from src.modules.stages import compose_stage, stage_digest
+
+    mixed = stage_digest(compose_stage("tool_student_mixed"))
+    # tool_student_mixed continues tool_student_init's model: a change there must rebuild it too
+    upstream = ["model.student.overrides=['trainer.max_steps=400']"]
+    assert stage_digest(compose_stage("tool_student_mixed", upstream)) != mixed
+    assert stage_digest(compose_stage("tool_student_mixed")) == mixed
+    # a key added after stages were cached leaves digests alone at its default, not when set away from it
+    base = stage_digest(compose_stage("mini_math_teacher"))
+    assert stage_digest(compose_stage("mini_math_teacher", ["rollout.fused_decode=true"])) == base
+    assert stage_digest(compose_stage("mini_math_teacher", ["rollout.fused_decode=false"])) != base
+
+
 def test_main_job_shortened_prints_the_table(tmp_path):
     """CI's version of `make train`: same entry point and stages, shrunk to seconds."""
     proc = subprocess.run(

@@ -69,8 +69,8 @@ def test_direct_frac_swaps_that_share_of_demonstrations_and_keeps_the_problems()
     assert 150 <= len(direct) <= 250  # about half, drawn from a stream of its own
     for r in direct:
         assert r["solution"] == [{"role": "assistant", "content": f"The answer is {r['answer']}."}]
-    called = [r for r, b in zip(mixed, base) if len(r["solution"]) > 1]
-    assert called and all(r["solution"][0]["content"].startswith("<tool_call>") for r in called)
+    called = [(r, b) for r, b in zip(mixed, base) if len(r["solution"]) > 1]
+    assert called and all(r["solution"] == b["solution"] for r, b in called)  # the others keep their episode
     assert mixed == ToolArithmeticTask("train", 400, direct_frac=0.5)()
     with pytest.raises(ValueError, match="direct_frac"):
         ToolArithmeticTask("train", 4, direct_frac=1.5)

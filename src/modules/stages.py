@@ -4,9 +4,10 @@
 the student it trained from ``<cache_dir>/stages/<experiment>-<hash>/``. If nothing is cached there, it
 runs the stage first (``src.train.train``) and stores the exported Hugging Face model. Any change to
 the stage's config (architecture, data, steps, learning rate, seed) gives a new hash and a rebuild; an
-unchanged config is reused, across runs and across processes. Code is not hashed: a change to what a
-stage computes that its config does not show (the task's text format, a model default, the
-tokenizer) must bump ``STAGE_VERSION``.
+unchanged config is reused, across runs and across processes. A stage that starts from another stage's
+model hashes that stage's digest too, so a change upstream rebuilds every stage built on it. Code is not
+hashed: a change to what a stage computes that its config does not show (the task's text format, a model
+default, the tokenizer) must bump ``STAGE_VERSION``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # Where a stage writes and how it shows progress: not part of what it computes.
 VOLATILE = ("paths", "logger", "hydra", "task_name", "ckpt_path")
 EVAL_ONLY = ("eval_samples", "record_samples")
+# Keys added after stages were cached, hashed only when set away from their default (so the default leaves
+# existing digests unchanged): (config section, key) -> default.
+ADDED_DEFAULTS = {("rollout", "fused_decode"): True}
+STAGE_TARGET = "src.modules.stages.StageModel"
 STAGE_VERSION = 2  # bump when stage outputs change in ways the config does not show
 
 
@@ -44,10 +49,26 @@ def compose_stage(experiment: str, overrides: list[str] | tuple[str, ...] = ()):
         return compose(config_name="train", overrides=args)
 
 
+def _upstream_digests(node):
+    """The config tree with each ``StageModel`` node given the digest of the stage it loads."""
+    if isinstance(node, dict):
+        out = {k: _upstream_digests(v) for k, v in node.items()}
+        if node.get("_target_") == STAGE_TARGET:
+            upstream = compose_stage(node["experiment"], list(node.get("overrides") or []))
+            out["_stage_digest"] = stage_digest(upstream)
+        return out
+    if isinstance(node, list):
+        return [_upstream_digests(v) for v in node]
+    return node
+
+
 def stage_digest(cfg) -> str:
-    container = OmegaConf.to_container(cfg, resolve=False)
+    container = _upstream_digests(OmegaConf.to_container(cfg, resolve=False))
     for key in VOLATILE:
         container.pop(key, None)
+    for (section, key), default in ADDED_DEFAULTS.items():
+        if isinstance(container.get(section), dict) and container[section].get(key, default) == default:
+            container[section].pop(key, None)
     container.get("callbacks", {}).pop("progress_bar", None)
     for key in EVAL_ONLY:  # how a run is evaluated does not change the weights it trains
         container.get("module", {}).pop(key, None)
