@@ -171,7 +171,9 @@ def test_unknown_backend_names_the_key():
 
 # ---------------------------------------------------------------- the fused decode step (src.modules.fast_decode)
 def _random_lm(kind: str, dtype=torch.float32):
-    """A small random Qwen2 (q/k/v biases) or Llama (no biases, head size set apart from hidden / heads)."""
+    """A small random Qwen2 (q/k/v biases), Llama (no biases, head size set apart from hidden / heads) or
+    Llama with biases on every attention projection (o_proj's included) and yarn rope scaling (attention
+    factor != 1)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(vocab_size=50, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
@@ -179,8 +181,11 @@ def _random_lm(kind: str, dtype=torch.float32):
     torch.manual_seed(11)
     if kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
+    elif kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, head_dim=16, rope_theta=500.0))
+    else:
+        yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "rope_theta": 500.0}
+        model = LlamaForCausalLM(LlamaConfig(**common, attention_bias=True, rope_parameters=yarn))
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(8) if p.dim() == 2 else p.normal_(0, 0.5)  # logits far from uniform, biases non-zero
@@ -188,6 +193,7 @@ def _random_lm(kind: str, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("kind,dtype,atol", [("qwen2", torch.float32, 1e-5), ("llama", torch.float32, 1e-5),
+                                              ("llama_bias_yarn", torch.float32, 1e-5),
                                               ("qwen2", torch.bfloat16, 0.15)])
 def test_fused_decode_step_gives_the_models_own_logits(kind, dtype, atol, single_thread):
     from src.modules.decode import kv_cache
@@ -255,3 +261,26 @@ def test_fused_decode_is_skipped_where_it_would_not_be_the_models_forward():
     gelu = _random_lm("llama")
     gelu.config.hidden_act = "gelu"
     assert FusedDecodeStep.build(gelu) is None
+    # FSDP's flat parameters and ZeRO-3 partitions: weights not at their config's shape
+    sharded = _random_lm("llama")
+    sharded.model.layers[1].mlp.up_proj.weight.data = torch.zeros(7)
+    assert FusedDecodeStep.build(sharded) is None
+    offloaded = _random_lm("llama")
+    offloaded.model.layers[0]._hf_hook = object()  # Accelerate replaces forwards rather than registering hooks
+    assert FusedDecodeStep.build(offloaded) is None
+    on_meta = _random_lm("qwen2").to("meta")
+    assert FusedDecodeStep.build(on_meta) is None
+    big = _random_lm("qwen2")
+    assert FusedDecodeStep.build(big) is not None
+    big_limit, FusedDecodeStep.MAX_PARAMS = FusedDecodeStep.MAX_PARAMS, 1000
+    try:
+        assert FusedDecodeStep.build(big) is None  # beyond small models the packed copies cost too much memory
+    finally:
+        FusedDecodeStep.MAX_PARAMS = big_limit
+
+
+def test_fused_decode_can_be_turned_off_for_both_rollouts(make_cfg):
+    for rollout in ("hf", "tools"):
+        cfg = make_cfg(f"rollout={rollout}", "rollout.fused_decode=false")
+        built = hydra.utils.instantiate(cfg.rollout)
+        assert (built.turn if rollout == "tools" else built).fused_decode is False

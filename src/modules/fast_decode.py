@@ -17,12 +17,17 @@ same mathematics with fewer ops:
 The weights are packed from the live parameters at the start of each rollout (they change every optimiser
 step), about a millisecond at the benchmark's size.
 
-Used only where it is exactly the model's forward (``FusedDecodeStep.build`` returns None otherwise, and
+Used only where it computes the model's own forward (``FusedDecodeStep.build`` returns None otherwise, and
 the loop keeps the Hugging Face forward): a ``qwen2`` or ``llama`` config with SiLU MLPs, no sliding-window
-layers, plain ``nn.Linear`` / ``nn.Embedding`` modules (no LoRA or quantised layers), plain tensors (no
-FSDP or DeepSpeed ZeRO-3 shards) and no hooks on any module (which sharding and offloading wrappers use).
+layers, plain ``nn.Linear`` / ``nn.Embedding`` modules (no LoRA or quantised layers), every weight at its
+config's shape on one real device (no FSDP flat shards, DTensors, DeepSpeed ZeRO-3 partitions or meta
+offload), no hooks (registered ones, or Accelerate's ``_hf_hook``), and at most ``MAX_PARAMS`` parameters:
+the packed copies (q, k, their rotations, v, gate and up) cost about as much memory again as those
+weights, and beyond small models the per-op overhead it removes no longer dominates. The attention is the
+eager kind (scores in the model's dtype, softmax in fp32): in fp32 it gives the forward's tokens (the tests
+assert equality); in bf16 it matches to bf16 rounding, as two attention kernels do.
 ``tests/test_decode.py`` checks it against the Hugging Face forward: logits, greedy and sampled tokens,
-recorded log-probs and entropies.
+recorded log-probs and entropies, and the guards. ``rollout.fused_decode=false`` turns it off.
 """
 
 from __future__ import annotations
@@ -35,14 +40,17 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 
 
 def _rotate_rows(W: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Rows of ``W`` (or entries of a bias) reordered so that ``x @ R(W)^T = rotate_half(x @ W^T)`` per head."""
+    """Rows of ``W`` (or a bias) reordered so that ``x @ R(W)^T = rotate_half(x @ W^T)``, head by head."""
     Wh = W.reshape(-1, head_dim, *W.shape[1:])
     half = head_dim // 2
     return torch.cat([-Wh[:, half:], Wh[:, :half]], dim=1).reshape(W.shape)
 
 
 def _has_hooks(model: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    """Forward hooks, or a wrapper that replaces forwards (Accelerate's offload hooks, FSDP's wrappers)."""
+    wrapped = ("_hf_hook", "_fsdp_wrapped_module")
+    return any(m._forward_hooks or m._forward_pre_hooks or any(hasattr(m, w) for w in wrapped)
+               for m in model.modules())
 
 
 class FusedDecodeStep:
@@ -61,7 +69,8 @@ class FusedDecodeStep:
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
             q, k, v = a.q_proj, a.k_proj, a.v_proj
-            W = torch.cat([q.weight, k.weight, _rotate_rows(q.weight, d), _rotate_rows(k.weight, d), v.weight])
+            W = torch.cat([q.weight, k.weight, _rotate_rows(q.weight, d), _rotate_rows(k.weight, d),
+                           v.weight])
             b = None
             if q.bias is not None:
                 b = torch.cat([q.bias, k.bias, _rotate_rows(q.bias, d), _rotate_rows(k.bias, d), v.bias])
@@ -73,9 +82,11 @@ class FusedDecodeStep:
         self.head = model.get_output_embeddings().weight
         self.rotary = model.model.rotary_emb
 
+    MAX_PARAMS = 500_000_000
+
     @staticmethod
     def build(model) -> "FusedDecodeStep | None":
-        """The fused step for ``model``, or None where it would not be exactly the model's own forward."""
+        """The fused step for ``model``, or None where it would not compute the model's own forward."""
         cfg = getattr(model, "config", None)
         if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES or model.training:
             return None
@@ -90,19 +101,33 @@ class FusedDecodeStep:
             head = model.get_output_embeddings()
         except AttributeError:
             return None
-        if type(inner.embed_tokens) is not nn.Embedding or type(head) is not nn.Linear or head.bias is not None:
+        if type(inner.embed_tokens) is not nn.Embedding or type(head) is not nn.Linear:
             return None
+        if head.bias is not None:
+            return None
+        H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+        nq, nk = cfg.num_attention_heads, cfg.num_key_value_heads
+        d = getattr(cfg, "head_dim", None) or H // nq
+        shapes = [(inner.embed_tokens.weight, (V, H)), (head.weight, (V, H)), (inner.norm.weight, (H,))]
         for layer in layers:
             a, m = layer.self_attn, layer.mlp
             linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
             if any(type(x) is not nn.Linear for x in linears) or any(x.bias is not None for x in linears[4:]):
                 return None
-            if (a.q_proj.bias is None) != (a.k_proj.bias is None) or (a.q_proj.bias is None) != (a.v_proj.bias is None):
+            if len({a.q_proj.bias is None, a.k_proj.bias is None, a.v_proj.bias is None}) > 1:
                 return None
+            shapes += [(a.q_proj.weight, (nq * d, H)), (a.k_proj.weight, (nk * d, H)),
+                       (a.v_proj.weight, (nk * d, H)), (a.o_proj.weight, (H, nq * d)),
+                       (m.gate_proj.weight, (I, H)), (m.up_proj.weight, (I, H)), (m.down_proj.weight, (H, I)),
+                       (layer.input_layernorm.weight, (H,)), (layer.post_attention_layernorm.weight, (H,))]
+        if any(tuple(w.shape) != shape for w, shape in shapes):
+            return None  # flattened or partitioned weights (FSDP's flat parameters, DeepSpeed ZeRO-3)
         params = list(model.parameters())
         if any(type(p.data) is not torch.Tensor or hasattr(p, "ds_id") for p in params):
-            return None  # DTensor / FSDP shards, DeepSpeed ZeRO-3 partitions
-        if len({p.device for p in params}) != 1 or _has_hooks(model):
+            return None  # DTensor shards, DeepSpeed ZeRO-3 partitions
+        if len({p.device for p in params}) != 1 or params[0].device.type == "meta":
+            return None
+        if sum(p.numel() for p in params) > FusedDecodeStep.MAX_PARAMS or _has_hooks(model):
             return None
         return FusedDecodeStep(model)
 

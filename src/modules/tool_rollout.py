@@ -196,20 +196,23 @@ class ToolRollout:
         max_turns: assistant turns per episode at most.
         max_new_tokens: budget of sampled tokens per episode, all turns together.
         turn_max_new_tokens: budget per turn (default: the episode's).
-        temperature, top_p, top_k, num_samples, val_max_new_tokens: as ``HFGenerateRollout``
-            (``val_max_new_tokens`` is the greedy episode budget).
+        temperature, top_p, top_k, num_samples, val_max_new_tokens, backend, fused_decode: as
+            ``HFGenerateRollout``, which samples each turn (``val_max_new_tokens``: the greedy episode
+            budget).
     """
 
     def __init__(self, environment, tokenizer=None, max_turns: int = 4, max_new_tokens: int = 256,
                  turn_max_new_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0, num_samples: int = 1, val_max_new_tokens: int | None = None):
+                 top_k: int = 0, num_samples: int = 1, val_max_new_tokens: int | None = None,
+                 backend: str = "loop", fused_decode: bool = True):
         if max_turns < 1:
             raise ValueError(f"rollout.max_turns must be >= 1, got {max_turns}")
         if turn_max_new_tokens is not None and turn_max_new_tokens < 1:
             raise ValueError(f"rollout.turn_max_new_tokens must be >= 1 or null, got {turn_max_new_tokens}")
         self.turn = HFGenerateRollout(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       top_k=top_k, num_samples=num_samples,
-                                      val_max_new_tokens=val_max_new_tokens)
+                                      val_max_new_tokens=val_max_new_tokens, backend=backend,
+                                      fused_decode=fused_decode)
         self.environment, self.tokenizer = environment, tokenizer
         self.max_turns, self.turn_max_new_tokens = max_turns, turn_max_new_tokens
 
