@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
         "reopold": [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), *common],
     }
     if args.also_unfused:
-        variants["reopold_unfused"] = [*variants["reopold"], "+rollout.fused_decode=false"]
+        variants["reopold_unfused"] = [*variants["reopold"], "rollout.fused_decode=false"]
     results = {v: [] for v in variants}
     for r in range(1, args.rounds + 1):
         for name, cmd in variants.items():
@@ -92,12 +92,13 @@ def main(argv=None) -> dict:
     print(" ".join(f"{k}={v:.2f}" for k, v in summary.items()), flush=True)
     if args.out:
         with args.out.open("a") as f:
-            f.write(f"\n`python benchmarks/vs_trl.py FIXTURES --trl-python VENV/bin/python --rounds {args.rounds}` "
+            names = list(results)
+            rates = " | ".join(f"{summary[f'{n}_samples_per_s']:.1f}" for n in names)
+            flag = " --also-unfused" if args.also_unfused else ""
+            f.write(f"\n`python benchmarks/vs_trl.py FIXTURES --trl-python VENV/bin/python --rounds {args.rounds}{flag}` "
                     f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores), median of {args.rounds} interleaved "
-                    "rounds, samples/s:\n\n| trl | plain | reopold | reopold / trl (median per round) |\n"
-                    "|---|---|---|---|\n"
-                    f"| {summary['trl_samples_per_s']:.1f} | {summary['plain_samples_per_s']:.1f} | "
-                    f"{summary['reopold_samples_per_s']:.1f} | {summary['ratio_reopold_trl']:.2f}x |\n")
+                    f"rounds, samples/s:\n\n| {' | '.join(names)} | reopold / trl (median per round) |\n"
+                    f"|{'---|' * (len(names) + 1)}\n| {rates} | {summary['ratio_reopold_trl']:.2f}x |\n")
     return summary
 
 
