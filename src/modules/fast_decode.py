@@ -56,9 +56,10 @@ def _has_hooks(model: nn.Module) -> bool:
 class FusedDecodeStep:
     """Logits of the next token for one new token per row, reading and writing an ``_InPlaceLayer`` cache."""
 
+    MAX_PARAMS = 500_000_000
+
     def __init__(self, model):
         cfg = model.config
-        self.model = model
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.groups = self.n_heads // self.n_kv
@@ -82,8 +83,6 @@ class FusedDecodeStep:
         self.head = model.get_output_embeddings().weight
         self.rotary = model.model.rotary_emb
 
-    MAX_PARAMS = 500_000_000
-
     @staticmethod
     def build(model) -> "FusedDecodeStep | None":
         """The fused step for ``model``, or None where it would not compute the model's own forward."""
@@ -101,9 +100,7 @@ class FusedDecodeStep:
             head = model.get_output_embeddings()
         except AttributeError:
             return None
-        if type(inner.embed_tokens) is not nn.Embedding or type(head) is not nn.Linear:
-            return None
-        if head.bias is not None:
+        if type(inner.embed_tokens) is not nn.Embedding or type(head) is not nn.Linear or head.bias is not None:
             return None
         H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
         nq, nk = cfg.num_attention_heads, cfg.num_key_value_heads
