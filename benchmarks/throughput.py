@@ -13,8 +13,8 @@ the last untimed warm-up step and stops at the end of the last timed one. Ends w
     steps=<n> samples=<n> seconds=<s> samples_per_s=<x> gen_tokens_per_s=<y>
 
 and ``peak_rss_mb=<m>``. ``--phases`` adds the wall time per timed step of each phase (rollout, teacher
-scoring, the student's scoring forward, the backward) and the rest of the step. Keep the machine otherwise idle (see the peers' README): two busy threads on two
-cores slow tiny models by several times.
+scoring, the student's scoring forward, the backward) and the rest of the step. Keep the machine otherwise
+idle (see the peers' README): two busy threads on two cores slow tiny models by several times.
 """
 
 from __future__ import annotations
