@@ -48,12 +48,15 @@ class DistillationModule(LightningModule):
         record_samples: keep every evaluated response's result in ``self.records`` (``src/eval.py`` writes
             them out for the test-time-scaling analysis).
         chunk_size: tokens per head application in the scorer.
+        fused_scoring: score Qwen2 / Llama backbones with ``FusedScorer`` (``src.modules.fast_score``: the same
+            hidden states with less work); False runs the Hugging Face forward.
         grad_clip: max gradient norm (None disables).
     """
 
     def __init__(self, student, teacher, rollout, objective, optimizer, scheduler=None, selection=None,
                  grader=None, answer_fn=None, task: str = "math", chunk_size: int = 1024,
-                 grad_clip: float | None = 1.0, seed: int = 0, eval_samples: int = 0, record_samples: bool = False):
+                 grad_clip: float | None = 1.0, seed: int = 0, eval_samples: int = 0, record_samples: bool = False,
+                 fused_scoring: bool = True):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # the teacher is not in checkpoints
@@ -72,6 +75,7 @@ class DistillationModule(LightningModule):
             raise ValueError(f"module.eval_samples must be >= 0, got {eval_samples}")
         self.eval_samples, self.record_samples, self.records = eval_samples, record_samples, []
         self.chunk_size, self.grad_clip, self.seed = chunk_size, grad_clip, seed
+        self.fused_scoring = fused_scoring
         self.temperature = rollout.temperature
         self.student = self.teacher = self.tokenizer = self.processor = self.banned_ids = None
         self.val_acc = MeanMetric()
@@ -136,21 +140,23 @@ class DistillationModule(LightningModule):
         with torch.no_grad():
             logp_BT, _ = score_response(self.teacher, ro.input_ids, ro.attention_mask, ro.response_start,
                                         self.temperature, self.chunk_size, with_entropy=False,
-                                        banned_ids=self.banned_ids, **ro.model_kwargs)
+                                        banned_ids=self.banned_ids, fused=self.fused_scoring, **ro.model_kwargs)
         return logp_BT * ro.response_mask_BT
 
     def student_scores(self, ro, with_entropy: bool = False, temperature: float | None = None):
         """Student log-probs (and entropies) of the response; at the rollout temperature unless given."""
         return score_response(self.student, ro.input_ids, ro.attention_mask, ro.response_start,
                               temperature or self.temperature, self.chunk_size, with_entropy=with_entropy,
-                              banned_ids=self.banned_ids, **ro.model_kwargs)
+                              banned_ids=self.banned_ids, fused=self.fused_scoring, **ro.model_kwargs)
 
     def student_hidden(self, ro):
-        h = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.response_start, **ro.model_kwargs)
+        h = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.response_start, self.fused_scoring,
+                            **ro.model_kwargs)
         return h, self.student.get_output_embeddings()
 
     def teacher_hidden(self, ro):
-        h = response_hidden(self.teacher, ro.input_ids, ro.attention_mask, ro.response_start, **ro.model_kwargs)
+        h = response_hidden(self.teacher, ro.input_ids, ro.attention_mask, ro.response_start, self.fused_scoring,
+                            **ro.model_kwargs)
         return h, self.teacher.get_output_embeddings()
 
     @property

@@ -86,45 +86,7 @@ class FusedDecodeStep:
     @staticmethod
     def build(model) -> "FusedDecodeStep | None":
         """The fused step for ``model``, or None where it would not compute the model's own forward."""
-        cfg = getattr(model, "config", None)
-        if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES or model.training:
-            return None
-        if getattr(cfg, "hidden_act", None) != "silu" or getattr(cfg, "mlp_bias", False):
-            return None
-        if getattr(cfg, "pretraining_tp", 1) != 1 or getattr(cfg, "use_sliding_window", False):
-            return None
-        if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-            return None
-        try:
-            inner, layers = model.model, model.model.layers
-            head = model.get_output_embeddings()
-        except AttributeError:
-            return None
-        if type(inner.embed_tokens) is not nn.Embedding or type(head) is not nn.Linear or head.bias is not None:
-            return None
-        H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-        nq, nk = cfg.num_attention_heads, cfg.num_key_value_heads
-        d = getattr(cfg, "head_dim", None) or H // nq
-        shapes = [(inner.embed_tokens.weight, (V, H)), (head.weight, (V, H)), (inner.norm.weight, (H,))]
-        for layer in layers:
-            a, m = layer.self_attn, layer.mlp
-            linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
-            if any(type(x) is not nn.Linear for x in linears) or any(x.bias is not None for x in linears[4:]):
-                return None
-            if len({a.q_proj.bias is None, a.k_proj.bias is None, a.v_proj.bias is None}) > 1:
-                return None
-            shapes += [(a.q_proj.weight, (nq * d, H)), (a.k_proj.weight, (nk * d, H)),
-                       (a.v_proj.weight, (nk * d, H)), (a.o_proj.weight, (H, nq * d)),
-                       (m.gate_proj.weight, (I, H)), (m.up_proj.weight, (I, H)), (m.down_proj.weight, (H, I)),
-                       (layer.input_layernorm.weight, (H,)), (layer.post_attention_layernorm.weight, (H,))]
-        if any(tuple(w.shape) != shape for w, shape in shapes):
-            return None  # flattened or partitioned weights (FSDP's flat parameters, DeepSpeed ZeRO-3)
-        params = list(model.parameters())
-        if any(type(p.data) is not torch.Tensor or hasattr(p, "ds_id") for p in params):
-            return None  # DTensor shards, DeepSpeed ZeRO-3 partitions
-        if len({p.device for p in params}) != 1 or params[0].device.type == "meta":
-            return None
-        if sum(p.numel() for p in params) > FusedDecodeStep.MAX_PARAMS or _has_hooks(model):
+        if getattr(model, "training", True) or not fusable(model):
             return None
         return FusedDecodeStep(model)
 
@@ -161,6 +123,53 @@ class FusedDecodeStep:
             gate, up = F.linear(x, Wgu).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, Wd)
         return F.linear(_rms_norm(h, self.norm, self.eps), self.head)
+
+
+def fusable(model) -> bool:
+    """Whether the fused kernels here (``FusedDecodeStep``, ``src.modules.fast_score.FusedScorer``) compute
+    ``model``'s own forward: the conditions in the module docstring. Training mode is the caller's check
+    (dropout)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False
+    if getattr(cfg, "hidden_act", None) != "silu" or getattr(cfg, "mlp_bias", False):
+        return False
+    if getattr(cfg, "pretraining_tp", 1) != 1 or getattr(cfg, "use_sliding_window", False):
+        return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return False
+    try:
+        inner, layers = model.model, model.model.layers
+        head = model.get_output_embeddings()
+    except AttributeError:
+        return False
+    if type(inner.embed_tokens) is not nn.Embedding or type(head) is not nn.Linear or head.bias is not None:
+        return False
+    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    nq, nk = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or H // nq
+    shapes = [(inner.embed_tokens.weight, (V, H)), (head.weight, (V, H)), (inner.norm.weight, (H,))]
+    for layer in layers:
+        a, m = layer.self_attn, layer.mlp
+        linears = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+        if any(type(x) is not nn.Linear for x in linears) or any(x.bias is not None for x in linears[4:]):
+            return False
+        if len({a.q_proj.bias is None, a.k_proj.bias is None, a.v_proj.bias is None}) > 1:
+            return False
+        shapes += [(a.q_proj.weight, (nq * d, H)), (a.k_proj.weight, (nk * d, H)),
+                   (a.v_proj.weight, (nk * d, H)), (a.o_proj.weight, (H, nq * d)),
+                   (m.gate_proj.weight, (I, H)), (m.up_proj.weight, (I, H)), (m.down_proj.weight, (H, I)),
+                   (layer.input_layernorm.weight, (H,)), (layer.post_attention_layernorm.weight, (H,))]
+    if any(tuple(w.shape) != shape for w, shape in shapes):
+        return False  # flattened or partitioned weights (FSDP's flat parameters, DeepSpeed ZeRO-3)
+    params = list(model.parameters())
+    if any(type(p.data) is not torch.Tensor or hasattr(p, "ds_id") for p in params):
+        return False  # DTensor shards, DeepSpeed ZeRO-3 partitions
+    if len({p.device for p in params}) != 1 or params[0].device.type == "meta":
+        return False
+    if sum(p.numel() for p in params) > FusedDecodeStep.MAX_PARAMS or _has_hooks(model):
+        return False
+    return True
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from src.modules.fast_score import FusedScorer
 from src.modules.multimodal import is_multimodal, model_inputs
 
 
@@ -118,10 +119,13 @@ def position_ids_from_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:
     return (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def response_hidden(model, input_ids_BT, attention_mask_BT, response_start: int, **model_kwargs):
+def response_hidden(model, input_ids_BT, attention_mask_BT, response_start: int, fused: bool = True,
+                    **model_kwargs):
     """Final hidden states that predict the response tokens ``input_ids_BT[:, response_start:]``.
 
-    Runs the backbone only (no head), so no logits are formed here. Vision-language models get their
+    Runs the backbone only (no head), so no logits are formed here. Text-only Qwen2 / Llama models go
+    through ``FusedScorer`` (``src.modules.fast_score``: the same states with less work) unless ``fused`` is
+    False. Vision-language models get their
     images through ``model_kwargs`` (``pixel_values``, ``image_grid_thw``): the teacher scores the student's
     tokens conditioned on the very pixels the student saw.
     """
@@ -136,6 +140,9 @@ def response_hidden(model, input_ids_BT, attention_mask_BT, response_start: int,
             raise ValueError("the sequences hold image placeholder tokens but no pixel_values came with them: "
                              "pass the batch's model_kwargs through to the scorer")
     else:
+        scorer = FusedScorer.for_model(model) if fused and not model_kwargs else None
+        if scorer is not None:
+            return scorer(input_ids_BT, attention_mask_BT, response_start)
         backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         model_kwargs = dict(model_kwargs)
         model_kwargs.setdefault("position_ids", position_ids_from_mask(attention_mask_BT))
@@ -152,13 +159,15 @@ def score_response(
     chunk_size: int = 1024,
     with_entropy: bool = True,
     banned_ids: torch.Tensor | None = None,
+    fused: bool = True,
     **model_kwargs,
 ):
-    """Log-probs (and entropies) of the response tokens under ``model`` at ``temperature``.
+    """Log-probs (and entropies) of the response tokens under ``model`` at ``temperature`` (``fused``: see
+    ``response_hidden``).
 
     Returns tensors of shape [B, T_resp] with ``T_resp = input_ids_BT.shape[1] - response_start``.
     """
-    hidden_BTH = response_hidden(model, input_ids_BT, attention_mask_BT, response_start, **model_kwargs)
+    hidden_BTH = response_hidden(model, input_ids_BT, attention_mask_BT, response_start, fused, **model_kwargs)
     return token_logp_entropy(
         hidden_BTH, model.get_output_embeddings(), input_ids_BT[:, response_start:],
         temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy, banned_ids=banned_ids,

@@ -32,7 +32,7 @@ VOLATILE = ("paths", "logger", "hydra", "task_name", "ckpt_path")
 EVAL_ONLY = ("eval_samples", "record_samples")
 # Keys added after stages were cached, hashed only when set away from their default (so the default leaves
 # existing digests unchanged): (config section, key) -> default.
-ADDED_DEFAULTS = {("rollout", "fused_decode"): True}
+ADDED_DEFAULTS = {("rollout", "fused_decode"): True, ("module", "fused_scoring"): True}
 STAGE_TARGET = "src.modules.stages.StageModel"
 STAGE_VERSION = 2  # bump when stage outputs change in ways the config does not show
 

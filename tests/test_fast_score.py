@@ -1,0 +1,175 @@
+"""The fused scorer (``src.modules.fast_score``) against the Hugging Face forward it replaces: hidden states,
+log-probs, entropies, parameter gradients, a training step's loss, and the cases where it must stand aside."""
+
+import pytest
+import torch
+from test_decode import _random_lm
+
+from src.modules import fast_score
+from src.modules.fast_score import FusedScorer
+from src.modules.scoring import response_hidden, score_response
+
+
+def _batch(V=50, B=4, P=7, R=6, seed=0):
+    """Left-padded prompts, and responses right-padded after an 'EOS' as a rollout leaves them."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (B, P + R), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    mask[1, P + 2:] = 0  # a response that ended early
+    ids[3, P + 1] = 0  # the padding id sampled as a token: nn.Embedding(padding_idx=0) gives that row no gradient
+    return ids, mask, P
+
+
+def _scores(model, ids, mask, P, fused, temperature=0.7):
+    return score_response(model, ids, mask, P, temperature, chunk_size=5, with_entropy=True, fused=fused)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "llama_bias_yarn"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_fused_scorer_gives_the_models_hidden_states_logps_and_entropies(kind, padded, single_thread):
+    model = _random_lm(kind)
+    ids, mask, P = _batch()
+    if not padded:
+        mask = torch.ones_like(mask)
+    assert FusedScorer.for_model(model) is not None
+    with torch.no_grad():
+        h_fused = response_hidden(model, ids, mask, P, fused=True)
+        h_ref = response_hidden(model, ids, mask, P, fused=False)
+        (lp_f, ent_f), (lp_r, ent_r) = _scores(model, ids, mask, P, True), _scores(model, ids, mask, P, False)
+    assert h_fused.shape == h_ref.shape == (4, 6, 48)
+    torch.testing.assert_close(h_fused, h_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp_f, lp_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_f, ent_r, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_scorer_in_bf16_matches_to_bf16_rounding(single_thread):
+    model = _random_lm("qwen2", torch.bfloat16)
+    ids, mask, P = _batch()
+    with torch.no_grad():
+        lp_f, _ = _scores(model, ids, mask, P, True)
+        lp_r, _ = _scores(model, ids, mask, P, False)
+    assert (lp_f - lp_r)[mask[:, P:].bool()].abs().max() < 0.3  # log-probs of order -10: bf16's 3 digits
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama_bias_yarn"])
+def test_fused_scorer_gives_the_same_parameter_gradients(kind, single_thread):
+    """The student's path: train mode, grad on; every parameter's gradient (embedding, norms, biases, the
+    tied head) as through the Hugging Face forward."""
+    model = _random_lm(kind).train()
+    ids, mask, P = _batch()
+    weights = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for fused in (True, False):
+        model.zero_grad()
+        lp, ent = _scores(model, ids, mask, P, fused)
+        (lp * mask[:, P:] * weights).sum().backward()
+        grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert grads[True].keys() == grads[False].keys()
+    for name, g_ref in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g_ref, atol=1e-5, rtol=1e-4, msg=name)
+        assert g_ref.abs().sum() > 0, name  # every weight is reached: the comparison is not vacuous
+
+
+def test_long_sequences_take_the_sdpa_branch_and_agree(monkeypatch, single_thread):
+    """Above EAGER_MAX_SCORES the attention is ``scaled_dot_product_attention`` (no [B, heads, T, T] scores)."""
+    model = _random_lm("llama")
+    ids, mask, P = _batch()
+    with torch.no_grad():
+        eager = response_hidden(model, ids, mask, P)
+        monkeypatch.setattr(fast_score, "EAGER_MAX_SCORES", 0)
+        calls = []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                            lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+        flash = response_hidden(model, ids, mask, P)
+        ref = response_hidden(model, ids, mask, P, fused=False)
+    assert len(calls) >= 2  # every layer of the fused forward (the reference's own calls come on top)
+    torch.testing.assert_close(flash, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eager, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_the_last_layer_computes_only_the_rows_the_heads_read(monkeypatch, single_thread):
+    """The saving is real: the last layer's MLP sees the response rows only, the others every position."""
+    model = _random_lm("qwen2")
+    ids, mask, P = _batch()
+    rows_seen = []
+    linear = torch.nn.functional.linear
+    I = model.config.intermediate_size
+
+    def spy(x, w, b=None):
+        if w.shape[0] == 2 * I:  # the packed gate/up projection
+            rows_seen.append(x.shape[1])
+        return linear(x, w, b)
+
+    monkeypatch.setattr(fast_score.F, "linear", spy)
+    with torch.no_grad():
+        response_hidden(model, ids, mask, P)
+    assert rows_seen == [ids.shape[1]] * (model.config.num_hidden_layers - 1) + [ids.shape[1] - P]
+
+
+def test_fused_scorer_stands_aside_where_it_would_not_be_the_models_forward():
+    model = _random_lm("qwen2")
+    assert FusedScorer.for_model(model.train()) is not None  # no dropout configured: train mode is the same forward
+    model.config.attention_dropout = 0.1
+    assert FusedScorer.for_model(model) is None
+    assert FusedScorer.for_model(model.eval()) is not None  # eval: dropout is off
+    model.config.attention_dropout = 0.0
+    enable, disable = (("activation_checkpointing_enable", "activation_checkpointing_disable")
+                       if hasattr(model, "activation_checkpointing_enable")
+                       else ("gradient_checkpointing_enable", "gradient_checkpointing_disable"))
+    getattr(model, enable)()
+    assert FusedScorer.for_model(model.train()) is None
+    getattr(model, disable)()
+    handle = model.model.layers[0].register_forward_hook(lambda *a: None)
+    assert FusedScorer.for_model(model) is None
+    handle.remove()
+    # the fallback is the Hugging Face forward, and still right
+    ids, mask, P = _batch()
+    model.config.attention_dropout = 0.1
+    with torch.no_grad():
+        torch.testing.assert_close(response_hidden(model.eval(), ids, mask, P),
+                                   response_hidden(model, ids, mask, P, fused=False))
+
+
+def test_a_frozen_models_packing_is_cached_until_a_weight_changes(single_thread):
+    model = _random_lm("qwen2").requires_grad_(False)
+    ids, mask, P = _batch()
+    scorer = FusedScorer.for_model(model)
+    with torch.no_grad():
+        before = response_hidden(model, ids, mask, P)
+        packed = scorer._packed
+        response_hidden(model, ids, mask, P)
+        assert scorer._packed is packed and FusedScorer.for_model(model) is scorer
+        model.model.layers[0].mlp.up_proj.weight.mul_(2)  # an in-place write bumps the version
+        after = response_hidden(model, ids, mask, P)
+        assert scorer._packed is not packed
+        torch.testing.assert_close(after, response_hidden(model, ids, mask, P, fused=False))
+    assert not torch.allclose(before, after)
+
+
+def test_a_training_steps_loss_and_gradients_agree_with_fused_scoring_on_and_off(make_cfg, single_thread):
+    import hydra
+
+    from test_decode import encode
+
+    cfg = make_cfg("rollout.max_new_tokens=10", "rollout.num_samples=2")
+    module = hydra.utils.instantiate(cfg.module)
+    module.configure_model()
+    assert FusedScorer.for_model(module.student) is not None and FusedScorer.for_model(module.teacher) is not None
+    batch = {**encode(module.tokenizer, ["12+34=", "5+678="]), "references": ["46", "683"]}
+    ro = module.generate(batch)
+    out = {}
+    for fused in (True, False):
+        module.fused_scoring = fused
+        module.objective.prepare(ro, module, module.selection)
+        teacher_logp = module.teacher_logp(ro)
+        module.student.zero_grad()
+        loss, _ = module.objective.loss(ro, module)
+        loss.backward()
+        out[fused] = loss.detach(), teacher_logp, [p.grad.clone() for p in module.student.parameters()]
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-5, rtol=1e-5)
+    for g_fused, g_ref in zip(out[True][2], out[False][2]):
+        torch.testing.assert_close(g_fused, g_ref, atol=1e-5, rtol=1e-4)
