@@ -132,6 +132,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--algorithm", default="reopold")
     ap.add_argument("--phases", action="store_true", help="also print the wall time per step of each phase")
+    ap.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
+                    help="leave glibc malloc at its defaults (src/train.py's keep_freed_memory=false)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (e.g. module.chunk_size=4096)")
     args = ap.parse_intermixed_args(argv)  # overrides may follow options
     if args.warmup < 1:
@@ -139,6 +141,10 @@ def main(argv=None) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    if args.keep_freed_memory:  # as src/train.py does by default
+        from src.utils.allocator import keep_freed_memory
+
+        keep_freed_memory()
     torch.manual_seed(args.seed)
     cfg, module, dm, trainer, clock = build(args)
     print(f"framework=reopold algorithm={args.algorithm} torch={torch.__version__} threads={torch.get_num_threads()} "

@@ -52,6 +52,10 @@ def write_results(out_dir: str | Path, records: list[dict], meta: dict) -> Path:
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
+    if cfg.get("keep_freed_memory", True):
+        from src.utils.allocator import keep_freed_memory
+
+        keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     with open_dict(cfg):  # evaluation never reads the train split (data=math needs no train path)
         data = OmegaConf.to_container(cfg.data, resolve=True)  # val/test may refer to train's settings

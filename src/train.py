@@ -17,6 +17,7 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from src.utils.allocator import keep_freed_memory  # noqa: E402
 from src.utils.instantiate import (  # noqa: E402
     instantiate_callbacks,
     instantiate_loggers,
@@ -32,6 +33,8 @@ warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimi
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     """Fit (and test) as ``cfg`` says; returns the final metrics and the objects built."""
+    if cfg.get("keep_freed_memory", True):
+        keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)

@@ -27,8 +27,8 @@ from omegaconf import OmegaConf, open_dict
 from src.modules.models import BuiltOnFirstUse
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
-# Where a stage writes and how it shows progress: not part of what it computes.
-VOLATILE = ("paths", "logger", "hydra", "task_name", "ckpt_path")
+# Where a stage writes, how it shows progress and how the process allocates memory: not what it computes.
+VOLATILE = ("paths", "logger", "hydra", "task_name", "ckpt_path", "keep_freed_memory")
 EVAL_ONLY = ("eval_samples", "record_samples")
 # Keys added after stages were cached, hashed only when set away from their default (so the default leaves
 # existing digests unchanged): (config section, key) -> default.
