@@ -15,6 +15,11 @@ the last untimed warm-up step and stops at the end of the last timed one. Ends w
 and ``peak_rss_mb=<m>``. ``--phases`` adds the wall time per timed step of each phase (rollout, teacher
 scoring, the student's scoring forward, the backward) and the rest of the step. Keep the machine otherwise
 idle (see the peers' README): two busy threads on two cores slow tiny models by several times.
+
+``--ranks 2`` runs the same global step data-parallel, as ``trainer=ddp_cpu`` does: two processes (gloo),
+32 prompts each, ``threads // ranks`` intra-op threads each, gradients averaged, the loss and the entropy
+quantile taken over both ranks' tokens (``src/modules/losses.py``, ``sampling.py``). Rank 0 prints; tokens
+and resident memory are summed over the ranks.
 """
 
 from __future__ import annotations
@@ -105,7 +110,7 @@ def build(args):
 
     module = hydra.utils.instantiate(cfg.module)
     rows = fixture_rows(fx / "prompts.jsonl")
-    dm = PromptDataModule(train=lambda: rows, batch_size=args.batch, seed=args.seed)
+    dm = PromptDataModule(train=lambda: rows, batch_size=args.batch // args.ranks, seed=args.seed)
     dm.set_tokenizer(module.student_spec.load_processor())
     clock = StepClock(args.warmup)
     callbacks = [clock]
@@ -115,7 +120,13 @@ def build(args):
         callbacks.append(clock.phases)
     if cfg.callbacks.get("phase_schedule"):
         callbacks.append(hydra.utils.instantiate(cfg.callbacks.phase_schedule))
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=args.warmup + args.steps, logger=False,
+    strategy = "auto"
+    if args.ranks > 1:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(process_group_backend="gloo")
+    trainer = Trainer(accelerator="cpu", devices=args.ranks, strategy=strategy,
+                      max_steps=args.warmup + args.steps, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
                       inference_mode=False)
@@ -132,12 +143,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--algorithm", default="reopold")
     ap.add_argument("--phases", action="store_true", help="also print the wall time per step of each phase")
+    ap.add_argument("--ranks", type=int, default=1, help="data-parallel processes sharing the batch (DDP, gloo)")
     ap.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
                     help="leave glibc malloc at its defaults (src/train.py's keep_freed_memory=false)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (e.g. module.chunk_size=4096)")
     args = ap.parse_intermixed_args(argv)  # overrides may follow options
     if args.warmup < 1:
         ap.error("--warmup must be >= 1 so the clock has a start point")
+    if args.ranks < 1 or args.batch % args.ranks:
+        ap.error(f"--ranks must be >= 1 and divide --batch ({args.batch}), got {args.ranks}")
+    if args.ranks > 1:  # the cores are shared out between the ranks
+        torch.set_num_threads(max(1, torch.get_num_threads() // args.ranks))
+    rank0 = os.environ.get("LOCAL_RANK", "0") == "0"  # Lightning starts ranks >= 1 with LOCAL_RANK set
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -147,16 +164,23 @@ def main(argv=None) -> dict:
         keep_freed_memory()
     torch.manual_seed(args.seed)
     cfg, module, dm, trainer, clock = build(args)
-    print(f"framework=reopold algorithm={args.algorithm} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"device=cpu batch={args.batch} samples_per_prompt=1 max_new_tokens={args.max_new_tokens} temperature=1.0 "
-          f"top_k=0 top_p=1.0 lr=0.001 lr_scheduler=constant untimed_warmup_steps={args.warmup} "
-          f"timed_steps={args.steps} loadavg1={os.getloadavg()[0]:.2f}", flush=True)
+    if rank0:
+        print(f"framework=reopold algorithm={args.algorithm} torch={torch.__version__} threads={torch.get_num_threads()} "
+              f"ranks={args.ranks} device=cpu batch={args.batch} samples_per_prompt=1 "
+              f"max_new_tokens={args.max_new_tokens} temperature=1.0 top_k=0 top_p=1.0 lr=0.001 lr_scheduler=constant "
+              f"untimed_warmup_steps={args.warmup} timed_steps={args.steps} loadavg1={os.getloadavg()[0]:.2f}",
+              flush=True)
     trainer.fit(module, datamodule=dm)
-    seconds = clock.t1 - clock.t0
+    seconds = clock.t1 - clock.t0  # the ranks meet at every step's gradient all-reduce
+    gen_tokens, rss_mb = clock.gen_tokens, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.ranks > 1:
+        gen_tokens, rss_mb = (float(trainer.strategy.reduce(torch.tensor(float(v)), reduce_op="sum"))
+                              for v in (gen_tokens, rss_mb))
     n = args.steps
     out = {"steps": n, "samples": n * args.batch, "seconds": seconds, "samples_per_s": n * args.batch / seconds,
-           "gen_tokens_per_s": clock.gen_tokens / seconds,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+           "gen_tokens_per_s": gen_tokens / seconds, "peak_rss_mb": rss_mb}
+    if not trainer.is_global_zero:
+        return out
     print(f"steps={n} samples={n * args.batch} seconds={seconds:.3f} samples_per_s={out['samples_per_s']:.2f} "
           f"gen_tokens_per_s={out['gen_tokens_per_s']:.1f} peak_rss_mb={out['peak_rss_mb']:.0f}", flush=True)
     if args.phases:

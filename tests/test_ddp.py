@@ -21,3 +21,52 @@ def test_ddp_two_cpu_processes(tmp_path, cache_dir):
     assert (runs[0] / "checkpoints" / "last.ckpt").exists()
     assert (runs[0] / "checkpoints" / "hf" / "final" / "config.json").exists()
     assert "test/arithmetic/acc" in proc.stdout
+
+
+def _ranks_agree_with_one_process(rank: int, world: int, store: str, out: str):
+    """Each rank holds half the rows; DDP averages gradients. The loss's gradient and the entropy selection
+    must be those of one process holding every row."""
+    import torch
+    import torch.distributed as dist
+
+    from src.modules.losses import aggregate
+    from src.modules.sampling import EntropyTopQuantile
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    x_BT = torch.randn(6, 5, generator=g)
+    mask_BT = torch.rand(6, 5, generator=g) > 0.4
+    mask_BT[0] = False  # a sequence with no kept token
+    mask_BT[5, :4] = False  # uneven token counts between the ranks' halves
+    entropy_BT = torch.rand(6, 5, generator=g)
+    entropy_BT[3:] += 1.0  # rank 1's tokens are all above rank 0's: a per-rank quantile would keep some of rank 0's
+    mine = slice(3 * rank, 3 * rank + 3)
+    results = {}
+    for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"):
+        w = torch.ones((), requires_grad=True)
+        aggregate(w * x_BT[mine] ** 2 * w, mask_BT[mine], agg).backward()
+        dist.all_reduce(w.grad)
+        w.grad /= world  # what DDP's reducer does
+        ref = torch.ones((), requires_grad=True)
+        aggregate(ref * x_BT**2 * ref, mask_BT, agg).backward()
+        results[agg] = (float(w.grad), float(ref.grad))
+    selection = EntropyTopQuantile(0.3)
+    kept = selection(entropy_BT[mine], mask_BT[mine])
+    # the reference runs after the group is gone: one process, every row
+    dist.destroy_process_group()
+    whole = selection(entropy_BT, mask_BT)
+    results["selection"] = bool(torch.equal(kept, whole[mine]))
+    torch.save(results, f"{out}.{rank}")
+
+
+def test_data_parallel_ranks_compute_the_single_process_loss_and_selection(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ranks_agree_with_one_process, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    for rank in range(2):
+        results = torch.load(tmp_path / f"out.{rank}")
+        selection_agrees = results.pop("selection")
+        for agg, (ddp, one) in results.items():
+            assert abs(ddp - one) < 1e-6 * max(1.0, abs(one)), (rank, agg, ddp, one)
+        assert selection_agrees, rank

@@ -23,27 +23,49 @@ import torch
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 
 
+def data_parallel_ranks() -> int:
+    """How many data-parallel ranks share the batch: the process group's size (DDP, FSDP, DeepSpeed), else 1."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _per_rank(denominator: torch.Tensor) -> torch.Tensor:
+    """The batch-wide denominator, as each rank's share: summed over the ranks, then divided by their number.
+
+    Data-parallel training averages the ranks' gradients, so ``num_r / (sum_r den_r / W)`` on each rank makes
+    that average the gradient of ``sum_r num_r / sum_r den_r``: the aggregate over the union of the ranks'
+    batches, as one process would compute it, however the tokens fall between the ranks.
+    """
+    ranks = data_parallel_ranks()
+    if ranks == 1:
+        return denominator.clamp(min=1.0)
+    total = denominator.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total.clamp(min=1.0) / ranks
+
+
 def aggregate(x_BT: torch.Tensor, mask_BT: torch.Tensor, agg: str = "token_mean") -> torch.Tensor:
     """Reduce a per-token matrix to a scalar over the tokens where ``mask_BT`` is set.
 
     - ``token_mean``: sum over kept tokens / number of kept tokens in the batch (Eq. 4).
     - ``seq_mean_token_mean``: mean over each sequence's kept tokens, then over sequences with any.
     - ``seq_mean_token_sum``: sum over each sequence's kept tokens, then mean over sequences.
-    Masked positions never contribute, even when ``x_BT`` holds inf or NaN there.
+    Masked positions never contribute, even when ``x_BT`` holds inf or NaN there. Under data parallelism
+    "the batch" is every rank's batch together (``_per_rank``): each rank must call it, the same number of times.
     """
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"objective.agg must be one of {AGGREGATIONS}, got {agg!r}")
     mask_BT = mask_BT.bool()
     x_BT = torch.where(mask_BT, x_BT, torch.zeros((), dtype=x_BT.dtype, device=x_BT.device))
     m_BT = mask_BT.to(x_BT.dtype)
     if agg == "token_mean":
-        return x_BT.sum() / m_BT.sum().clamp(min=1.0)
+        return x_BT.sum() / _per_rank(m_BT.sum())
     per_seq_B = x_BT.sum(dim=-1)
     n_B = m_BT.sum(dim=-1)
     if agg == "seq_mean_token_mean":
         has_B = n_B > 0
-        return (per_seq_B / n_B.clamp(min=1.0))[has_B].sum() / has_B.sum().clamp(min=1)
-    if agg == "seq_mean_token_sum":
-        return per_seq_B.mean()
-    raise ValueError(f"objective.agg must be one of {AGGREGATIONS}, got {agg!r}")
+        return (per_seq_B / n_B.clamp(min=1.0))[has_B].sum() / _per_rank(has_B.sum().to(x_BT.dtype))
+    return per_seq_B.sum() / _per_rank(torch.tensor(float(per_seq_B.numel()), device=x_BT.device))
 
 
 def policy_loss(

@@ -23,7 +23,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from src.modules.clipping import NoClip
-from src.modules.losses import aggregate, generalized_jsd, policy_loss, token_nll
+from src.modules.losses import AGGREGATIONS, aggregate, generalized_jsd, policy_loss, token_nll
 from src.modules.rollout import reference_rollout
 from src.modules.sampling import AllTokens
 
@@ -56,7 +56,8 @@ class PolicyGradient:
                  agg: str = "token_mean", epochs: int = 1, minibatches: int = 1):
         self.reward, self.clipping = reward, clipping or NoClip()
         self.eps_low, self.eps_high, self.agg = eps_low, eps_high, agg
-        aggregate(torch.zeros(1, 1), torch.ones(1, 1), agg)  # validate the name now, not at step 0
+        if agg not in AGGREGATIONS:  # now, not at step 0
+            raise ValueError(f"objective.agg must be one of {AGGREGATIONS}, got {agg!r}")
         if epochs < 1 or minibatches < 1:
             raise ValueError(f"objective.epochs and objective.minibatches must be >= 1, got {epochs}, {minibatches}")
         self.epochs, self.minibatches = epochs, minibatches

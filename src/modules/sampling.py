@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from src.modules.losses import data_parallel_ranks
+
 
 class AllTokens:
     def __call__(self, x_BT: torch.Tensor | None, valid_BT: torch.Tensor) -> torch.Tensor:
@@ -24,8 +26,25 @@ class AllTokens:
         return self(None, valid_BT)
 
 
+def _all_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` of every data-parallel rank, concatenated (each rank's own alone without a process group)."""
+    ranks = data_parallel_ranks()
+    if ranks == 1:
+        return values
+    dist = torch.distributed
+    n = torch.tensor([values.numel()], device=values.device)
+    sizes = [torch.zeros_like(n) for _ in range(ranks)]
+    dist.all_gather(sizes, n)
+    padded = values.new_zeros(int(max(sizes)))
+    padded[: values.numel()] = values
+    out = [torch.empty_like(padded) for _ in range(ranks)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(k)] for o, k in zip(out, sizes)])
+
+
 class EntropyTopQuantile:
-    """Keep the top ``ratio`` of valid tokens by student entropy (batch quantile).
+    """Keep the top ``ratio`` of valid tokens by student entropy (batch quantile; under data parallelism, over
+    every rank's tokens together).
 
     Ties at the threshold are kept (``H >= tau``), so the kept fraction is at least ``ratio`` and equals
     it up to ties and rounding.
@@ -38,7 +57,7 @@ class EntropyTopQuantile:
 
     def __call__(self, entropy_BT: torch.Tensor, valid_BT: torch.Tensor) -> torch.Tensor:
         valid_BT = valid_BT.bool()
-        values = entropy_BT.detach()[valid_BT]
+        values = _all_ranks(entropy_BT.detach()[valid_BT])  # the batch quantile over every rank's tokens
         if values.numel() == 0:
             return valid_BT.clone()
         # The k-th largest value is the threshold: exact for the "top ratio" reading, no interpolation.
