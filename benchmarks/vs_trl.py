@@ -59,6 +59,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--also-unfused", action="store_true",
                     help="also run reopold with rollout.fused_decode=false (the model's own forward in the decode loop)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE...]",
+                    help="also run reopold with these Hydra overrides, e.g. scorer_hf=module.fused_scoring=false")
     args = ap.parse_args(argv)
     fx = Path(args.fixtures)
     if not (fx / "prompts.jsonl").exists():
@@ -71,6 +73,11 @@ def main(argv=None) -> dict:
     }
     if args.also_unfused:
         variants["reopold_unfused"] = [*variants["reopold"], "rollout.fused_decode=false"]
+    for spec in args.variant:
+        name, sep, overrides = spec.partition("=")
+        if not sep or not overrides or name in variants:
+            ap.error(f"--variant wants a new NAME=OVERRIDE[,OVERRIDE...], got {spec!r}")
+        variants[name] = [*variants["reopold"], *overrides.split(",")]
     results = {v: [] for v in variants}
     for r in range(1, args.rounds + 1):
         for name, cmd in variants.items():
@@ -94,7 +101,7 @@ def main(argv=None) -> dict:
         with args.out.open("a") as f:
             names = list(results)
             rates = " | ".join(f"{summary[f'{n}_samples_per_s']:.1f}" for n in names)
-            flag = " --also-unfused" if args.also_unfused else ""
+            flag = (" --also-unfused" if args.also_unfused else "") + "".join(f" --variant {v}" for v in args.variant)
             f.write(f"\n`python benchmarks/vs_trl.py FIXTURES --trl-python VENV/bin/python --rounds {args.rounds}{flag}` "
                     f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores), median of {args.rounds} interleaved "
                     f"rounds, samples/s:\n\n| {' | '.join(names)} | reopold / trl (median per round) |\n"
