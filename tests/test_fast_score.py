@@ -10,13 +10,18 @@ from src.modules.fast_score import FusedScorer
 from src.modules.scoring import response_hidden, score_response
 
 
-def _batch(V=50, B=4, P=7, R=6, seed=0):
-    """Left-padded prompts, and responses right-padded after an 'EOS' as a rollout leaves them."""
+def _batch(V=50, B=4, P=7, R=6, seed=0, layout="left_padded"):
+    """Prompts and responses as a rollout leaves them: responses right-padded after an 'EOS'; prompts
+    ``left_padded``, ``unpadded``, or ``shared_prefix`` (every row opens with the same 4 tokens, as a chat
+    template or a system prompt does)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, V, (B, P + R), generator=g)
     mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    mask[2, :1] = 0
+    if layout == "left_padded":
+        mask[0, :3] = 0
+        mask[2, :1] = 0
+    elif layout == "shared_prefix":
+        ids[:, :4] = ids[0, :4]
     mask[1, P + 2:] = 0  # a response that ended early
     ids[3, P + 1] = 0  # the padding id sampled as a token: nn.Embedding(padding_idx=0) gives that row no gradient
     return ids, mask, P
@@ -26,13 +31,25 @@ def _scores(model, ids, mask, P, fused, temperature=0.7):
     return score_response(model, ids, mask, P, temperature, chunk_size=5, with_entropy=True, fused=fused)
 
 
+LAYOUTS = ["left_padded", "unpadded", "shared_prefix"]
+
+
+def test_the_shared_prefix_is_found_and_capped():
+    ids, mask, P = _batch(layout="shared_prefix")
+    assert FusedScorer.shared_prefix(ids, mask, P) == 4
+    assert FusedScorer.shared_prefix(ids, mask, 3) == 2  # up to the first row the heads read (response_start - 1)
+    assert FusedScorer.shared_prefix(*_batch(layout="left_padded")[:2], P) == 0
+    assert FusedScorer.shared_prefix(ids[:1], mask[:1], P) == 0  # one row: nothing to share
+    same = ids.clone()
+    same[:] = ids[0]
+    assert FusedScorer.shared_prefix(same, torch.ones_like(mask), P) == P - 1
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "llama", "llama_bias_yarn"])
-@pytest.mark.parametrize("padded", [True, False])
-def test_fused_scorer_gives_the_models_hidden_states_logps_and_entropies(kind, padded, single_thread):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_scorer_gives_the_models_hidden_states_logps_and_entropies(kind, layout, single_thread):
     model = _random_lm(kind)
-    ids, mask, P = _batch()
-    if not padded:
-        mask = torch.ones_like(mask)
+    ids, mask, P = _batch(layout=layout)
     assert FusedScorer.for_model(model) is not None
     with torch.no_grad():
         h_fused = response_hidden(model, ids, mask, P, fused=True)
@@ -54,11 +71,12 @@ def test_fused_scorer_in_bf16_matches_to_bf16_rounding(single_thread):
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama_bias_yarn"])
-def test_fused_scorer_gives_the_same_parameter_gradients(kind, single_thread):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_scorer_gives_the_same_parameter_gradients(kind, layout, single_thread):
     """The student's path: train mode, grad on; every parameter's gradient (embedding, norms, biases, the
     tied head) as through the Hugging Face forward."""
     model = _random_lm(kind).train()
-    ids, mask, P = _batch()
+    ids, mask, P = _batch(layout=layout)
     weights = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
     grads = {}
     for fused in (True, False):
@@ -72,10 +90,11 @@ def test_fused_scorer_gives_the_same_parameter_gradients(kind, single_thread):
         assert g_ref.abs().sum() > 0, name  # every weight is reached: the comparison is not vacuous
 
 
-def test_long_sequences_take_the_sdpa_branch_and_agree(monkeypatch, single_thread):
+@pytest.mark.parametrize("layout", ["left_padded", "shared_prefix"])
+def test_long_sequences_take_the_sdpa_branch_and_agree(monkeypatch, layout, single_thread):
     """Above EAGER_MAX_SCORES the attention is ``scaled_dot_product_attention`` (no [B, heads, T, T] scores)."""
     model = _random_lm("llama")
-    ids, mask, P = _batch()
+    ids, mask, P = _batch(layout=layout)
     with torch.no_grad():
         eager = response_hidden(model, ids, mask, P)
         monkeypatch.setattr(fast_score, "EAGER_MAX_SCORES", 0)
@@ -90,23 +109,28 @@ def test_long_sequences_take_the_sdpa_branch_and_agree(monkeypatch, single_threa
     torch.testing.assert_close(eager, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_the_last_layer_computes_only_the_rows_the_heads_read(monkeypatch, single_thread):
-    """The saving is real: the last layer's MLP sees the response rows only, the others every position."""
+@pytest.mark.parametrize("layout", ["left_padded", "shared_prefix"])
+def test_the_mlps_compute_only_the_rows_they_must(monkeypatch, layout, single_thread):
+    """The savings are real: the last layer's MLP sees the response rows only, the others every position; with
+    a shared prefix its columns go through once (one row), and every row's own columns after it."""
     model = _random_lm("qwen2")
-    ids, mask, P = _batch()
+    ids, mask, P = _batch(layout=layout)
+    c = 4 if layout == "shared_prefix" else 0
     rows_seen = []
     linear = torch.nn.functional.linear
     I = model.config.intermediate_size
 
     def spy(x, w, b=None):
         if w.shape[0] == 2 * I:  # the packed gate/up projection
-            rows_seen.append(x.shape[1])
+            rows_seen.append(tuple(x.shape[:2]))
         return linear(x, w, b)
 
     monkeypatch.setattr(fast_score.F, "linear", spy)
     with torch.no_grad():
         response_hidden(model, ids, mask, P)
-    assert rows_seen == [ids.shape[1]] * (model.config.num_hidden_layers - 1) + [ids.shape[1] - P]
+    B, T = ids.shape
+    per_layer = ([(1, c)] if c else []) + [(B, T - c)]
+    assert rows_seen == per_layer * (model.config.num_hidden_layers - 1) + [(B, T - P)]
 
 
 def test_fused_scorer_stands_aside_where_it_would_not_be_the_models_forward():

@@ -16,15 +16,23 @@ the attention output and the MLP; keys and values still cover every position. Th
 layer feed nothing the scorer reads, so this is exact. On the peer benchmark (27 prompt + 32 response
 tokens) it removes about a tenth of the backbone's arithmetic.
 
-Attention is the eager kind (scores, fp32 softmax, values) while the score tensor is small, where on the
-CPU it is faster than ``scaled_dot_product_attention``'s flash kernel, forward and backward; above
+And **leading columns that every row holds alike** (``FusedScorer.shared_prefix``: a chat template's opening,
+a system prompt, the prompt of a group of samples when the batch is one group) go through the layers once,
+as one row; every row's attention reads that row's keys and values, expanded over the batch, and their
+gradient is the sum over the rows, as if each row had computed them. On the peer benchmark every prompt
+opens with the same 6 tokens (``<|im_start|>user\n``): another tenth of the rows.
+
+Attention is the eager kind (scores, fp32 softmax, values) while the score tensor is small: on the CPU,
+forward and backward together, it beat ``scaled_dot_product_attention``'s flash kernel (9 against 16 ms a
+layer for the benchmark student's 64 x 59 tokens; the forward alone is about even). Above
 ``EAGER_MAX_SCORES`` score elements, or off the CPU, it is ``scaled_dot_product_attention``, so long
 sequences never hold a ``[B, heads, T, T]`` tensor (``benchmarks/memory.py``).
 
 Used where ``fusable`` (``src.modules.fast_decode``) says the kernels compute the model's own forward, and
-additionally: no dropout in training mode (``attention_dropout == 0``) and no gradient checkpointing. With
-gradient, the packed weights are concatenated from the parameters inside the graph, so the parameters get
-their gradients; without, the packing is cached until a weight changes (the frozen teacher packs once).
+additionally: no dropout in training mode (``attention_dropout == 0``) and no gradient checkpointing. A
+trainable model's weights are packed at every call, inside the graph when gradient is on, so the parameters
+get their gradients; a frozen model's packing (no parameter requires grad: the teacher) is kept until a
+weight is replaced or written in place.
 ``tests/test_fast_score.py`` checks hidden states, log-probs, entropies, parameter gradients and a training
 step's loss against the Hugging Face forward. ``module.fused_scoring=false`` turns it off.
 """
@@ -102,15 +110,44 @@ class FusedScorer:
             self._packed, self._packed_key = packed, key
         return packed
 
+    @staticmethod
+    def shared_prefix(input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, response_start: int) -> int:
+        """Leading columns that every row holds alike and unpadded (a chat template's opening, a system prompt,
+        the prompt of a group of samples when the batch is one group), up to the first row the heads read."""
+        if input_ids_BT.shape[0] < 2:
+            return 0
+        same = (input_ids_BT == input_ids_BT[:1]).all(0) & attention_mask_BT.bool().all(0)
+        return min(int(same.long().cumprod(0).sum()), response_start - 1)
+
+    def _attend(self, q, k, v, mask, eager: bool):
+        """Attention of ``q`` [b, nq, Tq, d] over ``k``, ``v`` [b, nk, Tk, d]; ``mask`` additive if ``eager``,
+        else boolean, broadcastable to [b, 1, Tq, Tk]."""
+        b, nq, Tq, d = q.shape
+        nk, Tk = k.shape[1], k.shape[2]
+        G = nq // nk
+        if not eager:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G > 1)
+        # query heads of a group share their key/value head: [b, nk, G * Tq, d] against [b, nk, Tk, d]
+        s = torch.matmul(q.reshape(b, nk, G * Tq, d), k.transpose(-1, -2))
+        s = (s * d**-0.5).view(b, nk, G, Tq, Tk) + mask[:, :, None]
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(p.view(b, nk, G * Tq, Tk), v).view(b, nq, Tq, d)
+
     def __call__(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
                  response_start: int) -> torch.Tensor:
+        """Two streams through the layers: the ``c`` shared leading columns as one row, and the rest of every
+        row, whose attention reads the shared row's keys and values expanded over the batch (their gradient
+        is the sum over the rows, as if each row had computed them)."""
         B, T = input_ids_BT.shape
         nq, nk, d = self.n_heads, self.n_kv, self.head_dim
-        G, Q, K = nq // nk, nq * d, nk * d
+        Q, K = nq * d, nk * d
         inner = self.model.model
         grad = torch.is_grad_enabled()
+        c = self.shared_prefix(input_ids_BT, attention_mask_BT, response_start)
         pos_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)  # = position_ids_from_mask
-        h = F.embedding(input_ids_BT, inner.embed_tokens.weight, inner.embed_tokens.padding_idx)  # no grad there
+        emb = inner.embed_tokens
+        h = F.embedding(input_ids_BT[:, c:], emb.weight, emb.padding_idx)  # padding_idx: no gradient there
+        hp = F.embedding(input_ids_BT[:1, :c], emb.weight, emb.padding_idx)  # the shared columns, once
         cos, sin = inner.rotary_emb(h, pos_BT)  # [B, T, d], attention scaling included
         cos, sin = cos.to(h.dtype)[:, :, None], sin.to(h.dtype)[:, :, None]
         allowed = torch.ones(T, T, dtype=torch.bool, device=h.device).tril_()[None, None]  # [1, 1, T, T]
@@ -122,31 +159,43 @@ class FusedScorer:
             allowed = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(
                 ~allowed, torch.finfo(h.dtype).min)
         packed = self._pack()
+
+        def mlp(h, ln2, Wgu, Wd):
+            gate, up = F.linear(_rms_norm(h, ln2, self.eps), Wgu).chunk(2, dim=-1)
+            return h + F.linear(F.silu(gate) * up if grad else F.silu(gate).mul_(up), Wd)
+
         for i, (ln1, W, b, Wo, bo, ln2, Wgu, Wd) in enumerate(packed):
-            rows = slice(response_start - 1, T - 1) if i == len(packed) - 1 else slice(None)
+            last = i == len(packed) - 1
+            if c:  # the shared row: in the last layer only its keys and values are read
+                xp = _rms_norm(hp, ln1, self.eps)
+                if last:
+                    kvp = F.linear(xp, W[Q:], None if b is None else b[Q:])
+                else:
+                    yp = F.linear(xp, W, b)
+                    qp, kvp = yp[..., :Q], yp[..., Q:]
+                kp = _rope(kvp[..., :K].view(1, c, nk, d), cos[:1, :c], sin[:1, :c]).transpose(1, 2)
+                vp = kvp[..., K:].view(1, c, nk, d).transpose(1, 2)
+                if not last:
+                    qp = _rope(qp.view(1, c, nq, d), cos[:1, :c], sin[:1, :c]).transpose(1, 2)
+                    op = self._attend(qp, kp, vp, allowed[:1, :, :c, :c], eager)
+                    hp = mlp(hp + F.linear(op.transpose(1, 2).reshape(1, c, Q), Wo, bo), ln2, Wgu, Wd)
+            # every row's own columns c..T-1; in the last layer queries only where the heads read
+            rows = slice(response_start - 1 - c, T - 1 - c) if last else slice(None)
             x = _rms_norm(h, ln1, self.eps)
-            if rows == slice(None):
-                y = F.linear(x, W, b)
-                q, kv = y[..., :Q], y[..., Q:]
-            else:  # last layer: keys and values everywhere, queries only where the heads read
+            if last:
                 h = h[:, rows]
                 q = F.linear(x[:, rows], W[:Q], None if b is None else b[:Q])
                 kv = F.linear(x, W[Q:], None if b is None else b[Q:])
-            Tq = q.shape[1]
-            q = _rope(q.view(B, Tq, nq, d), cos[:, rows], sin[:, rows]).transpose(1, 2)  # [B, nq, Tq, d]
-            k = _rope(kv[..., :K].view(B, T, nk, d), cos, sin).transpose(1, 2)  # [B, nk, T, d]
-            v = kv[..., K:].view(B, T, nk, d).transpose(1, 2)
-            mask = allowed[:, :, rows]
-            if eager:
-                # query heads of a group share their key/value head: [B, nk, G * Tq, d] against [B, nk, T, d]
-                s = torch.matmul(q.reshape(B, nk, G * Tq, d), k.transpose(-1, -2))
-                s = (s * d**-0.5).view(B, nk, G, Tq, T) + mask[:, :, None]
-                p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-                o = torch.matmul(p.view(B, nk, G * Tq, T), v).view(B, nq, Tq, d)
             else:
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G > 1)
-            h = h + F.linear(o.transpose(1, 2).reshape(B, Tq, Q), Wo, bo)
-            gate, up = F.linear(_rms_norm(h, ln2, self.eps), Wgu).chunk(2, dim=-1)
-            act = F.silu(gate) * up if grad else F.silu(gate).mul_(up)
-            h = h + F.linear(act, Wd)
+                y = F.linear(x, W, b)
+                q, kv = y[..., :Q], y[..., Q:]
+            Tq, Tk = q.shape[1], T - c
+            q = _rope(q.view(B, Tq, nq, d), cos[:, c:][:, rows], sin[:, c:][:, rows]).transpose(1, 2)
+            k = _rope(kv[..., :K].view(B, Tk, nk, d), cos[:, c:], sin[:, c:]).transpose(1, 2)  # [B, nk, Tk, d]
+            v = kv[..., K:].view(B, Tk, nk, d).transpose(1, 2)
+            if c:
+                k = torch.cat([kp.expand(B, -1, -1, -1), k], dim=2)
+                v = torch.cat([vp.expand(B, -1, -1, -1), v], dim=2)
+            o = self._attend(q, k, v, allowed[:, :, c:][:, :, rows], eager)
+            h = mlp(h + F.linear(o.transpose(1, 2).reshape(B, Tq, Q), Wo, bo), ln2, Wgu, Wd)
         return _rms_norm(h, inner.norm.weight, self.eps)
