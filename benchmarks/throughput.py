@@ -19,7 +19,7 @@ idle (see the peers' README): two busy threads on two cores slow tiny models by 
 ``--ranks 2`` runs the same global step data-parallel, as ``trainer=ddp_cpu`` does: two processes (gloo),
 32 prompts each, ``threads // ranks`` intra-op threads each, gradients averaged, the loss and the entropy
 quantile taken over both ranks' tokens (``src/modules/losses.py``, ``sampling.py``). Rank 0 prints; tokens
-and resident memory are summed over the ranks.
+and the ranks' peak resident memories are summed (an upper bound on the job's peak).
 """
 
 from __future__ import annotations
@@ -152,8 +152,9 @@ def main(argv=None) -> dict:
         ap.error("--warmup must be >= 1 so the clock has a start point")
     if args.ranks < 1 or args.batch % args.ranks:
         ap.error(f"--ranks must be >= 1 and divide --batch ({args.batch}), got {args.ranks}")
-    if args.ranks > 1:  # the cores are shared out between the ranks
+    if args.ranks > 1:  # the cores are shared out between the ranks (the env var: Lightning's launcher reads it)
         torch.set_num_threads(max(1, torch.get_num_threads() // args.ranks))
+        os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     rank0 = os.environ.get("LOCAL_RANK", "0") == "0"  # Lightning starts ranks >= 1 with LOCAL_RANK set
     import warnings
 

@@ -60,7 +60,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--also-unfused", action="store_true",
                     help="also run reopold with rollout.fused_decode=false (the model's own forward in the decode loop)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE...]",
-                    help="also run reopold with these Hydra overrides, e.g. scorer_hf=module.fused_scoring=false")
+                    help="also run reopold with these comma-separated Hydra overrides (none may hold a comma), "
+                         "e.g. scorer_hf=module.fused_scoring=false")
     args = ap.parse_args(argv)
     fx = Path(args.fixtures)
     if not (fx / "prompts.jsonl").exists():

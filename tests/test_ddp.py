@@ -41,19 +41,21 @@ def _ranks_agree_with_one_process(rank: int, world: int, store: str, out: str):
     entropy_BT = torch.rand(6, 5, generator=g)
     entropy_BT[3:] += 1.0  # rank 1's tokens are all above rank 0's: a per-rank quantile would keep some of rank 0's
     mine = slice(3 * rank, 3 * rank + 3)
-    results = {}
+    results, grads = {}, {}
     for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"):
         w = torch.ones((), requires_grad=True)
         aggregate(w * x_BT[mine] ** 2 * w, mask_BT[mine], agg).backward()
         dist.all_reduce(w.grad)
         w.grad /= world  # what DDP's reducer does
-        ref = torch.ones((), requires_grad=True)
-        aggregate(ref * x_BT**2 * ref, mask_BT, agg).backward()
-        results[agg] = (float(w.grad), float(ref.grad))
+        grads[agg] = float(w.grad)
     selection = EntropyTopQuantile(0.3)
     kept = selection(entropy_BT[mine], mask_BT[mine])
-    # the reference runs after the group is gone: one process, every row
+    # the references run after the group is gone: one process, every row
     dist.destroy_process_group()
+    for agg, ddp in grads.items():
+        ref = torch.ones((), requires_grad=True)
+        aggregate(ref * x_BT**2 * ref, mask_BT, agg).backward()
+        results[agg] = (ddp, float(ref.grad))
     whole = selection(entropy_BT, mask_BT)
     results["selection"] = bool(torch.equal(kept, whole[mine]))
     torch.save(results, f"{out}.{rank}")

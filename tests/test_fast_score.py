@@ -23,7 +23,7 @@ def _batch(V=50, B=4, P=7, R=6, seed=0, layout="left_padded"):
     elif layout == "shared_prefix":
         ids[:, :4] = ids[0, :4]
     mask[1, P + 2:] = 0  # a response that ended early
-    ids[3, P + 1] = 0  # the padding id sampled as a token: nn.Embedding(padding_idx=0) gives that row no gradient
+    ids[3, P + 1] = 0  # the padding id sampled as a token (see the gradient test)
     return ids, mask, P
 
 
@@ -76,6 +76,7 @@ def test_fused_scorer_gives_the_same_parameter_gradients(kind, layout, single_th
     """The student's path: train mode, grad on; every parameter's gradient (embedding, norms, biases, the
     tied head) as through the Hugging Face forward."""
     model = _random_lm(kind).train()
+    model.model.embed_tokens.padding_idx = 0  # as nn.Embedding(padding_idx=pad_token_id): no gradient to that row
     ids, mask, P = _batch(layout=layout)
     weights = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
     grads = {}
@@ -88,6 +89,10 @@ def test_fused_scorer_gives_the_same_parameter_gradients(kind, layout, single_th
     for name, g_ref in grads[False].items():
         torch.testing.assert_close(grads[True][name], g_ref, atol=1e-5, rtol=1e-4, msg=name)
         assert g_ref.abs().sum() > 0, name  # every weight is reached: the comparison is not vacuous
+    if kind == "qwen2":  # tied: the head gives row 0 gradient, the embedding must add none (llama: untied)
+        assert grads[True]["model.embed_tokens.weight"][0].abs().sum() > 0
+    else:
+        assert grads[True]["model.embed_tokens.weight"][0].abs().sum() == 0
 
 
 @pytest.mark.parametrize("layout", ["left_padded", "shared_prefix"])
@@ -97,14 +102,15 @@ def test_long_sequences_take_the_sdpa_branch_and_agree(monkeypatch, layout, sing
     ids, mask, P = _batch(layout=layout)
     with torch.no_grad():
         eager = response_hidden(model, ids, mask, P)
+        ref = response_hidden(model, ids, mask, P, fused=False)
         monkeypatch.setattr(fast_score, "EAGER_MAX_SCORES", 0)
         calls = []
         sdpa = torch.nn.functional.scaled_dot_product_attention
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                             lambda *a, **k: calls.append(1) or sdpa(*a, **k))
         flash = response_hidden(model, ids, mask, P)
-        ref = response_hidden(model, ids, mask, P, fused=False)
-    assert len(calls) >= 2  # every layer of the fused forward (the reference's own calls come on top)
+    # every layer of every row, and the shared row's in the layers before the last
+    assert len(calls) == (3 if layout == "shared_prefix" else 2)
     torch.testing.assert_close(flash, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(eager, ref, atol=1e-5, rtol=1e-5)
 

@@ -16,23 +16,27 @@ the attention output and the MLP; keys and values still cover every position. Th
 layer feed nothing the scorer reads, so this is exact. On the peer benchmark (27 prompt + 32 response
 tokens) it removes about a tenth of the backbone's arithmetic.
 
-And **leading columns that every row holds alike** (``FusedScorer.shared_prefix``: a chat template's opening,
-a system prompt, the prompt of a group of samples when the batch is one group) go through the layers once,
-as one row; every row's attention reads that row's keys and values, expanded over the batch, and their
-gradient is the sum over the rows, as if each row had computed them. On the peer benchmark every prompt
-opens with the same 6 tokens (``<|im_start|>user\n``): another tenth of the rows.
+And **leading columns that every row holds alike** (``FusedScorer.shared_prefix``) go through the layers
+once, as one row; every row's attention reads that row's keys and values, expanded over the batch, and their
+gradient is the sum over the rows, as if each row had computed them. Prompts are left-padded, so a shared
+opening (chat template, system prompt) is found only when every prompt of the batch has the same length, or
+the batch holds the samples of one prompt. On the peer benchmark every prompt has 27 tokens and opens with
+the same 6 (``<|im_start|>user\n``): another tenth of the rows.
 
 Attention is the eager kind (scores, fp32 softmax, values) while the score tensor is small: on the CPU,
 forward and backward together, it beat ``scaled_dot_product_attention``'s flash kernel (9 against 16 ms a
 layer for the benchmark student's 64 x 59 tokens; the forward alone is about even). Above
-``EAGER_MAX_SCORES`` score elements, or off the CPU, it is ``scaled_dot_product_attention``, so long
-sequences never hold a ``[B, heads, T, T]`` tensor (``benchmarks/memory.py``).
+``EAGER_MAX_SCORES`` score elements it is ``scaled_dot_product_attention``, whose CPU flash kernel takes the
+mask and the grouped heads, so long sequences never hold a ``[B, heads, T, T]`` tensor
+(``benchmarks/memory.py``).
 
 Used where ``fusable`` (``src.modules.fast_decode``) says the kernels compute the model's own forward, and
-additionally: no dropout in training mode (``attention_dropout == 0``) and no gradient checkpointing. A
-trainable model's weights are packed at every call, inside the graph when gradient is on, so the parameters
-get their gradients; a frozen model's packing (no parameter requires grad: the teacher) is kept until a
-weight is replaced or written in place.
+additionally: on the CPU (see ``FusedScorer.supports``), no dropout in training mode (``attention_dropout ==
+0``) and no gradient checkpointing. It runs the model's weights, not its forward, so a ``torch.compile``d
+model is scored uncompiled. A trainable model's weights are packed at every call, inside the graph when
+gradient is on, so the parameters get their gradients (the packed copy lives until the backward). A frozen
+model's packing (no parameter requires grad: the teacher) is kept, about half its parameters again, until a
+weight is replaced or changed in place (an in-place op on the parameter; one on ``p.data`` is not seen).
 ``tests/test_fast_score.py`` checks hidden states, log-probs, entropies, parameter gradients and a training
 step's loss against the Hugging Face forward. ``module.fused_scoring=false`` turns it off.
 """
@@ -44,7 +48,9 @@ import torch.nn.functional as F
 
 from src.modules.fast_decode import _rms_norm, fusable
 
-EAGER_MAX_SCORES = 1 << 24  # B * heads * rows * T score elements (64 MiB in fp32) for the eager attention
+# B * heads * T * T score elements up to which attention is eager: 64 MiB of fp32 probabilities per layer,
+# each kept for the backward when gradient is on (layers x 64 MiB at most)
+EAGER_MAX_SCORES = 1 << 24
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -67,8 +73,11 @@ class FusedScorer:
 
     @staticmethod
     def supports(model) -> bool:
-        """Whether this forward is ``model``'s own (checked on every call: models get wrapped and moved)."""
-        if not fusable(model):
+        """Whether this forward is ``model``'s own and measured to help (checked on every call: models get
+        wrapped and moved). CPU only: on CUDA, ``scaled_dot_product_attention`` with a mask and grouped-query
+        heads falls back to the math kernel, which holds ``[B, heads, T, T]`` per layer (the Hugging Face
+        forward repeats the key/value heads to avoid that), and nothing here has been timed on a GPU."""
+        if not fusable(model) or next(model.parameters()).device.type != "cpu":
             return False
         # in training mode dropout would be active; gradient checkpointing is a memory choice the user made
         if not model.training:
@@ -91,7 +100,7 @@ class FusedScorer:
     def _pack(self):
         """Per layer: (ln1, Wqkv, bqkv, Wo, bo, ln2, Wgu, Wd). Packed again on every call of a trainable model
         (in the graph when gradient is on); cached for a frozen one (no parameter requires grad) until a weight
-        is replaced or written in place."""
+        is replaced or changed in place (not through ``p.data``)."""
         layers = self.model.model.layers
         frozen = not any(p.requires_grad for p in self.model.parameters())
         if frozen:
@@ -112,12 +121,13 @@ class FusedScorer:
 
     @staticmethod
     def shared_prefix(input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, response_start: int) -> int:
-        """Leading columns that every row holds alike and unpadded (a chat template's opening, a system prompt,
-        the prompt of a group of samples when the batch is one group), up to the first row the heads read."""
+        """Leading columns that every row holds alike and unpadded, up to the first row the heads read. Prompts
+        are left-padded, so a shared opening (chat template, system prompt) counts only when every prompt of
+        the batch has the same length, or the batch is the samples of one prompt; otherwise 0."""
         if input_ids_BT.shape[0] < 2:
             return 0
         same = (input_ids_BT == input_ids_BT[:1]).all(0) & attention_mask_BT.bool().all(0)
-        return min(int(same.long().cumprod(0).sum()), response_start - 1)
+        return max(0, min(int(same.long().cumprod(0).sum()), response_start - 1))
 
     def _attend(self, q, k, v, mask, eager: bool):
         """Attention of ``q`` [b, nq, Tq, d] over ``k``, ``v`` [b, nk, Tk, d]; ``mask`` additive if ``eager``,
