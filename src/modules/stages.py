@@ -30,9 +30,12 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # Where a stage writes, how it shows progress and how the process allocates memory: not what it computes.
 VOLATILE = ("paths", "logger", "hydra", "task_name", "ckpt_path", "keep_freed_memory")
 EVAL_ONLY = ("eval_samples", "record_samples")
+# How the module computes, not what: the fused scorer gives the Hugging Face forward's numbers up to float
+# rounding, so it never renames a stage (the stage configs pin it off: see configs/experiment/*_teacher.yaml).
+SAME_COMPUTATION = ("fused_scoring",)
 # Keys added after stages were cached, hashed only when set away from their default (so the default leaves
 # existing digests unchanged): (config section, key) -> default.
-ADDED_DEFAULTS = {("rollout", "fused_decode"): True, ("module", "fused_scoring"): True}
+ADDED_DEFAULTS = {("rollout", "fused_decode"): True}
 STAGE_TARGET = "src.modules.stages.StageModel"
 STAGE_VERSION = 2  # bump when stage outputs change in ways the config does not show
 
@@ -70,7 +73,7 @@ def stage_digest(cfg) -> str:
         if isinstance(container.get(section), dict) and container[section].get(key, default) == default:
             container[section].pop(key, None)
     container.get("callbacks", {}).pop("progress_bar", None)
-    for key in EVAL_ONLY:  # how a run is evaluated does not change the weights it trains
+    for key in EVAL_ONLY + SAME_COMPUTATION:  # neither how a run is evaluated nor these change what it trains
         container.get("module", {}).pop(key, None)
     for key in ("enable_progress_bar", "enable_model_summary"):
         container.get("trainer", {}).pop(key, None)
