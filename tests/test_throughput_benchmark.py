@@ -53,8 +53,25 @@ def test_vs_trl_interleaves_the_variants_and_writes_each(tmp_path, monkeypatch):
     monkeypatch.setattr(vs_trl, "run", fake_run)
     out = tmp_path / "results.md"
     summary = vs_trl.main([str(tmp_path), "--trl-python", "trl-python", "--rounds", "2", "--also-unfused",
-                           "--out", str(out)])
-    assert len(calls) == 8 and calls[0][0] == "trl-python"
+                           "--variant", "hf=module.fused_scoring=false,seed=3", "--out", str(out)])
+    assert len(calls) == 10 and calls[0][0] == "trl-python"
+    assert calls[4][-2:] == ["module.fused_scoring=false", "seed=3"] and summary["hf_samples_per_s"] == 100.0
     assert summary["ratio_reopold_trl"] == pytest.approx(1.25) and summary["reopold_unfused_samples_per_s"] == 90.0
     text = out.read_text()
-    assert "--also-unfused" in text and "| 80.0 | 85.0 | 100.0 | 90.0 | 1.25x |" in text
+    assert "--also-unfused --variant hf=" in text and "| 80.0 | 85.0 | 100.0 | 90.0 | 100.0 | 1.25x |" in text
+
+
+@pytest.mark.skipif(not SETUP.exists(), reason="../shared/peers/tiny_setup.py not present")
+def test_scorer_ab_times_both_sides_of_each_comparison(tmp_path, single_thread):
+    subprocess.run([sys.executable, str(SETUP), str(tmp_path / "fx"), "--num-prompts", "16"], check=True,
+                   capture_output=True)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import scorer_ab
+    finally:
+        sys.path.pop(0)
+    out = scorer_ab.main([str(tmp_path / "fx"), "--pairs", "1", "--batch", "4", "--max-new-tokens", "4"])
+    assert out["shared_prefix"] == 6  # the chat template's opening, shared by every prompt of equal length
+    for who in ("teacher", "student"):
+        assert set(out[f"{who}_fused_vs_hf"]) == {"fused", "hf"} and set(out[f"{who}_prefix"]) == {"prefix", "no_prefix"}
+        assert all(v > 0 for v in (*out[f"{who}_fused_vs_hf"].values(), *out[f"{who}_prefix"].values()))
