@@ -12,21 +12,28 @@ ROOT = Path(__file__).resolve().parents[1]
 SETUP = ROOT.parent / "shared" / "peers" / "tiny_setup.py"
 
 
-@pytest.mark.skipif(not SETUP.exists(), reason="../shared/peers/tiny_setup.py not present")
-def test_throughput_benchmark_runs_on_the_peer_fixtures(tmp_path, single_thread):
-    subprocess.run([sys.executable, str(SETUP), str(tmp_path / "fx"), "--num-prompts", "256"], check=True,
+def fixtures_and_benchmark(tmp_path, prompts: int, name: str):
+    """The peers' tiny fixtures with ``prompts`` prompts, and the benchmark module ``benchmarks/<name>.py``."""
+    import importlib
+
+    subprocess.run([sys.executable, str(SETUP), str(tmp_path / "fx"), "--num-prompts", str(prompts)], check=True,
                    capture_output=True)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import throughput
+        return str(tmp_path / "fx"), importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    out = throughput.main([str(tmp_path / "fx"), "--steps", "2", "--warmup", "1", "--batch", "8",
+
+
+@pytest.mark.skipif(not SETUP.exists(), reason="../shared/peers/tiny_setup.py not present")
+def test_throughput_benchmark_runs_on_the_peer_fixtures(tmp_path, single_thread):
+    fx, throughput = fixtures_and_benchmark(tmp_path, 256, "throughput")
+    out = throughput.main([fx, "--steps", "2", "--warmup", "1", "--batch", "8",
                            "--max-new-tokens", "8"])
     assert out["samples"] == 16 and out["samples_per_s"] > 0 and 0 < out["gen_tokens_per_s"] <= 8 * out["samples_per_s"]
     assert out["peak_rss_mb"] > 0
     # --phases, and Hydra overrides after the options (here: the decode loop without the fused step)
-    out = throughput.main([str(tmp_path / "fx"), "--steps", "2", "--warmup", "1", "--batch", "8",
+    out = throughput.main([fx, "--steps", "2", "--warmup", "1", "--batch", "8",
                            "--max-new-tokens", "8", "--phases", "rollout.fused_decode=false"])
     phases = out["phases_ms"]
     assert set(phases) == {"rollout", "teacher scoring", "student scoring", "backward", "rest of the step"}
@@ -63,14 +70,8 @@ def test_vs_trl_interleaves_the_variants_and_writes_each(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not SETUP.exists(), reason="../shared/peers/tiny_setup.py not present")
 def test_scorer_ab_times_both_sides_of_each_comparison(tmp_path, single_thread):
-    subprocess.run([sys.executable, str(SETUP), str(tmp_path / "fx"), "--num-prompts", "16"], check=True,
-                   capture_output=True)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import scorer_ab
-    finally:
-        sys.path.pop(0)
-    out = scorer_ab.main([str(tmp_path / "fx"), "--pairs", "1", "--batch", "4", "--max-new-tokens", "4"])
+    fx, scorer_ab = fixtures_and_benchmark(tmp_path, 16, "scorer_ab")
+    out = scorer_ab.main([fx, "--pairs", "1", "--batch", "4", "--max-new-tokens", "4"])
     assert out["shared_prefix"] == 6  # the chat template's opening, shared by every prompt of equal length
     for who in ("teacher", "student"):
         assert set(out[f"{who}_fused_vs_hf"]) == {"fused", "hf"} and set(out[f"{who}_prefix"]) == {"prefix", "no_prefix"}
