@@ -176,10 +176,11 @@ class FusedScorer:
 
         for i, (ln1, W, b, Wo, bo, ln2, Wgu, Wd) in enumerate(packed):
             last = i == len(packed) - 1
+            bq, bkv = (None, None) if b is None else (b[:Q], b[Q:])
             if c:  # the shared row: in the last layer only its keys and values are read
                 xp = _rms_norm(hp, ln1, self.eps)
                 if last:
-                    kvp = F.linear(xp, W[Q:], None if b is None else b[Q:])
+                    kvp = F.linear(xp, W[Q:], bkv)
                 else:
                     yp = F.linear(xp, W, b)
                     qp, kvp = yp[..., :Q], yp[..., Q:]
@@ -194,8 +195,8 @@ class FusedScorer:
             x = _rms_norm(h, ln1, self.eps)
             if last:
                 h = h[:, rows]
-                q = F.linear(x[:, rows], W[:Q], None if b is None else b[:Q])
-                kv = F.linear(x, W[Q:], None if b is None else b[Q:])
+                q = F.linear(x[:, rows], W[:Q], bq)
+                kv = F.linear(x, W[Q:], bkv)
             else:
                 y = F.linear(x, W, b)
                 q, kv = y[..., :Q], y[..., Q:]
