@@ -111,3 +111,21 @@ def test_every_algorithm_composes_with_the_main_job(make_cfg, algorithm):
     has_phase = any(type(c).__name__ == "PhaseSchedule" for c in callbacks)
     assert has_phase == (algorithm in ("reopold", "reopold_no_clip", "reopold_no_entropy"))
     hydra.utils.instantiate(cfg.module)
+
+
+def test_two_runs_started_together_get_their_own_folders(tmp_path):
+    """``hydra.run.dir`` is resolved once per process (``now`` is cached): two processes started in the same
+    second must still get distinct run folders."""
+    import subprocess
+    import sys
+
+    code = ("from hydra import compose, initialize_config_dir\n"
+            f"with initialize_config_dir(config_dir={str(Path(__file__).resolve().parents[1] / 'configs')!r}, "
+            "version_base='1.3'):\n"
+            f"    cfg = compose('train', overrides=['paths.log_dir={tmp_path}'], return_hydra_config=True)\n"
+            "print(cfg.hydra.run.dir)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    dirs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert all(d.startswith(f"{tmp_path}/") and "/runs/" in d for d in dirs), dirs
+    assert dirs[0] != dirs[1], dirs
