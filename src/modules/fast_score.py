@@ -8,8 +8,12 @@ computes the same final hidden states as the Hugging Face backbone with less wor
     q, k, v = x @ [Wq; Wk; Wv]^T + b              one matmul (gate and up likewise, below)
     q, k    = rope(q), rope(k)                     the model's own rotary module
     o       = softmax(q k^T * d^-1/2 + mask) v     eager attention, grouped-query heads not repeated
-    h      += o @ Wo^T (+ bo)
+    h      += o @ Wo^T (+ bo)                      the residual sum inside the matmul (addmm)
     h      += down(silu(gate(x)) * up(x))
+
+The elementwise steps (RMSNorm, the q/k/v split with RoPE, SiLU-gating) are autograd functions with
+hand-written backwards (``src.modules.fused_ops``): each writes its input's gradient in one piece, where
+autograd's generic backwards zero-fill and add up a packed projection's gradient slice by slice.
 
 and, in the **last layer only the rows the heads read** (``response_start - 1`` to ``T - 2``) get queries,
 the attention output and the MLP; keys and values still cover every position. The prompt rows of the last
@@ -46,17 +50,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from src.modules.fast_decode import _rms_norm, fusable
+from src.modules.fast_decode import fusable
+from src.modules.fused_ops import rms_norm, rope_heads, swiglu
 
 # B * heads * T * T score elements up to which attention is eager: 64 MiB of fp32 probabilities per layer,
 # each kept for the backward when gradient is on (layers x 64 MiB at most)
 EAGER_MAX_SCORES = 1 << 24
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` for ``x`` [B, T, heads, d] and ``cos``/``sin`` [B, T, 1, d]."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class FusedScorer:
@@ -129,19 +128,28 @@ class FusedScorer:
         same = (input_ids_BT == input_ids_BT[:1]).all(0) & attention_mask_BT.bool().all(0)
         return max(0, min(int(same.long().cumprod(0).sum()), response_start - 1))
 
+    @staticmethod
+    def _scores_bias(mask: torch.Tensor, b: int, nk: int, G: int) -> torch.Tensor:
+        """An additive ``mask`` [1 or b, 1, Tq, Tk] in the eager attention's layout [b * nk or 1, G * Tq, Tk]
+        (materialised once per call and layer kind, shared by the layers)."""
+        mb, _, Tq, Tk = mask.shape
+        if mb == 1:
+            return mask[:, :, None].expand(1, 1, G, Tq, Tk).reshape(1, G * Tq, Tk)
+        return mask[:, :, None].expand(b, nk, G, Tq, Tk).reshape(b * nk, G * Tq, Tk)
+
     def _attend(self, q, k, v, mask, eager: bool):
-        """Attention of ``q`` [b, nq, Tq, d] over ``k``, ``v`` [b, nk, Tk, d]; ``mask`` additive if ``eager``,
-        else boolean, broadcastable to [b, 1, Tq, Tk]."""
+        """Attention of ``q`` [b, nq, Tq, d] over ``k``, ``v`` [b, nk, Tk, d] (contiguous); ``mask`` from
+        ``_scores_bias`` if ``eager``, else boolean, broadcastable to [b, 1, Tq, Tk]."""
         b, nq, Tq, d = q.shape
         nk, Tk = k.shape[1], k.shape[2]
         G = nq // nk
         if not eager:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G > 1)
-        # query heads of a group share their key/value head: [b, nk, G * Tq, d] against [b, nk, Tk, d]
-        s = torch.matmul(q.reshape(b, nk, G * Tq, d), k.transpose(-1, -2))
-        s = (s * d**-0.5).view(b, nk, G, Tq, Tk) + mask[:, :, None]
+        # query heads of a group share their key/value head: [b * nk, G * Tq, d] against [b * nk, Tk, d];
+        # mask + (q k^T) * d^-1/2 in one op
+        s = torch.baddbmm(mask, q.view(b * nk, G * Tq, d), k.view(b * nk, Tk, d).transpose(1, 2), alpha=d**-0.5)
         p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(p.view(b, nk, G * Tq, Tk), v).view(b, nq, Tq, d)
+        return torch.bmm(p, v.view(b * nk, Tk, d)).view(b, nq, Tq, d)
 
     def __call__(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
                  response_start: int) -> torch.Tensor:
@@ -169,44 +177,48 @@ class FusedScorer:
             allowed = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(
                 ~allowed, torch.finfo(h.dtype).min)
         packed = self._pack()
+        G = nq // nk
+        bias = {}  # the masks in the eager attention's layout, by layer kind
+
+        def attend(q, k, v, kind, mask):
+            if eager and kind not in bias:
+                bias[kind] = self._scores_bias(mask, q.shape[0], nk, G)
+            return self._attend(q, k, v, bias[kind] if eager else mask, eager)
+
+        def residual(h, x, W, bias=None):  # h + x @ W^T (+ bias), the sum inside the matmul
+            out = torch.addmm(h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1]), W.t()).view(h.shape)
+            return out if bias is None else out + bias
 
         def mlp(h, ln2, Wgu, Wd):
-            gate, up = F.linear(_rms_norm(h, ln2, self.eps), Wgu).chunk(2, dim=-1)
-            return h + F.linear(F.silu(gate) * up if grad else F.silu(gate).mul_(up), Wd)
+            return residual(h, swiglu(F.linear(rms_norm(h, ln2, self.eps), Wgu)), Wd)
 
+        qkv, kv_only = ((nq, True), (nk, True), (nk, False)), ((nk, True), (nk, False))
         for i, (ln1, W, b, Wo, bo, ln2, Wgu, Wd) in enumerate(packed):
             last = i == len(packed) - 1
             bq, bkv = (None, None) if b is None else (b[:Q], b[Q:])
             if c:  # the shared row: in the last layer only its keys and values are read
-                xp = _rms_norm(hp, ln1, self.eps)
+                xp = rms_norm(hp, ln1, self.eps)
+                cp, sp = cos[:1, :c], sin[:1, :c]
                 if last:
-                    kvp = F.linear(xp, W[Q:], bkv)
+                    kp, vp = rope_heads(F.linear(xp, W[Q:], bkv), cp, sp, kv_only, d)
                 else:
-                    yp = F.linear(xp, W, b)
-                    qp, kvp = yp[..., :Q], yp[..., Q:]
-                kp = _rope(kvp[..., :K].view(1, c, nk, d), cos[:1, :c], sin[:1, :c]).transpose(1, 2)
-                vp = kvp[..., K:].view(1, c, nk, d).transpose(1, 2)
-                if not last:
-                    qp = _rope(qp.view(1, c, nq, d), cos[:1, :c], sin[:1, :c]).transpose(1, 2)
-                    op = self._attend(qp, kp, vp, allowed[:1, :, :c, :c], eager)
-                    hp = mlp(hp + F.linear(op.transpose(1, 2).reshape(1, c, Q), Wo, bo), ln2, Wgu, Wd)
+                    qp, kp, vp = rope_heads(F.linear(xp, W, b), cp, sp, qkv, d)
+                    op = attend(qp, kp, vp, "prefix", allowed[:1, :, :c, :c])
+                    hp = mlp(residual(hp, op.transpose(1, 2).reshape(1, c, Q), Wo, bo), ln2, Wgu, Wd)
             # every row's own columns c..T-1; in the last layer queries only where the heads read
             rows = slice(response_start - 1 - c, T - 1 - c) if last else slice(None)
-            x = _rms_norm(h, ln1, self.eps)
+            x = rms_norm(h, ln1, self.eps)
+            cc, sc = cos[:, c:], sin[:, c:]
             if last:
                 h = h[:, rows]
-                q = F.linear(x[:, rows], W[:Q], bq)
-                kv = F.linear(x, W[Q:], bkv)
+                q, = rope_heads(F.linear(x[:, rows], W[:Q], bq), cc[:, rows], sc[:, rows], qkv[:1], d)
+                k, v = rope_heads(F.linear(x, W[Q:], bkv), cc, sc, kv_only, d)  # [B, nk, Tk, d]
             else:
-                y = F.linear(x, W, b)
-                q, kv = y[..., :Q], y[..., Q:]
-            Tq, Tk = q.shape[1], T - c
-            q = _rope(q.view(B, Tq, nq, d), cos[:, c:][:, rows], sin[:, c:][:, rows]).transpose(1, 2)
-            k = _rope(kv[..., :K].view(B, Tk, nk, d), cos[:, c:], sin[:, c:]).transpose(1, 2)  # [B, nk, Tk, d]
-            v = kv[..., K:].view(B, Tk, nk, d).transpose(1, 2)
+                q, k, v = rope_heads(F.linear(x, W, b), cc, sc, qkv, d)
+            Tq = q.shape[2]
             if c:
                 k = torch.cat([kp.expand(B, -1, -1, -1), k], dim=2)
                 v = torch.cat([vp.expand(B, -1, -1, -1), v], dim=2)
-            o = self._attend(q, k, v, allowed[:, :, c:][:, :, rows], eager)
-            h = mlp(h + F.linear(o.transpose(1, 2).reshape(B, Tq, Q), Wo, bo), ln2, Wgu, Wd)
-        return _rms_norm(h, inner.norm.weight, self.eps)
+            o = attend(q, k, v, "last" if last else "row", allowed[:, :, c:][:, :, rows])
+            h = mlp(residual(h, o.transpose(1, 2).reshape(B, Tq, Q), Wo, bo), ln2, Wgu, Wd)
+        return rms_norm(h, inner.norm.weight, self.eps)
