@@ -203,3 +203,44 @@ def test_a_training_steps_loss_and_gradients_agree_with_fused_scoring_on_and_off
     torch.testing.assert_close(out[True][1], out[False][1], atol=1e-5, rtol=1e-5)
     for g_fused, g_ref in zip(out[True][2], out[False][2]):
         torch.testing.assert_close(g_fused, g_ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama_bias_yarn"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prefill_writes_the_models_cache_and_last_hidden_state(kind, layout, single_thread):
+    """The decode loop's fused prefill: every layer's keys and values (where the prompt is not padding) and the
+    last column's hidden state, against the Hugging Face forward's cache."""
+    from src.modules.decode import _forward_keywords, kv_cache
+
+    model = _random_lm(kind)
+    ids, mask, P = _batch(layout=layout)
+    ids, mask = ids[:, :P], mask[:, :P]
+    fused, ref = kv_cache(model, P + 3), kv_cache(model, P + 3)
+    with torch.no_grad():
+        h = FusedScorer.for_model(model).prefill(ids, mask, fused)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, output_hidden_states=True, **{_forward_keywords(model)[0]: ref})
+    assert h.shape == (4, 48)
+    torch.testing.assert_close(h, out.hidden_states[-1][:, -1], atol=1e-5, rtol=1e-5)
+    real = mask.bool()[:, None, :, None]  # padding columns are masked in every later step
+    for a, b in zip(fused.layers, ref.layers):
+        assert a.length == b.length == P and a._keys.shape[2] == P + 3
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            torch.testing.assert_close(x * real, y * real, atol=1e-5, rtol=1e-5)
+
+
+def test_the_decode_loop_prefills_through_the_fused_scorer(monkeypatch, single_thread):
+    from src.modules.decode import sample
+
+    model = _random_lm("qwen2")
+    ids, mask, P = _batch(layout="left_padded")
+    calls = []
+    real = FusedScorer.prefill
+    monkeypatch.setattr(FusedScorer, "prefill", lambda self, *a: calls.append(1) or real(self, *a))
+    torch.manual_seed(0)
+    seq, logp, ent = sample(model, ids[:, :P], mask[:, :P], [0], 0, 5)
+    assert calls == [1]
+    torch.manual_seed(0)
+    seq_ref, logp_ref, ent_ref = sample(model, ids[:, :P], mask[:, :P], [0], 0, 5, fused=False)
+    assert torch.equal(seq, seq_ref)
+    torch.testing.assert_close(logp, logp_ref, atol=1e-5, rtol=1e-5)

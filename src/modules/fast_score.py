@@ -153,15 +153,26 @@ class FusedScorer:
 
     def __call__(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
                  response_start: int) -> torch.Tensor:
-        """Two streams through the layers: the ``c`` shared leading columns as one row, and the rest of every
-        row, whose attention reads the shared row's keys and values expanded over the batch (their gradient
-        is the sum over the rows, as if each row had computed them)."""
+        """Final hidden states [B, T - response_start, H] that predict ``input_ids_BT[:, response_start:]``."""
+        return self._forward(input_ids_BT, attention_mask_BT, response_start - 1, input_ids_BT.shape[1] - 1)
+
+    def prefill(self, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, cache) -> torch.Tensor:
+        """A decode loop's prefill: every layer's keys and values go into ``cache`` (``layer.update(k, v)`` per
+        layer, as the Hugging Face forward writes them); returns the last column's final hidden state [B, H]."""
+        P = input_ids_BP.shape[1]
+        return self._forward(input_ids_BP, attention_mask_BP, P - 1, P, cache)[:, 0]
+
+    def _forward(self, input_ids_BT, attention_mask_BT, first: int, stop: int, cache=None) -> torch.Tensor:
+        """Final hidden states of columns ``first:stop``. Two streams through the layers: the ``c`` shared
+        leading columns as one row, and the rest of every row, whose attention reads the shared row's keys and
+        values expanded over the batch (their gradient is the sum over the rows, as if each row had computed
+        them)."""
         B, T = input_ids_BT.shape
         nq, nk, d = self.n_heads, self.n_kv, self.head_dim
         Q, K = nq * d, nk * d
         inner = self.model.model
         grad = torch.is_grad_enabled()
-        c = self.shared_prefix(input_ids_BT, attention_mask_BT, response_start)
+        c = self.shared_prefix(input_ids_BT, attention_mask_BT, first + 1)
         pos_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)  # = position_ids_from_mask
         emb = inner.embed_tokens
         h = F.embedding(input_ids_BT[:, c:], emb.weight, emb.padding_idx)  # padding_idx: no gradient there
@@ -206,7 +217,7 @@ class FusedScorer:
                     op = attend(qp, kp, vp, "prefix", allowed[:1, :, :c, :c])
                     hp = mlp(residual(hp, op.transpose(1, 2).reshape(1, c, Q), Wo, bo), ln2, Wgu, Wd)
             # every row's own columns c..T-1; in the last layer queries only where the heads read
-            rows = slice(response_start - 1 - c, T - 1 - c) if last else slice(None)
+            rows = slice(first - c, stop - c) if last else slice(None)
             x = rms_norm(h, ln1, self.eps)
             cc, sc = cos[:, c:], sin[:, c:]
             if last:
@@ -219,6 +230,8 @@ class FusedScorer:
             if c:
                 k = torch.cat([kp.expand(B, -1, -1, -1), k], dim=2)
                 v = torch.cat([vp.expand(B, -1, -1, -1), v], dim=2)
+            if cache is not None:
+                cache.layers[i].update(k, v)
             o = attend(q, k, v, "last" if last else "row", allowed[:, :, c:][:, :, rows])
             h = mlp(residual(h, o.transpose(1, 2).reshape(B, Tq, Q), Wo, bo), ln2, Wgu, Wd)
         return rms_norm(h, inner.norm.weight, self.eps)
