@@ -229,11 +229,13 @@ def test_prefill_writes_the_models_cache_and_last_hidden_state(kind, layout, sin
             torch.testing.assert_close(x * real, y * real, atol=1e-5, rtol=1e-5)
 
 
-def test_the_decode_loop_prefills_through_the_fused_scorer(monkeypatch, single_thread):
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])  # tied and untied heads
+@pytest.mark.parametrize("layout", ["left_padded", "shared_prefix"])
+def test_the_decode_loop_prefills_through_the_fused_scorer(monkeypatch, kind, layout, single_thread):
     from src.modules.decode import sample
 
-    model = _random_lm("qwen2")
-    ids, mask, P = _batch(layout="left_padded")
+    model = _random_lm(kind)
+    ids, mask, P = _batch(layout=layout)
     calls = []
     real = FusedScorer.prefill
     monkeypatch.setattr(FusedScorer, "prefill", lambda self, *a: calls.append(1) or real(self, *a))
@@ -244,3 +246,34 @@ def test_the_decode_loop_prefills_through_the_fused_scorer(monkeypatch, single_t
     seq_ref, logp_ref, ent_ref = sample(model, ids[:, :P], mask[:, :P], [0], 0, 5, fused=False)
     assert torch.equal(seq, seq_ref)
     torch.testing.assert_close(logp, logp_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ent_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_prefill_leaves_no_packing_behind_on_a_frozen_model(single_thread):
+    from src.modules.decode import kv_cache
+
+    model = _random_lm("qwen2").requires_grad_(False)
+    ids, mask, P = _batch(layout="left_padded")
+    scorer = FusedScorer.for_model(model)
+    with torch.no_grad():
+        scorer.prefill(ids[:, :P], mask[:, :P], kv_cache(model, P + 2))
+        assert scorer._packed is None  # a teacher that only generates keeps no second copy of its weights
+        scorer(ids, mask, P)
+        kept = scorer._packed
+        scorer.prefill(ids[:, :P], mask[:, :P], kv_cache(model, P + 2))
+    assert kept is not None and scorer._packed is kept  # the scorer's cached packing is reused, not replaced
+
+
+def test_under_cpu_autocast_the_residual_stream_stays_in_fp32(single_thread):
+    """bf16 autocast casts each matmul's inputs; the Hugging Face forward keeps the residual sum in fp32, and so
+    must the fused one (an addmm with the residual inside would round the stream itself to bf16)."""
+    model = _random_lm("qwen2")
+    ids, mask, P = _batch(layout="left_padded")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = response_hidden(model, ids, mask, P, fused=True)
+        ref = response_hidden(model, ids, mask, P, fused=False)
+    with torch.no_grad():
+        exact = response_hidden(model, ids, mask, P, fused=False)
+    assert fused.dtype == ref.dtype
+    # within autocast's own error of the fp32 forward, as the Hugging Face forward under autocast is
+    assert (fused.float() - exact).abs().max() <= 1.5 * (ref.float() - exact).abs().max()

@@ -97,3 +97,14 @@ def test_swiglu_matches_silu_gate_times_up():
         torch.testing.assert_close(swiglu(gu), want.detach(), atol=0, rtol=0)
     x64 = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(swiglu, (x64,))
+
+
+def test_no_double_backward_and_bad_groups_are_named():
+    x = torch.randn(2, 8, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+    (dx,) = torch.autograd.grad(rms_norm(x, w, 1e-6).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):  # once_differentiable: raises instead of a wrong second derivative
+        dx.sum().backward()
+    y = torch.randn(1, 2, 12)
+    with pytest.raises(ValueError, match="do not cover the 12 columns"):
+        rope_heads(y, torch.ones(1, 2, 1, 4), torch.zeros(1, 2, 1, 4), ((1, True), (1, False)), 4)

@@ -1,7 +1,9 @@
-"""A lean sampling loop: the model's own forward over a KV cache, without ``generate``'s per-token machinery.
+"""A lean sampling loop: the model's forward over a KV cache, without ``generate``'s per-token machinery.
 
 Same contract as ``generate`` with our processors (``HFGenerateRollout``): prefill the left-padded prompt
-once, then one token per step from the last position's logits only (``logits_to_keep=1``)::
+once, then one token per step from the last position's logits only (``logits_to_keep=1``). Qwen2/Llama models
+take fused kernels for both where they compute the model's own forward (``FusedScorer.prefill`` on the CPU,
+``FusedDecodeStep``; ``fused=False`` / ``rollout.fused_decode=false``: the model's forward throughout)::
 
     z_t     = logits(last position)               banned ids set to BANNED_LOGIT (renormalised away)
     logp_t  = log_softmax(z_t / temperature)       recorded: log p(y_t) and H_t = -sum exp(logp_t) logp_t
@@ -101,8 +103,9 @@ def warpers(temperature: float, top_k: int, top_p: float) -> list:
 def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos_token_ids, pad_token_id: int,
            max_new_tokens: int, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, banned_ids: torch.Tensor | None = None, sync_every: int = 4, fused: bool = True):
-    """Decode up to ``max_new_tokens`` per row. After the prefill, each token goes through
-    ``FusedDecodeStep`` where it supports the model (``fused=False``: always the model's own forward).
+    """Decode up to ``max_new_tokens`` per row. The prefill goes through ``FusedScorer.prefill`` and each later
+    token through ``FusedDecodeStep`` where they support the model (``fused=False``: always the model's own
+    forward).
 
     Returns ``(sequences [B, P + T], logp_BT, entropy_BT)``; the last two are ``None`` when greedy, and hold
     garbage (not zeros) after each row's EOS: the caller masks them.

@@ -27,7 +27,8 @@ weights, and beyond small models the per-op overhead it removes no longer domina
 eager kind (scores in the model's dtype, softmax in fp32): in fp32 it gives the forward's tokens (the tests
 assert equality); in bf16 it matches to bf16 rounding, as two attention kernels do.
 ``tests/test_decode.py`` checks it against the Hugging Face forward: logits, greedy and sampled tokens,
-recorded log-probs and entropies, and the guards. ``rollout.fused_decode=false`` turns it off.
+recorded log-probs and entropies, and the guards. ``rollout.fused_decode=false`` turns it off, and with it
+the fused prefill (``FusedScorer.prefill``, ``src.modules.fast_score``) that fills the cache before it.
 """
 
 from __future__ import annotations

@@ -11,10 +11,6 @@ computes the same final hidden states as the Hugging Face backbone with less wor
     h      += o @ Wo^T (+ bo)                      the residual sum inside the matmul (addmm)
     h      += down(silu(gate(x)) * up(x))
 
-The elementwise steps (RMSNorm, the q/k/v split with RoPE, SiLU-gating) are autograd functions with
-hand-written backwards (``src.modules.fused_ops``): each writes its input's gradient in one piece, where
-autograd's generic backwards zero-fill and add up a packed projection's gradient slice by slice.
-
 and, in the **last layer only the rows the heads read** (``response_start - 1`` to ``T - 2``) get queries,
 the attention output and the MLP; keys and values still cover every position. The prompt rows of the last
 layer feed nothing the scorer reads, so this is exact. On the peer benchmark (27 prompt + 32 response
@@ -26,6 +22,14 @@ gradient is the sum over the rows, as if each row had computed them. Prompts are
 opening (chat template, system prompt) is found only when every prompt of the batch has the same length, or
 the batch holds the samples of one prompt. On the peer benchmark every prompt has 27 tokens and opens with
 the same 6 (``<|im_start|>user\n``): another tenth of the rows.
+
+The elementwise steps (RMSNorm, the q/k/v split with RoPE, SiLU-gating) are autograd functions with
+hand-written backwards (``src.modules.fused_ops``): each writes its input's gradient in one piece, where
+autograd's generic backwards zero-fill and add up a packed projection's gradient slice by slice.
+
+``FusedScorer.prefill`` runs the same layers over a prompt for the decode loop (``src.modules.decode``):
+it fills the loop's KV cache and returns the last column's hidden state. The loop uses it wherever it uses
+the fused decode step (``rollout.fused_decode``, not ``module.fused_scoring``, decides).
 
 Attention is the eager kind (scores, fp32 softmax, values) while the score tensor is small: on the CPU,
 forward and backward together, it beat ``scaled_dot_product_attention``'s flash kernel (9 against 16 ms a
@@ -54,7 +58,8 @@ from src.modules.fast_decode import fusable
 from src.modules.fused_ops import rms_norm, rope_heads, swiglu
 
 # B * heads * T * T score elements up to which attention is eager: 64 MiB of fp32 probabilities per layer,
-# each kept for the backward when gradient is on (layers x 64 MiB at most)
+# each kept for the backward when gradient is on (layers x 64 MiB at most); with left padding, one more such
+# tensor per call holds the mask in the scores' layout
 EAGER_MAX_SCORES = 1 << 24
 
 
@@ -96,10 +101,11 @@ class FusedScorer:
             scorer = model.__dict__["_fused_scorer"] = FusedScorer(model)
         return scorer
 
-    def _pack(self):
+    def _pack(self, keep: bool = True):
         """Per layer: (ln1, Wqkv, bqkv, Wo, bo, ln2, Wgu, Wd). Packed again on every call of a trainable model
         (in the graph when gradient is on); cached for a frozen one (no parameter requires grad) until a weight
-        is replaced or changed in place (not through ``p.data``)."""
+        is replaced or changed in place (not through ``p.data``), unless not ``keep``: a prefill reuses a cached
+        packing but does not leave one behind (a frozen model that only generates would hold it for good)."""
         layers = self.model.model.layers
         frozen = not any(p.requires_grad for p in self.model.parameters())
         if frozen:
@@ -114,7 +120,7 @@ class FusedScorer:
             Wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight])
             packed.append((layer.input_layernorm.weight, W, b, a.o_proj.weight, a.o_proj.bias,
                            layer.post_attention_layernorm.weight, Wgu, m.down_proj.weight))
-        if frozen:
+        if frozen and keep:
             self._packed, self._packed_key = packed, key
         return packed
 
@@ -158,20 +164,21 @@ class FusedScorer:
 
     def prefill(self, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, cache) -> torch.Tensor:
         """A decode loop's prefill: every layer's keys and values go into ``cache`` (``layer.update(k, v)`` per
-        layer, as the Hugging Face forward writes them); returns the last column's final hidden state [B, H]."""
+        layer; the Hugging Face forward's values wherever the prompt is not padding, and padding columns are
+        masked in every later step); returns the last column's final hidden state [B, H]."""
         P = input_ids_BP.shape[1]
-        return self._forward(input_ids_BP, attention_mask_BP, P - 1, P, cache)[:, 0]
+        return self._forward(input_ids_BP, attention_mask_BP, P - 1, P, cache, keep_packing=False)[:, 0]
 
-    def _forward(self, input_ids_BT, attention_mask_BT, first: int, stop: int, cache=None) -> torch.Tensor:
+    def _forward(self, input_ids_BT, attention_mask_BT, first: int, stop: int, cache=None,
+                 keep_packing: bool = True) -> torch.Tensor:
         """Final hidden states of columns ``first:stop``. Two streams through the layers: the ``c`` shared
         leading columns as one row, and the rest of every row, whose attention reads the shared row's keys and
         values expanded over the batch (their gradient is the sum over the rows, as if each row had computed
         them)."""
         B, T = input_ids_BT.shape
         nq, nk, d = self.n_heads, self.n_kv, self.head_dim
-        Q, K = nq * d, nk * d
+        Q = nq * d
         inner = self.model.model
-        grad = torch.is_grad_enabled()
         c = self.shared_prefix(input_ids_BT, attention_mask_BT, first + 1)
         pos_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)  # = position_ids_from_mask
         emb = inner.embed_tokens
@@ -187,7 +194,7 @@ class FusedScorer:
         if eager:  # additive, as the eager attention adds it to the scores
             allowed = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(
                 ~allowed, torch.finfo(h.dtype).min)
-        packed = self._pack()
+        packed = self._pack(keep_packing)
         G = nq // nk
         bias = {}  # the masks in the eager attention's layout, by layer kind
 
@@ -196,7 +203,11 @@ class FusedScorer:
                 bias[kind] = self._scores_bias(mask, q.shape[0], nk, G)
             return self._attend(q, k, v, bias[kind] if eager else mask, eager)
 
+        autocast = torch.is_autocast_enabled(h.device.type)
+
         def residual(h, x, W, bias=None):  # h + x @ W^T (+ bias), the sum inside the matmul
+            if autocast:  # addmm would cast the residual stream itself to the autocast dtype
+                return h + F.linear(x, W, bias)
             out = torch.addmm(h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1]), W.t()).view(h.shape)
             return out if bias is None else out + bias
 

@@ -5,13 +5,15 @@ On the CPU, a small model's scoring forward and backward spend about half their 
 generic backwards for elementwise chains: ``F.rms_norm`` decomposed into six ops and their six backwards,
 RoPE's ``rotate_half`` (slices, a negation, a concatenation), and the ``slice_backward`` of every slice
 taken from a packed projection (a zero-filled tensor of the packed width per slice, added up). Each function
-here computes the same mathematics as the Hugging Face forward in fewer passes over memory, and writes its
-input's gradient in one piece:
+here computes the same mathematics as the Hugging Face forward in fewer passes over memory (the same values
+in fp32 up to rounding; RoPE's ``addcmul_`` rounds once where the Hugging Face form rounds twice, so in bf16
+about a quarter of its elements differ by one unit in the last place), and writes its input's gradient in one
+piece. None supports double backward (``once_differentiable``: it raises):
 
 - ``rms_norm(x, w, eps)``: ``w * x * rsqrt(mean(x^2) + eps)`` (fp32; other dtypes keep ``_rms_norm``, which
   normalises in fp32 and casts back first, as ``Qwen2RMSNorm`` does);
   backward ``dx = rstd * (g w - x_hat * mean(g w x_hat))``, ``dw = sum(g x_hat)``.
-- ``rope_heads(y, cos, sin, groups)``: splits a packed projection ``y`` [B, T, heads * d] into head groups
+- ``rope_heads(y, cos, sin, groups, head_dim)``: splits a packed projection ``y`` [B, T, heads * d] into head groups
   ``[B, n, T, d]`` (attention's layout), applying ``x * cos + rotate_half(x) * sin`` to the groups marked
   for it; backward applies the transpose, ``g * cos - rotate_half(g * sin)``, straight into ``dy``.
 - ``swiglu(gu)``: ``silu(gate) * up`` for ``gu = [gate, up]`` (one packed matmul's output); backward writes
@@ -26,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
+from torch.autograd.function import once_differentiable
 
 from src.modules.fast_decode import _rms_norm
 
@@ -39,6 +42,7 @@ class _RMSNorm(Function):
         return x_hat * w
 
     @staticmethod
+    @once_differentiable  # no double backward (none is needed): raise rather than differentiate wrongly
     def backward(ctx, g):
         x_hat, w, rstd = ctx.saved_tensors
         dx = dw = None
@@ -75,9 +79,12 @@ def _rope_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch
 class _RopeHeads(Function):
     @staticmethod
     def forward(ctx, y, cos, sin, groups, head_dim):
-        B, T, _ = y.shape
+        B, T, width = y.shape
+        if sum(n for n, _ in groups) * head_dim != width:
+            raise ValueError(f"rope_heads: groups {groups} x head_dim {head_dim} do not cover the {width} columns")
         ctx.save_for_backward(cos, sin)
         ctx.groups, ctx.head_dim = groups, head_dim
+        ctx.set_materialize_grads(False)  # an output the loss does not reach arrives as None
         outs, start = [], 0
         for n, rope in groups:
             x = y[..., start * head_dim : (start + n) * head_dim].view(B, T, n, head_dim)
@@ -91,12 +98,15 @@ class _RopeHeads(Function):
         return tuple(outs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         cos, sin = ctx.saved_tensors
         d = ctx.head_dim
-        B, _, T, _ = next(g for g in grads if g is not None).shape
-        width = sum(n for n, _ in ctx.groups) * d
-        dy = grads[0].new_empty(B, T, width)
+        some = next((g for g in grads if g is not None), None)
+        if some is None:
+            return None, None, None, None, None
+        B, _, T, _ = some.shape
+        dy = some.new_empty(B, T, sum(n for n, _ in ctx.groups) * d)
         start = 0
         for (n, rope), g in zip(ctx.groups, grads):
             part = dy[..., start * d : (start + n) * d].view(B, T, n, d)
@@ -125,6 +135,7 @@ class _SwiGLU(Function):
         return s * up
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         gu, s = ctx.saved_tensors
         gate, up = gu.chunk(2, dim=-1)
