@@ -11,6 +11,11 @@ student's scoring forward and backward, each way:
 - ``prefix`` against ``no_prefix``: the fused scorer with and without computing the shared leading columns
   once (the peers' prompts all open with the same 6 tokens).
 
+- ``prefill``: the decode loop's prefill of the 64 prompts (KV cache filled, last position's logits), through
+  ``FusedScorer.prefill`` against the model's own forward;
+- with ``--against OTHER/src/modules/fast_score.py``: this checkout's ``FusedScorer`` against another version's
+  (e.g. ``git worktree add /tmp/prev <commit>``), backbone only (no head), teacher and student forward+backward.
+
 Prints the median milliseconds of each side, and the minor page faults per teacher forward (the allocator
 setting of ``src/utils/allocator.py`` is applied unless ``--no-keep-freed-memory``).
 """
@@ -47,6 +52,64 @@ def interleaved(fns: dict, pairs: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def prefill_fn(model, enc, fused: bool):
+    """The decode loop's prefill of ``enc``'s prompts into a fresh cache, and the last position's logits."""
+    from src.modules.decode import _forward_keywords, kv_cache
+    from src.modules.fast_score import FusedScorer
+    from src.modules.scoring import position_ids_from_mask
+
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    cache_kw = _forward_keywords(model)[0]
+
+    def run():
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                cache = kv_cache(model, ids.shape[1] + 1)
+                if fused:
+                    h = FusedScorer.for_model(model).prefill(ids, mask, cache)
+                    return model.get_output_embeddings()(h)
+                out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                            use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+                return out.logits[:, -1]
+        finally:
+            model.train(was_training)
+    return run
+
+
+def against(path: str, student, teacher, ids, mask, start, pairs: int) -> dict:
+    """This checkout's ``FusedScorer`` against the one in ``path`` (loaded as a separate module), backbone only."""
+    import importlib.util
+
+    from src.modules.fast_score import FusedScorer
+
+    spec = importlib.util.spec_from_file_location("fast_score_other", path)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    scorers = {"this": (FusedScorer(student), FusedScorer(teacher)),
+               "other": (other.FusedScorer(student), other.FusedScorer(teacher))}
+    grad = torch.randn(ids.shape[0], ids.shape[1] - start, student.config.hidden_size)
+
+    def student_fn(k):
+        def run():
+            student.zero_grad(set_to_none=True)
+            scorers[k][0](ids, mask, start).backward(grad)
+        return run
+
+    def teacher_fn(k):
+        def run():
+            with torch.no_grad():
+                scorers[k][1](ids, mask, start)
+        return run
+
+    with torch.no_grad():
+        diff = (scorers["this"][1](ids, mask, start) - scorers["other"][1](ids, mask, start)).abs().max()
+    print(f"against {path}: teacher hidden states differ by at most {float(diff):.2e}")
+    return {"against_teacher": interleaved({"this": teacher_fn("this"), "other": teacher_fn("other")}, pairs),
+            "against_student": interleaved({"this": student_fn("this"), "other": student_fn("other")}, pairs)}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("fixtures")
@@ -54,6 +117,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false")
+    ap.add_argument("--against", metavar="FAST_SCORE_PY", help="another version's src/modules/fast_score.py")
     args = ap.parse_args(argv)
     if args.keep_freed_memory:
         from src.utils.allocator import keep_freed_memory
@@ -107,6 +171,10 @@ def main(argv=None) -> dict:
         out[f"{name}_fused_vs_hf"] = interleaved({"fused": make(True), "hf": make(False)}, args.pairs)
         out[f"{name}_prefix"] = interleaved({"prefix": make(True), "no_prefix": without_prefix(make(True))},
                                             args.pairs)
+    out["prefill"] = interleaved({"fused": prefill_fn(student, enc, True), "hf": prefill_fn(student, enc, False)},
+                                 args.pairs)
+    if args.against:
+        out.update(against(args.against, student, teacher, ids, mask, start, args.pairs))
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(5):
         teacher_fn(True)()

@@ -71,8 +71,11 @@ def test_vs_trl_interleaves_the_variants_and_writes_each(tmp_path, monkeypatch):
 @pytest.mark.skipif(not SETUP.exists(), reason="../shared/peers/tiny_setup.py not present")
 def test_scorer_ab_times_both_sides_of_each_comparison(tmp_path, single_thread):
     fx, scorer_ab = fixtures_and_benchmark(tmp_path, 16, "scorer_ab")
-    out = scorer_ab.main([fx, "--pairs", "1", "--batch", "4", "--max-new-tokens", "4"])
+    this = Path(scorer_ab.__file__).resolve().parents[1] / "src" / "modules" / "fast_score.py"
+    out = scorer_ab.main([fx, "--pairs", "1", "--batch", "4", "--max-new-tokens", "4", "--against", str(this)])
     assert out["shared_prefix"] == 6  # the chat template's opening, shared by every prompt of equal length
+    for key in ("prefill", "against_teacher", "against_student"):
+        assert len(out[key]) == 2 and all(v > 0 for v in out[key].values()), key
     for who in ("teacher", "student"):
         assert set(out[f"{who}_fused_vs_hf"]) == {"fused", "hf"} and set(out[f"{who}_prefix"]) == {"prefix", "no_prefix"}
         assert all(v > 0 for v in (*out[f"{who}_fused_vs_hf"].values(), *out[f"{who}_prefix"].values()))
