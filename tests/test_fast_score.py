@@ -205,13 +205,17 @@ def test_a_training_steps_loss_and_gradients_agree_with_fused_scoring_on_and_off
         torch.testing.assert_close(g_fused, g_ref, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama_bias_yarn"])
+@pytest.mark.parametrize("kind", ["qwen2", "llama_bias_yarn", "qwen2_sdpa"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_prefill_writes_the_models_cache_and_last_hidden_state(kind, layout, single_thread):
+def test_prefill_writes_the_models_cache_and_last_hidden_state(kind, layout, monkeypatch, single_thread):
     """The decode loop's fused prefill: every layer's keys and values (where the prompt is not padding) and the
-    last column's hidden state, against the Hugging Face forward's cache."""
+    last column's hidden state, against the Hugging Face forward's cache (``qwen2_sdpa``: through the
+    ``scaled_dot_product_attention`` branch that long prompts take)."""
     from src.modules.decode import _forward_keywords, kv_cache
 
+    if kind.endswith("_sdpa"):
+        kind = kind.removesuffix("_sdpa")
+        monkeypatch.setattr(fast_score, "EAGER_MAX_SCORES", 0)
     model = _random_lm(kind)
     ids, mask, P = _batch(layout=layout)
     ids, mask = ids[:, :P], mask[:, :P]
