@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from src.utils.instantiate import instantiate_loggers  # noqa: E402
+from src.utils.sharding import count_params  # noqa: E402
 
 
 def _gather(records: list[dict]) -> list[dict]:
@@ -71,7 +72,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     out_dir = None
     if cfg.get("save_samples") and trainer.is_global_zero:
         meta = {"model": cfg.get("model_name") or module.student_spec.path,
-                "n_params": sum(p.numel() for p in module.student.parameters()),
+                "n_params": module.student_n_params or count_params(module.student),  # counted before sharding
                 "k": int(cfg.module.eval_samples), "ckpt_path": cfg.get("ckpt_path"), "task": module.task,
                 "seed": int(cfg.seed), "top_p": module.rollout.top_p, "top_k": module.rollout.top_k,
                 "max_new_tokens": module.rollout.val_max_new_tokens, "temperature": module.rollout.temperature,

@@ -94,3 +94,24 @@ def test_gathered_records_keep_each_response_once():
 
     rows = [{"prompt_id": 1, "sample": 0}, {"prompt_id": 1, "sample": -1}, {"prompt_id": 1, "sample": 0}]
     assert _gather(rows) == rows[:2]
+
+
+def test_parameter_counts_survive_sharding():
+    """meta.json's n_params: a DeepSpeed ZeRO-3 partition reports numel() 0 and its size in ds_numel; a meta
+    tensor (deferred initialisation) keeps its shape. Tied weights count once."""
+    import torch
+
+    from src.utils.sharding import count_params
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, bias=False))
+    model[1].weight = model[0].weight  # tied, as an LM's embedding and head
+    assert count_params(model) == 4 * 4 + 4
+    with torch.device("meta"):
+        deferred = torch.nn.Linear(5, 7)
+    assert count_params(deferred) == 5 * 7 + 7
+    partitioned = torch.nn.Linear(6, 2)
+    for p in partitioned.parameters():
+        p.ds_numel = p.numel()  # what deepspeed.zero.Init leaves, with the local storage emptied
+        p.data = torch.empty(0)
+    assert sum(p.numel() for p in partitioned.parameters()) == 0
+    assert count_params(partitioned) == 6 * 2 + 2

@@ -27,6 +27,7 @@ from src.modules.multimodal import preflight_processors, vision_token_ids
 from src.modules.sampling import AllTokens
 from src.modules.scoring import response_hidden, score_response
 from src.modules.tool_rollout import TOOL_STATS, episode_totals
+from src.utils.sharding import count_params
 
 
 class DistillationModule(LightningModule):
@@ -78,6 +79,7 @@ class DistillationModule(LightningModule):
         self.fused_scoring = fused_scoring
         self.temperature = rollout.temperature
         self.student = self.teacher = self.tokenizer = self.processor = self.banned_ids = None
+        self.student_n_params = None  # set by configure_model
         self.val_acc = MeanMetric()
         self.val_len = MeanMetric()
         self.val_trunc = MeanMetric()
@@ -97,6 +99,8 @@ class DistillationModule(LightningModule):
         if hasattr(self.rollout, "set_tokenizer"):  # a multi-turn rollout decodes turns and encodes replies
             self.rollout.set_tokenizer(self.tokenizer)
         self.student = self.student_spec.load_model()
+        # counted now, before a sharding strategy flattens or partitions the weights (meta.json, FLOP counts)
+        self.student_n_params = count_params(self.student)
         banned = vision_token_ids(self.processor)
         self.banned_ids = torch.tensor(banned, dtype=torch.long) if banned else None
         self.student.train()  # from_pretrained returns eval mode

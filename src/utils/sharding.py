@@ -1,4 +1,5 @@
-"""Sharding policies for FSDP: wrap each decoder layer of the model families we support."""
+"""Sharding helpers: the FSDP wrap policy for the model families we support, and parameter counts that
+survive sharding."""
 
 from __future__ import annotations
 
@@ -22,3 +23,10 @@ def decoder_layer_classes() -> set[type]:
         except (ImportError, AttributeError):
             continue
     return out
+
+
+def count_params(model) -> int:
+    """Parameters of ``model`` at full size, however they are held: a DeepSpeed ZeRO-3 partition reports its
+    full size in ``ds_numel`` (its ``numel()`` is 0), a meta tensor (deferred initialisation) has its shape.
+    Count before FSDP flattens or shards the model: ``DistillationModule.configure_model`` does."""
+    return sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters())
