@@ -106,3 +106,36 @@ def test_validate_before_training_then_fit(make_cfg):
     train(cfg)
     steps = [int(r["step"]) for r in _csv_rows(cfg.paths.output_dir) if r.get("val/arithmetic/acc")]
     assert steps[0] == 0 and len(steps) == 3  # before training, then after batches 2 and 4
+
+
+def test_hf_export_is_collective_and_written_by_rank_zero(tmp_path):
+    """Every rank takes part in gathering the student's weights (a sharded strategy needs them all); rank 0
+    writes. The ZeRO-3 branch runs DeepSpeed's real gathering context (a no-op for unpartitioned weights)."""
+    from types import SimpleNamespace
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from src.callbacks.hf_export import HFExport, student_state_dict
+
+    class Module(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            cfg = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1)
+            self.student, self.teacher = Qwen2ForCausalLM(cfg), torch.nn.Linear(2, 2)
+            self.processor = SimpleNamespace(save_pretrained=lambda out: (Path(out) / "processor").touch())
+
+    module = Module()
+    for zero3 in (False, True):
+        strategy = SimpleNamespace(zero_stage_3=zero3)
+        sd = student_state_dict(SimpleNamespace(strategy=strategy, is_global_zero=True), module)
+        assert sd.keys() == module.student.state_dict().keys()  # the student's own keys, not the teacher's
+        assert all(torch.equal(v, module.student.state_dict()[k]) for k, v in sd.items())
+        assert student_state_dict(SimpleNamespace(strategy=strategy, is_global_zero=False), module) is None
+    export = HFExport(dirpath=str(tmp_path))
+    assert export.export(SimpleNamespace(strategy=SimpleNamespace(), is_global_zero=False), module, "x") is None
+    assert not (tmp_path / "x").exists()
+    out = export.export(SimpleNamespace(strategy=SimpleNamespace(), is_global_zero=True), module, "final")
+    reloaded = Qwen2ForCausalLM.from_pretrained(out)
+    assert all(torch.equal(v, module.student.state_dict()[k]) for k, v in reloaded.state_dict().items())
+    assert (out / "processor").exists()

@@ -1,12 +1,41 @@
 """Save the student in Hugging Face format (``save_pretrained`` plus tokenizer) next to each Lightning
-checkpoint and at the end of training, so a result loads anywhere with ``from_pretrained``."""
+checkpoint and at the end of training, so a result loads anywhere with ``from_pretrained``.
+
+Under sharded strategies the student's weights live in pieces across the ranks, so the export is collective:
+every rank takes part in gathering the full weights (FSDP: a full state dict, offloaded to rank 0's CPU;
+DeepSpeed ZeRO-3: the partitions gathered around the state dict), and rank 0 writes them. A rank-0-only
+``save_pretrained`` would write a shard (ZeRO-3: empty tensors) or, under FSDP, wait forever for the other
+ranks' part of the gather. Single-process and DDP runs write the module's own weights, as before.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from lightning import Callback
-from lightning.pytorch.utilities import rank_zero_only
+
+
+def student_state_dict(trainer, pl_module) -> dict | None:
+    """The student's full state dict on global rank 0 (None elsewhere). Collective: every rank must call it."""
+    strategy = trainer.strategy
+    if getattr(strategy, "zero_stage_3", False):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(pl_module.student.parameters()), modifier_rank=None):
+            if not trainer.is_global_zero:
+                return None
+            return {k: v.detach().cpu().clone() for k, v in pl_module.student.state_dict().items()}
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):  # full, whatever state_dict_type the checkpoints use
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        full = pl_module.state_dict()
+    if not trainer.is_global_zero:
+        return None
+    return {k[len("student."):]: v for k, v in full.items() if k.startswith("student.")}
 
 
 class HFExport(Callback):
@@ -26,11 +55,14 @@ class HFExport(Callback):
         base = ckpt.dirpath if ckpt is not None and ckpt.dirpath else trainer.default_root_dir
         return Path(base) / "hf"
 
-    @rank_zero_only
-    def export(self, trainer, pl_module, name: str) -> Path:
+    def export(self, trainer, pl_module, name: str) -> Path | None:
+        """Collective (see the module docstring); rank 0 writes ``<root>/<name>`` and returns it."""
+        state_dict = student_state_dict(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return None
         out = self._root(trainer) / name
         out.mkdir(parents=True, exist_ok=True)
-        pl_module.student.save_pretrained(out)
+        pl_module.student.save_pretrained(out, state_dict=state_dict)
         processor = getattr(pl_module, "processor", None) or pl_module.tokenizer
         processor.save_pretrained(out)  # a vision-language processor saves its tokenizer with it
         return out
