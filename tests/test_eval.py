@@ -14,12 +14,20 @@ from src.train import train
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math"
 
 
-def test_eval_with_k_samples_writes_results_the_analysis_reads(make_cfg, single_thread):
+def test_eval_with_k_samples_writes_results_the_analysis_reads(make_cfg, single_thread, monkeypatch):
     cfg = make_cfg("test=false", "trainer.max_steps=2", "algorithm=sft")
     train(cfg)
     hf_dir = Path(cfg.paths.output_dir) / "checkpoints" / "hf" / "final"
     ev = make_cfg("model=pretrained", f"model.student.path={hf_dir}", "model.student.dtype=float32", "k=4",
                   "model_name=tiny-sft", "rollout.temperature=1.5", config="eval")
+    from src.modules.distill import DistillationModule
+
+    configure = DistillationModule.configure_model
+
+    def counted_elsewhere(self):  # meta.json must take configure_model's count (made before any sharding)
+        configure(self)
+        self.student_n_params = 123_456_789
+    monkeypatch.setattr(DistillationModule, "configure_model", counted_elsewhere)
     metrics, obj = evaluate(ev)
     key = "test/arithmetic"
     for name in ("acc", "avg@4", "pass@1", "pass@2", "pass@4", "maj@4", "response_len", "truncation_rate"):
@@ -34,7 +42,7 @@ def test_eval_with_k_samples_writes_results_the_analysis_reads(make_cfg, single_
     assert n_prompts == ev.data.test.n and len(rows) == n_prompts * (1 + 4)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["model"] == "tiny-sft" and meta["k"] == 4
-    assert meta["n_params"] == sum(p.numel() for p in obj["module"].student.parameters())
+    assert meta["n_params"] == 123_456_789
 
     results = load_results(out)
     greedy_acc = sum(r["correct"] for r in rows if r["sample"] == -1) / n_prompts

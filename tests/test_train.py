@@ -108,34 +108,96 @@ def test_validate_before_training_then_fit(make_cfg):
     assert steps[0] == 0 and len(steps) == 3  # before training, then after batches 2 and 4
 
 
-def test_hf_export_is_collective_and_written_by_rank_zero(tmp_path):
-    """Every rank takes part in gathering the student's weights (a sharded strategy needs them all); rank 0
-    writes. The ZeRO-3 branch runs DeepSpeed's real gathering context (a no-op for unpartitioned weights)."""
+def _tiny_module(tie: bool):
     from types import SimpleNamespace
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    cfg = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=tie)
+    module = torch.nn.Module()
+    module.student, module.teacher = Qwen2ForCausalLM(cfg), torch.nn.Linear(2, 2).requires_grad_(False)
+    module.processor = SimpleNamespace(save_pretrained=lambda out: (Path(out) / "processor").touch())
+    return module
+
+
+def _trainer(strategy, rank0: bool):
+    from types import SimpleNamespace
+
+    barriers = []
+    strategy.barrier = lambda name=None: barriers.append(name)
+    return SimpleNamespace(strategy=strategy, is_global_zero=rank0, global_step=3), barriers
+
+
+def test_hf_export_is_collective_and_written_by_rank_zero(tmp_path, monkeypatch):
+    """Every rank gathers (a sharded strategy needs them all) and waits at a barrier; rank 0 alone writes, once
+    per step. ZeRO-3: every rank enters DeepSpeed's gathering context and the weights are read inside it."""
+    from types import SimpleNamespace
+
+    import deepspeed
+    from transformers import Qwen2ForCausalLM
+
     from src.callbacks.hf_export import HFExport, student_state_dict
 
-    class Module(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            cfg = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                              num_attention_heads=2, num_key_value_heads=1)
-            self.student, self.teacher = Qwen2ForCausalLM(cfg), torch.nn.Linear(2, 2)
-            self.processor = SimpleNamespace(save_pretrained=lambda out: (Path(out) / "processor").touch())
+    module = _tiny_module(tie=True)
+    own = module.student.state_dict()
+    entered, inside = [], []
 
-    module = Module()
-    for zero3 in (False, True):
-        strategy = SimpleNamespace(zero_stage_3=zero3)
-        sd = student_state_dict(SimpleNamespace(strategy=strategy, is_global_zero=True), module)
-        assert sd.keys() == module.student.state_dict().keys()  # the student's own keys, not the teacher's
-        assert all(torch.equal(v, module.student.state_dict()[k]) for k, v in sd.items())
-        assert student_state_dict(SimpleNamespace(strategy=strategy, is_global_zero=False), module) is None
-    export = HFExport(dirpath=str(tmp_path))
-    assert export.export(SimpleNamespace(strategy=SimpleNamespace(), is_global_zero=False), module, "x") is None
-    assert not (tmp_path / "x").exists()
-    out = export.export(SimpleNamespace(strategy=SimpleNamespace(), is_global_zero=True), module, "final")
-    reloaded = Qwen2ForCausalLM.from_pretrained(out)
-    assert all(torch.equal(v, module.student.state_dict()[k]) for k, v in reloaded.state_dict().items())
-    assert (out / "processor").exists()
+    class Gathered:  # records who entered, and whether the state dict was read inside the context
+        def __init__(self, params, modifier_rank=None):
+            entered.append(len(params))
+
+        def __enter__(self):
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.append(False)
+
+    real_state_dict = module.student.state_dict
+    module.student.state_dict = lambda *a, **k: (inside and inside[-1] or pytest.fail("read outside")) and real_state_dict(*a, **k)
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", Gathered)
+    for rank0 in (False, True):
+        sd = student_state_dict(_trainer(SimpleNamespace(zero_stage_3=True), rank0)[0], module)
+        assert (sd is None) != rank0
+    assert entered == [len(list(module.student.parameters()))] * 2  # rank 1 gathered too
+    assert sd.keys() == own.keys() and all(torch.equal(v, own[k]) for k, v in sd.items())
+    assert sd["lm_head.weight"] is sd["model.embed_tokens.weight"]  # tied again: written once
+    module.student.state_dict = real_state_dict
+
+    export = HFExport(dirpath=str(tmp_path), on_checkpoint=True)
+    trainer, barriers = _trainer(SimpleNamespace(), rank0=False)
+    export.on_save_checkpoint(trainer, module, {})
+    assert barriers == ["hf_export"] and not (tmp_path / "step_3").exists()
+    trainer, barriers = _trainer(SimpleNamespace(), rank0=True)
+    export._exported_step = None
+    export.on_save_checkpoint(trainer, module, {})
+    export.on_save_checkpoint(trainer, module, {})  # the "last" checkpoint of the same step
+    assert barriers == ["hf_export"]
+    reloaded = Qwen2ForCausalLM.from_pretrained(tmp_path / "step_3")
+    assert all(torch.equal(v, own[k]) for k, v in reloaded.state_dict().items())
+    assert (tmp_path / "step_3" / "processor").exists()
+
+
+def test_hf_export_gathers_an_fsdp_student(tmp_path):
+    """The FSDP branch with a real FullyShardedDataParallel (one CPU process, gloo): the student's own keys and
+    values, not the teacher's, tied weights as one tensor."""
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    from src.callbacks.hf_export import student_state_dict
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        module = _tiny_module(tie=True)
+        own = {k: v.clone() for k, v in module.student.state_dict().items()}
+        strategy = FSDPStrategy()
+        strategy.model = FullyShardedDataParallel(module, auto_wrap_policy=ModuleWrapPolicy({Qwen2DecoderLayer}),
+                                                  device_id=torch.device("cpu"), use_orig_params=True)
+        sd = student_state_dict(_trainer(strategy, rank0=True)[0], module)
+    finally:
+        dist.destroy_process_group()
+    assert sd.keys() == own.keys() and all(torch.equal(sd[k], own[k]) for k in own)
+    assert sd["lm_head.weight"] is sd["model.embed_tokens.weight"]

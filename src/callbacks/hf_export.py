@@ -6,6 +6,10 @@ every rank takes part in gathering the full weights (FSDP: a full state dict, of
 DeepSpeed ZeRO-3: the partitions gathered around the state dict), and rank 0 writes them. A rank-0-only
 ``save_pretrained`` would write a shard (ZeRO-3: empty tensors) or, under FSDP, wait forever for the other
 ranks' part of the gather. Single-process and DDP runs write the module's own weights, as before.
+
+Costs under sharding: FSDP gathers the whole LightningModule, the frozen teacher included, into rank 0's CPU
+memory (only the student is kept); ZeRO-3 gathers the whole student on every rank at once. Keep
+``on_checkpoint`` off for large models. Not covered: Lightning's ``ModelParallelStrategy`` (DTensor shards).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ def student_state_dict(trainer, pl_module) -> dict | None:
         with deepspeed.zero.GatheredParameters(list(pl_module.student.parameters()), modifier_rank=None):
             if not trainer.is_global_zero:
                 return None
-            return {k: v.detach().cpu().clone() for k, v in pl_module.student.state_dict().items()}
+            return _tie({k: v.detach().cpu().clone() for k, v in pl_module.student.state_dict().items()},
+                        pl_module.student)
     from lightning.pytorch.strategies import FSDPStrategy
 
     if isinstance(strategy, FSDPStrategy):  # full, whatever state_dict_type the checkpoints use
@@ -35,7 +40,16 @@ def student_state_dict(trainer, pl_module) -> dict | None:
         full = pl_module.state_dict()
     if not trainer.is_global_zero:
         return None
-    return {k[len("student."):]: v for k, v in full.items() if k.startswith("student.")}
+    return _tie({k[len("student."):]: v for k, v in full.items() if k.startswith("student.")}, pl_module.student)
+
+
+def _tie(state_dict: dict, model) -> dict:
+    """Tied weights (embeddings and head) as one tensor again, as in the model's own state dict: a gathered
+    state dict holds separate copies, which ``save_pretrained`` would write twice."""
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if target in state_dict and source in state_dict:
+            state_dict[target] = state_dict[source]
+    return state_dict
 
 
 class HFExport(Callback):
@@ -47,6 +61,7 @@ class HFExport(Callback):
 
     def __init__(self, dirpath: str | None = None, on_checkpoint: bool = False):
         self.dirpath, self.on_checkpoint = dirpath, on_checkpoint
+        self._exported_step = None  # top-k and "last" checkpoints of one step export once
 
     def _root(self, trainer) -> Path:
         if self.dirpath:
@@ -58,17 +73,19 @@ class HFExport(Callback):
     def export(self, trainer, pl_module, name: str) -> Path | None:
         """Collective (see the module docstring); rank 0 writes ``<root>/<name>`` and returns it."""
         state_dict = student_state_dict(trainer, pl_module)
-        if not trainer.is_global_zero:
-            return None
-        out = self._root(trainer) / name
-        out.mkdir(parents=True, exist_ok=True)
-        pl_module.student.save_pretrained(out, state_dict=state_dict)
-        processor = getattr(pl_module, "processor", None) or pl_module.tokenizer
-        processor.save_pretrained(out)  # a vision-language processor saves its tokenizer with it
+        out = None
+        if trainer.is_global_zero:
+            out = self._root(trainer) / name
+            out.mkdir(parents=True, exist_ok=True)
+            pl_module.student.save_pretrained(out, state_dict=state_dict)
+            processor = getattr(pl_module, "processor", None) or pl_module.tokenizer
+            processor.save_pretrained(out)  # a vision-language processor saves its tokenizer with it
+        trainer.strategy.barrier("hf_export")  # no rank reads the folder before rank 0 has written it
         return out
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        if self.on_checkpoint:
+        if self.on_checkpoint and trainer.global_step != self._exported_step:  # the same on every rank
+            self._exported_step = trainer.global_step
             self.export(trainer, pl_module, f"step_{trainer.global_step}")
 
     def on_train_end(self, trainer, pl_module) -> None:
