@@ -130,7 +130,7 @@ def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos
     step = FusedDecodeStep.build(model) if fused and all(isinstance(x, _InPlaceLayer) for x in
                                                         getattr(cache, "layers", [None])) else None
     # the prefill through the fused scorer's layers where it computes this model's forward (CPU)
-    prefill = FusedScorer.for_model(model) if step is not None else None
+    scorer = FusedScorer.for_model(model) if step is not None else None
     bias_BL = None
     if step is not None and mask_BL is not None:
         bias_BL = torch.zeros(mask_BL.shape, dtype=model.dtype, device=device).masked_fill_(
@@ -145,8 +145,8 @@ def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos
     for t in range(max_new_tokens):
         if t and step is not None:
             z_BV = step(ids[:, 0], pos_BL[:, 0], cache, P + t, bias_BL).float()
-        elif prefill is not None:
-            z_BV = F.linear(prefill.prefill(ids, prompt_mask_BP, cache), step.head).float()
+        elif scorer is not None:
+            z_BV = F.linear(scorer.prefill(ids, prompt_mask_BP, cache), step.head).float()
         else:
             out = model(input_ids=ids, attention_mask=None if mask_BL is None else mask_BL[:, : P + t],
                         position_ids=pos_BL, use_cache=True, **{cache_kw: cache}, **keep)

@@ -196,12 +196,12 @@ class FusedScorer:
                 ~allowed, torch.finfo(h.dtype).min)
         packed = self._pack(keep_packing)
         G = nq // nk
-        bias = {}  # the masks in the eager attention's layout, by layer kind
+        score_bias = {}  # the masks in the eager attention's layout, by layer kind
 
         def attend(q, k, v, kind, mask):
-            if eager and kind not in bias:
-                bias[kind] = self._scores_bias(mask, q.shape[0], nk, G)
-            return self._attend(q, k, v, bias[kind] if eager else mask, eager)
+            if eager and kind not in score_bias:
+                score_bias[kind] = self._scores_bias(mask, q.shape[0], nk, G)
+            return self._attend(q, k, v, score_bias[kind] if eager else mask, eager)
 
         autocast = torch.is_autocast_enabled(h.device.type)
 
