@@ -86,6 +86,7 @@ def against(path: str, student, teacher, ids, mask, start, pairs: int) -> dict:
 
     spec = importlib.util.spec_from_file_location("fast_score_other", path)
     other = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = other  # dataclasses look their module up there
     spec.loader.exec_module(other)
     scorers = {"this": (FusedScorer(student), FusedScorer(teacher)),
                "other": (other.FusedScorer(student), other.FusedScorer(teacher))}

@@ -1,13 +1,15 @@
 """The fused scorer (``src.modules.fast_score``) against the Hugging Face forward it replaces: hidden states,
 log-probs, entropies, parameter gradients, a training step's loss, and the cases where it must stand aside."""
 
+import dataclasses
+
 import pytest
 import torch
 from test_decode import _random_lm
 
 from src.modules import fast_score
 from src.modules.fast_score import FusedScorer
-from src.modules.scoring import response_hidden, score_response
+from src.modules.scoring import position_ids_from_mask, response_hidden, score_response
 
 
 def _batch(V=50, B=4, P=7, R=6, seed=0, layout="left_padded"):
@@ -57,6 +59,13 @@ def test_fused_scorer_gives_the_models_hidden_states_logps_and_entropies(kind, l
         (lp_f, ent_f), (lp_r, ent_r) = _scores(model, ids, mask, P, True), _scores(model, ids, mask, P, False)
     assert h_fused.shape == h_ref.shape == (4, 6, 48)
     torch.testing.assert_close(h_fused, h_ref, atol=1e-5, rtol=1e-5)
+    # both leave out the last column; the model's own forward over every column agrees where rows are unpadded
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                    output_hidden_states=True)
+    full = out.hidden_states[-1][:, P - 1 : -1]
+    torch.testing.assert_close(h_ref[mask[:, P - 1 : -1].bool()], full[mask[:, P - 1 : -1].bool()], atol=1e-5,
+                               rtol=1e-5)
     torch.testing.assert_close(lp_f, lp_r, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent_f, ent_r, atol=1e-5, rtol=1e-5)
 
@@ -117,8 +126,9 @@ def test_long_sequences_take_the_sdpa_branch_and_agree(monkeypatch, layout, sing
 
 @pytest.mark.parametrize("layout", ["left_padded", "shared_prefix"])
 def test_the_mlps_compute_only_the_rows_they_must(monkeypatch, layout, single_thread):
-    """The savings are real: the last layer's MLP sees the response rows only, the others every position; with
-    a shared prefix its columns go through once (one row), and every row's own columns after it."""
+    """The savings are real: the last layer's MLP sees the response rows only, the others every position but
+    the last (which nothing read attends to); with a shared prefix its columns go through once (one row), and
+    every row's own columns after it."""
     model = _random_lm("qwen2")
     ids, mask, P = _batch(layout=layout)
     c = 4 if layout == "shared_prefix" else 0
@@ -135,7 +145,7 @@ def test_the_mlps_compute_only_the_rows_they_must(monkeypatch, layout, single_th
     with torch.no_grad():
         response_hidden(model, ids, mask, P)
     B, T = ids.shape
-    per_layer = ([(1, c)] if c else []) + [(B, T - c)]
+    per_layer = ([(1, c)] if c else []) + [(B, T - 1 - c)]
     assert rows_seen == per_layer * (model.config.num_hidden_layers - 1) + [(B, T - P)]
 
 
@@ -281,3 +291,114 @@ def test_under_cpu_autocast_the_residual_stream_stays_in_fp32(single_thread):
     assert fused.dtype == ref.dtype
     # within autocast's own error of the fp32 forward, as the Hugging Face forward under autocast is
     assert (fused.float() - exact).abs().max() <= 1.5 * (ref.float() - exact).abs().max()
+
+
+def _gate_up_rows(monkeypatch, model):
+    """Records the rows [b, t] each packed gate/up projection of ``model`` sees."""
+    rows, linear, I = [], torch.nn.functional.linear, model.config.intermediate_size
+
+    def spy(x, w, b=None):
+        if w.shape[0] == 2 * I:
+            rows.append(tuple(x.shape[:2]))
+        return linear(x, w, b)
+
+    monkeypatch.setattr(fast_score.F, "linear", spy)
+    return rows
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_scoring_continues_from_a_prefill_state_and_gets_the_same_gradients(monkeypatch, layout, single_thread):
+    """The response columns alone, attending to the prefill's keys and values, give the full forward's hidden
+    states and every parameter's gradient (through both graphs)."""
+    model = _random_lm("qwen2")
+    ids, mask, P = _batch(layout=layout)
+    B, T = ids.shape
+    scorer = FusedScorer.for_model(model)
+    g = torch.randn(B, T - P, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for continued in (True, False):
+        model.zero_grad()
+        state = scorer.prefill_state(ids[:, :P], mask[:, :P], None) if continued else None
+        rows = _gate_up_rows(monkeypatch, model)
+        h = response_hidden(model, ids, mask, P, prompt_state=state)
+        monkeypatch.undo()
+        if continued:  # every layer ran the response columns only (the last one is never run)
+            assert rows == [(B, T - 1 - P)] * model.config.num_hidden_layers
+        (h * g).sum().backward()
+        grads[continued] = h.detach(), [p.grad.clone() for p in model.parameters()]
+    torch.testing.assert_close(grads[True][0], grads[False][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[True][1], grads[False][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_prefill_state_that_no_longer_applies_is_ignored(monkeypatch, single_thread):
+    model = _random_lm("qwen2")
+    ids, mask, P = _batch(layout="left_padded")
+    B, T = ids.shape
+    scorer = FusedScorer.for_model(model)
+    with torch.no_grad():
+        ref = response_hidden(model, ids, mask, P, fused=False)
+
+    def run(state, ids=ids, mask=mask):
+        rows = _gate_up_rows(monkeypatch, model)
+        h = response_hidden(model, ids, mask, P, prompt_state=state)
+        monkeypatch.undo()
+        return h, rows[0][1] == T - 1 - P  # whether it continued
+
+    state = scorer.prefill_state(ids[:, :P], mask[:, :P], None)
+    h, continued = run(state)
+    assert continued
+    torch.testing.assert_close(h, ref, atol=1e-5, rtol=1e-5)
+    other = ids.clone()
+    other[0, P - 1] = (other[0, P - 1] + 1) % 50
+    assert not run(state, ids=other)[1]  # other prompts
+    no_grad_state = dataclasses.replace(state, kv=[(k.detach(), v.detach()) for k, v in state.kv],
+                                        h_last=state.h_last.detach())
+    assert not run(no_grad_state)[1]  # without its graph the prompt's share of the gradient would be lost
+    with torch.no_grad():
+        assert run(no_grad_state)[1]  # ... unless none is asked for
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.0)  # an in-place change (an optimiser step)
+    assert not run(state)[1]
+    # a one-token response is the prefill's last column alone
+    state = scorer.prefill_state(ids[:, :P], mask[:, :P], None)
+    h1 = response_hidden(model, ids[:, : P + 1], mask[:, : P + 1], P, prompt_state=state)
+    torch.testing.assert_close(h1, ref[:, :1], atol=1e-5, rtol=1e-5)
+    assert h1.requires_grad
+
+
+def test_a_training_rollout_keeps_its_prefill_for_the_first_update_only(make_cfg, monkeypatch, single_thread):
+    """The student's rollout hands its prefill graph to the loss once (same loss and gradients as scoring from
+    scratch); evaluation rollouts, split minibatches and the unfused path keep none."""
+    import hydra
+
+    from test_decode import encode
+
+    cfg = make_cfg("rollout.max_new_tokens=10", "rollout.num_samples=2")
+    module = hydra.utils.instantiate(cfg.module)
+    module.configure_model()
+    module.student.train()
+    batch = {**encode(module.tokenizer, ["12+34=", "5+678=", "9="]), "references": ["46", "683", "9"]}
+    ro = module.objective.make_rollout(module, batch)
+    assert ro.prompt_state is not None and ro.prompt_state.h_last.requires_grad
+    assert ro.select_rows(torch.tensor([0, 1])).prompt_state is None
+    module.objective.prepare(ro, module, module.selection)
+    out = []
+    for _ in range(2):  # first from the prefill's graph (handed out once), then from scratch
+        continued = ro.prompt_state is not None
+        module.student.zero_grad()
+        rows = _gate_up_rows(monkeypatch, module.student)
+        loss, _ = module.objective.loss(ro, module)
+        monkeypatch.undo()
+        assert ro.prompt_state is None
+        assert (rows[0][1] == ro.input_ids.shape[1] - 1 - ro.response_start) == continued
+        loss.backward()
+        out.append((loss.detach(), [p.grad.clone() for p in module.student.parameters()]))
+    torch.testing.assert_close(out[0][0], out[1][0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert module.generate(batch, greedy=True, keep_prompt_graph=True).prompt_state is None
+    module.fused_scoring = False
+    assert module.objective.make_rollout(module, batch).prompt_state is None
+    module.fused_scoring = True
+    module.objective.minibatches = 2
+    assert module.objective.make_rollout(module, batch).prompt_state is None

@@ -102,13 +102,16 @@ def warpers(temperature: float, top_k: int, top_p: float) -> list:
 @torch.no_grad()
 def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos_token_ids, pad_token_id: int,
            max_new_tokens: int, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, banned_ids: torch.Tensor | None = None, sync_every: int = 4, fused: bool = True):
+           top_p: float = 1.0, banned_ids: torch.Tensor | None = None, sync_every: int = 4, fused: bool = True,
+           keep_prompt_graph: bool = False):
     """Decode up to ``max_new_tokens`` per row. The prefill goes through ``FusedScorer.prefill`` and each later
     token through ``FusedDecodeStep`` where they support the model (``fused=False``: always the model's own
     forward).
 
     Returns ``(sequences [B, P + T], logp_BT, entropy_BT)``; the last two are ``None`` when greedy, and hold
-    garbage (not zeros) after each row's EOS: the caller masks them.
+    garbage (not zeros) after each row's EOS: the caller masks them. ``keep_prompt_graph`` runs the fused
+    prefill with gradient on and appends its ``PromptState`` (``src.modules.fast_score``; None where the
+    prefill is not the fused one), from which the student's scoring continues.
     """
     B, P = prompt_ids_BP.shape
     device = prompt_ids_BP.device
@@ -141,12 +144,17 @@ def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos
     unfinished_B = torch.ones(B, dtype=torch.bool, device=device)
     length_B = torch.zeros(B, dtype=torch.long, device=device)  # sampled tokens, EOS included
 
-    ids, pos_BL = prompt_ids_BP, pos_BP
+    ids, pos_BL, state = prompt_ids_BP, pos_BP, None
     for t in range(max_new_tokens):
         if t and step is not None:
             z_BV = step(ids[:, 0], pos_BL[:, 0], cache, P + t, bias_BL).float()
         elif scorer is not None:
-            z_BV = F.linear(scorer.prefill(ids, prompt_mask_BP, cache), step.head).float()
+            if keep_prompt_graph:
+                state = scorer.prefill_state(ids, prompt_mask_BP, cache)
+                h_BH = state.h_last.detach()
+            else:
+                h_BH = scorer.prefill(ids, prompt_mask_BP, cache)
+            z_BV = F.linear(h_BH, step.head).float()
         else:
             out = model(input_ids=ids, attention_mask=None if mask_BL is None else mask_BL[:, : P + t],
                         position_ids=pos_BL, use_cache=True, **{cache_kw: cache}, **keep)
@@ -178,4 +186,4 @@ def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos
     seq = torch.cat([prompt_ids_BP, tokens_BT[:, :T]], dim=1)
     if record:
         logp_BT, entropy_BT = logp_BT[:, :T], entropy_BT[:, :T]
-    return seq, logp_BT, entropy_BT
+    return (seq, logp_BT, entropy_BT, state) if keep_prompt_graph else (seq, logp_BT, entropy_BT)

@@ -15,12 +15,14 @@ and is left out of checkpoints (it is reloaded from its spec).
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
 from lightning import LightningModule
 from torchmetrics import MeanMetric
 
+from src.modules.fast_score import FusedScorer
 from src.modules.metrics import AvgAtK, MajAtK, PassAtK, Ratio, default_ks
 from src.modules.models import preflight
 from src.modules.multimodal import preflight_processors, vision_token_ids
@@ -147,15 +149,23 @@ class DistillationModule(LightningModule):
                                         banned_ids=self.banned_ids, fused=self.fused_scoring, **ro.model_kwargs)
         return logp_BT * ro.response_mask_BT
 
+    @staticmethod
+    def _take_prompt_state(ro):
+        """The rollout's prefill graph, handed out once (a backward frees it); the scorer checks that it still
+        matches the prompts and the weights, and runs the whole sequence where it does not."""
+        state, ro.prompt_state = ro.prompt_state, None
+        return state
+
     def student_scores(self, ro, with_entropy: bool = False, temperature: float | None = None):
         """Student log-probs (and entropies) of the response; at the rollout temperature unless given."""
         return score_response(self.student, ro.input_ids, ro.attention_mask, ro.response_start,
                               temperature or self.temperature, self.chunk_size, with_entropy=with_entropy,
-                              banned_ids=self.banned_ids, fused=self.fused_scoring, **ro.model_kwargs)
+                              banned_ids=self.banned_ids, fused=self.fused_scoring,
+                              prompt_state=self._take_prompt_state(ro), **ro.model_kwargs)
 
     def student_hidden(self, ro):
         h = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.response_start, self.fused_scoring,
-                            **ro.model_kwargs)
+                            prompt_state=self._take_prompt_state(ro), **ro.model_kwargs)
         return h, self.student.get_output_embeddings()
 
     def teacher_hidden(self, ro):
@@ -176,8 +186,21 @@ class DistillationModule(LightningModule):
         return (self.seed * 1_000_003 + step * 1_009 + rank + salt) % (2**63)
 
     # ---------------------------------------------------------------- steps
-    def generate(self, batch, greedy: bool = False, policy=None, eval_batch: int | None = None, **rollout_kwargs):
+    def _keeps_prompt_graph(self, policy, greedy: bool) -> bool:
+        """Whether a training rollout should keep its prefill's graph for the student's scoring (the prompt's
+        forward then runs once, not twice): the student samples, the first update scores the whole batch with
+        the fused scorer, and the rollout backend offers it."""
+        return (policy is self.student and not greedy and self.fused_scoring and torch.is_grad_enabled()
+                and self.objective.minibatches == 1 and FusedScorer.supports(policy)
+                and "keep_prompt_graph" in inspect.signature(self.rollout.__call__).parameters)
+
+    def generate(self, batch, greedy: bool = False, policy=None, eval_batch: int | None = None,
+                 keep_prompt_graph: bool = False, **rollout_kwargs):
+        """A rollout of ``batch`` by ``policy`` (the student by default). ``keep_prompt_graph``: where it pays
+        (``_keeps_prompt_graph``), the rollout keeps its prefill's graph for the student's scoring."""
         policy = policy or self.student
+        if keep_prompt_graph and self._keeps_prompt_graph(policy, greedy):
+            rollout_kwargs["keep_prompt_graph"] = True  # decided before policy.eval(): supports() reads train mode
         was_training = policy.training
         policy.eval()
         devices = [self.device] if self.device.type == "cuda" else []

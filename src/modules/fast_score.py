@@ -12,9 +12,11 @@ computes the same final hidden states as the Hugging Face backbone with less wor
     h      += down(silu(gate(x)) * up(x))
 
 and, in the **last layer only the rows the heads read** (``response_start - 1`` to ``T - 2``) get queries,
-the attention output and the MLP; keys and values still cover every position. The prompt rows of the last
-layer feed nothing the scorer reads, so this is exact. On the peer benchmark (27 prompt + 32 response
-tokens) it removes about a tenth of the backbone's arithmetic.
+the attention output and the MLP; keys and values still cover every position before the last. The prompt
+rows of the last layer feed nothing the scorer reads, so this is exact. On the peer benchmark (27 prompt + 32
+response tokens) it removes about a tenth of the backbone's arithmetic. The last column (``T - 1``) is not
+computed at all: no row the heads read attends to it (the Hugging Face path of ``response_hidden`` leaves it
+out too).
 
 And **leading columns that every row holds alike** (``FusedScorer.shared_prefix``) go through the layers
 once, as one row; every row's attention reads that row's keys and values, expanded over the batch, and their
@@ -51,6 +53,8 @@ step's loss against the Hugging Face forward. ``module.fused_scoring=false`` tur
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -61,6 +65,24 @@ from src.modules.fused_ops import rms_norm, rope_heads, swiglu
 # each kept for the backward when gradient is on (layers x 64 MiB at most); with left padding, one more such
 # tensor per call holds the mask in the scores' layout
 EAGER_MAX_SCORES = 1 << 24
+
+
+@dataclasses.dataclass
+class PromptState:
+    """What a decode loop's prefill computed, with its autograd graph (``FusedScorer.prefill_state``): every
+    layer's keys and values of the prompt columns and the last prompt column's final hidden state. The
+    student's scoring continues from it (``FusedScorer.__call__``) instead of running the prompt again, while
+    the weights are those it was computed with."""
+
+    kv: list  # per layer (k, v), [B, n_kv, P, head_dim]
+    h_last: torch.Tensor  # [B, H]: predicts the first response token
+    input_ids: torch.Tensor  # [B, P]
+    attention_mask: torch.Tensor  # [B, P]
+    weights: tuple  # the model's weights (storage, version) when computed
+
+    @property
+    def width(self) -> int:
+        return self.input_ids.shape[1]
 
 
 class FusedScorer:
@@ -101,6 +123,10 @@ class FusedScorer:
             scorer = model.__dict__["_fused_scorer"] = FusedScorer(model)
         return scorer
 
+    def _weights_key(self) -> tuple:
+        """Changes when a weight is replaced or changed in place (an optimiser step), not through ``p.data``."""
+        return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+
     def _pack(self, keep: bool = True):
         """Per layer: (ln1, Wqkv, bqkv, Wo, bo, ln2, Wgu, Wd). Packed again on every call of a trainable model
         (in the graph when gradient is on); cached for a frozen one (no parameter requires grad) until a weight
@@ -109,7 +135,7 @@ class FusedScorer:
         layers = self.model.model.layers
         frozen = not any(p.requires_grad for p in self.model.parameters())
         if frozen:
-            key = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+            key = self._weights_key()
             if key == self._packed_key:
                 return self._packed
         packed = []
@@ -158,9 +184,25 @@ class FusedScorer:
         return torch.bmm(p, v.view(b * nk, Tk, d)).view(b, nq, Tq, d)
 
     def __call__(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
-                 response_start: int) -> torch.Tensor:
-        """Final hidden states [B, T - response_start, H] that predict ``input_ids_BT[:, response_start:]``."""
-        return self._forward(input_ids_BT, attention_mask_BT, response_start - 1, input_ids_BT.shape[1] - 1)
+                 response_start: int, prompt_state: PromptState | None = None) -> torch.Tensor:
+        """Final hidden states [B, T - response_start, H] that predict ``input_ids_BT[:, response_start:]``. The
+        last column predicts nothing read here and no column before it attends to it: it is left out.
+
+        With a ``prompt_state`` of these prompts, computed with the current weights (and with gradient where
+        gradient is on), only the response columns are run, attending to its keys and values; any other
+        state is ignored. A state's graph serves one backward: the caller passes it once."""
+        T = input_ids_BT.shape[1]
+        past = prompt_state if self._continues(prompt_state, input_ids_BT, attention_mask_BT, response_start) else None
+        return self._forward(input_ids_BT[:, :-1], attention_mask_BT[:, :-1], response_start - 1, T - 1, past=past)
+
+    def _continues(self, state: PromptState | None, input_ids_BT, attention_mask_BT, response_start: int) -> bool:
+        if state is None or state.width != response_start or state.input_ids.shape[0] != input_ids_BT.shape[0]:
+            return False
+        if torch.is_grad_enabled() and not state.h_last.requires_grad and any(
+                p.requires_grad for p in self.model.parameters()):
+            return False  # computed without gradient: the prompt's share of the gradient would be lost
+        return (state.weights == self._weights_key() and torch.equal(state.input_ids, input_ids_BT[:, :response_start])
+                and torch.equal(state.attention_mask, attention_mask_BT[:, :response_start]))
 
     def prefill(self, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, cache) -> torch.Tensor:
         """A decode loop's prefill: every layer's keys and values go into ``cache`` (``layer.update(k, v)`` per
@@ -169,20 +211,35 @@ class FusedScorer:
         P = input_ids_BP.shape[1]
         return self._forward(input_ids_BP, attention_mask_BP, P - 1, P, cache, keep_packing=False)[:, 0]
 
+    def prefill_state(self, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, cache) -> PromptState:
+        """``prefill`` with gradient on, keeping what the scorer needs to continue from it (the cache gets the
+        keys and values without their graph)."""
+        P, kv = input_ids_BP.shape[1], []
+        weights = self._weights_key()
+        with torch.enable_grad():
+            h = self._forward(input_ids_BP, attention_mask_BP, P - 1, P, cache, keep_packing=False, kv_out=kv)
+        return PromptState(kv, h[:, 0], input_ids_BP, attention_mask_BP, weights)
+
     def _forward(self, input_ids_BT, attention_mask_BT, first: int, stop: int, cache=None,
-                 keep_packing: bool = True) -> torch.Tensor:
+                 keep_packing: bool = True, past: PromptState | None = None, kv_out: list | None = None
+                 ) -> torch.Tensor:
         """Final hidden states of columns ``first:stop``. Two streams through the layers: the ``c`` shared
         leading columns as one row, and the rest of every row, whose attention reads the shared row's keys and
         values expanded over the batch (their gradient is the sum over the rows, as if each row had computed
-        them)."""
+        them). With ``past``, its columns are not run: every row's stream starts after them and reads their
+        keys and values, and the last of them contributes its final hidden state. ``kv_out`` collects every
+        layer's keys and values."""
         B, T = input_ids_BT.shape
         nq, nk, d = self.n_heads, self.n_kv, self.head_dim
         Q = nq * d
         inner = self.model.model
-        c = self.shared_prefix(input_ids_BT, attention_mask_BT, first + 1)
+        c = 0 if past is not None else self.shared_prefix(input_ids_BT, attention_mask_BT, first + 1)
+        s = past.width if past is not None else c  # the first column of every row's own stream
+        if past is not None and stop <= s:  # a one-token response: the prompt's last column is all there is
+            return past.h_last[:, None]
         pos_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)  # = position_ids_from_mask
         emb = inner.embed_tokens
-        h = F.embedding(input_ids_BT[:, c:], emb.weight, emb.padding_idx)  # padding_idx: no gradient there
+        h = F.embedding(input_ids_BT[:, s:], emb.weight, emb.padding_idx)  # padding_idx: no gradient there
         hp = F.embedding(input_ids_BT[:1, :c], emb.weight, emb.padding_idx)  # the shared columns, once
         cos, sin = inner.rotary_emb(h, pos_BT)  # [B, T, d], attention scaling included
         cos, sin = cos.to(h.dtype)[:, :, None], sin.to(h.dtype)[:, :, None]
@@ -227,10 +284,10 @@ class FusedScorer:
                     qp, kp, vp = rope_heads(F.linear(xp, W, b), cp, sp, qkv, d)
                     op = attend(qp, kp, vp, "prefix", allowed[:1, :, :c, :c])
                     hp = mlp(residual(hp, op.transpose(1, 2).reshape(1, c, Q), Wo, bo), ln2, Wgu, Wd)
-            # every row's own columns c..T-1; in the last layer queries only where the heads read
-            rows = slice(first - c, stop - c) if last else slice(None)
+            # every row's own columns s..T-1; in the last layer queries only where the heads read
+            rows = slice(max(first, s) - s, stop - s) if last else slice(None)
             x = rms_norm(h, ln1, self.eps)
-            cc, sc = cos[:, c:], sin[:, c:]
+            cc, sc = cos[:, s:], sin[:, s:]
             if last:
                 h = h[:, rows]
                 q, = rope_heads(F.linear(x[:, rows], W[:Q], bq), cc[:, rows], sc[:, rows], qkv[:1], d)
@@ -241,8 +298,15 @@ class FusedScorer:
             if c:
                 k = torch.cat([kp.expand(B, -1, -1, -1), k], dim=2)
                 v = torch.cat([vp.expand(B, -1, -1, -1), v], dim=2)
+            elif past is not None:
+                k, v = torch.cat([past.kv[i][0], k], dim=2), torch.cat([past.kv[i][1], v], dim=2)
+            if kv_out is not None:
+                kv_out.append((k, v))
             if cache is not None:
-                cache.layers[i].update(k, v)
-            o = attend(q, k, v, "last" if last else "row", allowed[:, :, c:][:, :, rows])
+                cache.layers[i].update(k.detach(), v.detach())
+            o = attend(q, k, v, "last" if last else "row", allowed[:, :, s:][:, :, rows])
             h = mlp(residual(h, o.transpose(1, 2).reshape(B, Tq, Q), Wo, bo), ln2, Wgu, Wd)
-        return rms_norm(h, inner.norm.weight, self.eps)
+        h = rms_norm(h, inner.norm.weight, self.eps)
+        if past is not None and first < s:  # the prompt's last column, from the prefill
+            h = torch.cat([past.h_last[:, None], h], dim=1)
+        return h

@@ -29,7 +29,7 @@ from src.modules.sampling import AllTokens
 
 
 def student_rollout(module, batch):
-    return module.generate(batch, policy=module.student)
+    return module.generate(batch, policy=module.student, keep_prompt_graph=True)
 
 
 def _quantiles(x: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:

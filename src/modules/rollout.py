@@ -44,6 +44,9 @@ class Rollout:
     response_texts: list[str] = dataclasses.field(default_factory=list)
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. pixel values
     tool_counts_BK: torch.Tensor | None = None  # tool rollouts: per episode, tool_rollout.TOOL_COUNTS
+    # the fused prefill with its graph (fast_score.PromptState), when asked for: the student's scoring continues
+    # from it once; select_rows drops it
+    prompt_state: Any = None
     # filled by the objective
     teacher_logp_BT: torch.Tensor | None = None
     reward_BT: torch.Tensor | None = None
@@ -84,7 +87,7 @@ class Rollout:
                 v = {k: (t[idx] if isinstance(t, torch.Tensor) and t.shape[:1] == (self.input_ids.shape[0],) else t)
                      for k, t in v.items()}
             out[f.name] = v
-        out["metrics"] = {}
+        out["metrics"], out["prompt_state"] = {}, None
         return Rollout(**out)
 
 
@@ -176,10 +179,11 @@ class HFGenerateRollout:
     @torch.no_grad()
     def __call__(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
                  num_samples: int | None = None, greedy: bool = False, max_new_tokens: int | None = None,
-                 banned_ids: torch.Tensor | None = None, **model_kwargs) -> Rollout:
+                 banned_ids: torch.Tensor | None = None, keep_prompt_graph: bool = False, **model_kwargs) -> Rollout:
         """``max_new_tokens`` overrides the budget (default: ``val_max_new_tokens`` greedy, else ``max_new_tokens``).
         ``banned_ids`` are never sampled (image placeholders); the recorded log-probs renormalise without them,
-        as the scorer does."""
+        as the scorer does. ``keep_prompt_graph``: the fused prefill keeps its graph in ``Rollout.prompt_state``
+        (``decode.sample``), for a student's scoring with the same weights."""
         G = 1 if greedy else (num_samples or self.num_samples)
         budget = max_new_tokens or (self.val_max_new_tokens if greedy else self.max_new_tokens)
         if G > 1:
@@ -191,12 +195,13 @@ class HFGenerateRollout:
                 model_kwargs = {k: v.repeat_interleave(G, dim=0) if isinstance(v, torch.Tensor) else v
                                 for k, v in model_kwargs.items()}
         eos_token_ids = list(eos_token_ids)
-        start = time.perf_counter()
+        start, prompt_state = time.perf_counter(), None
         if self.backend == "loop" and decode.loop_supports(model, model_inputs(model_kwargs)):
-            seq, old_logp_BT, entropy_BT = decode.sample(
+            seq, old_logp_BT, entropy_BT, *kept = decode.sample(
                 model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id, budget, greedy=greedy,
                 temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, banned_ids=banned_ids,
-                fused=self.fused_decode)
+                fused=self.fused_decode, keep_prompt_graph=keep_prompt_graph)
+            prompt_state = kept[0] if kept else None
         else:
             seq, old_logp_BT, entropy_BT = self._generate(model, prompt_ids_BP, prompt_mask_BP, eos_token_ids,
                                                           pad_token_id, budget, greedy, banned_ids, model_kwargs)
@@ -213,6 +218,7 @@ class HFGenerateRollout:
             input_ids=seq, attention_mask=attention_mask, response_start=P,
             response_mask_BT=response_mask_BT, old_logp_BT=old_logp_BT, entropy_BT=entropy_BT,
             truncated_B=truncated_B, group_size=G, seconds=seconds, model_kwargs=model_kwargs,
+            prompt_state=prompt_state,
         )
 
     def _generate(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id, budget, greedy,

@@ -120,12 +120,13 @@ def position_ids_from_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:
 
 
 def response_hidden(model, input_ids_BT, attention_mask_BT, response_start: int, fused: bool = True,
-                    **model_kwargs):
+                    prompt_state=None, **model_kwargs):
     """Final hidden states that predict the response tokens ``input_ids_BT[:, response_start:]``.
 
     Runs the backbone only (no head), so no logits are formed here. Text-only Qwen2 / Llama models go
     through ``FusedScorer`` (``src.modules.fast_score``: the same states with less work) unless ``fused`` is
-    False. Vision-language models get their
+    False; the fused scorer continues from a decode loop's ``prompt_state`` where it still applies (see
+    ``FusedScorer.__call__``). Vision-language models get their
     images through ``model_kwargs`` (``pixel_values``, ``image_grid_thw``): the teacher scores the student's
     tokens conditioned on the very pixels the student saw.
     """
@@ -142,8 +143,12 @@ def response_hidden(model, input_ids_BT, attention_mask_BT, response_start: int,
     else:
         scorer = FusedScorer.for_model(model) if fused and not model_kwargs else None
         if scorer is not None:
-            return scorer(input_ids_BT, attention_mask_BT, response_start)
+            return scorer(input_ids_BT, attention_mask_BT, response_start, prompt_state)
         backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        if not model_kwargs:  # the last column predicts nothing read here, and nothing before attends to it
+            out = backbone(input_ids=input_ids_BT[:, :-1], attention_mask=attention_mask_BT[:, :-1],
+                           position_ids=position_ids_from_mask(attention_mask_BT[:, :-1]), use_cache=False)
+            return out.last_hidden_state[:, response_start - 1 :]
         model_kwargs = dict(model_kwargs)
         model_kwargs.setdefault("position_ids", position_ids_from_mask(attention_mask_BT))
     out = backbone(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False, **model_kwargs)
@@ -160,6 +165,7 @@ def score_response(
     with_entropy: bool = True,
     banned_ids: torch.Tensor | None = None,
     fused: bool = True,
+    prompt_state=None,
     **model_kwargs,
 ):
     """Log-probs (and entropies) of the response tokens under ``model`` at ``temperature`` (``fused``: see
@@ -167,7 +173,8 @@ def score_response(
 
     Returns tensors of shape [B, T_resp] with ``T_resp = input_ids_BT.shape[1] - response_start``.
     """
-    hidden_BTH = response_hidden(model, input_ids_BT, attention_mask_BT, response_start, fused, **model_kwargs)
+    hidden_BTH = response_hidden(model, input_ids_BT, attention_mask_BT, response_start, fused, prompt_state,
+                                 **model_kwargs)
     return token_logp_entropy(
         hidden_BTH, model.get_output_embeddings(), input_ids_BT[:, response_start:],
         temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy, banned_ids=banned_ids,
