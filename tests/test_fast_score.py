@@ -1,6 +1,7 @@
 """The fused scorer (``src.modules.fast_score``) against the Hugging Face forward it replaces: hidden states,
 log-probs, entropies, parameter gradients, a training step's loss, and the cases where it must stand aside."""
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -9,6 +10,7 @@ from test_decode import _random_lm
 
 from src.modules import fast_score
 from src.modules.fast_score import FusedScorer
+from src.modules.sampling import AllTokens
 from src.modules.scoring import position_ids_from_mask, response_hidden, score_response
 
 
@@ -293,7 +295,8 @@ def test_under_cpu_autocast_the_residual_stream_stays_in_fp32(single_thread):
     assert (fused.float() - exact).abs().max() <= 1.5 * (ref.float() - exact).abs().max()
 
 
-def _gate_up_rows(monkeypatch, model):
+@contextlib.contextmanager
+def _gate_up_rows(model):
     """Records the rows [b, t] each packed gate/up projection of ``model`` sees."""
     rows, linear, I = [], torch.nn.functional.linear, model.config.intermediate_size
 
@@ -302,36 +305,49 @@ def _gate_up_rows(monkeypatch, model):
             rows.append(tuple(x.shape[:2]))
         return linear(x, w, b)
 
-    monkeypatch.setattr(fast_score.F, "linear", spy)
-    return rows
+    fast_score.F.linear = spy
+    try:
+        yield rows
+    finally:
+        fast_score.F.linear = linear
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_scoring_continues_from_a_prefill_state_and_gets_the_same_gradients(monkeypatch, layout, single_thread):
+def _prefill_state(scorer, ids, mask, P):
+    """As the decode loop takes it: without gradient (``prefill_state`` turns it on for itself)."""
+    with torch.no_grad():
+        return scorer.prefill_state(ids[:, :P], mask[:, :P], None)
+
+
+@pytest.mark.parametrize("kind,layout,sdpa", [("qwen2", layout, False) for layout in LAYOUTS]
+                         + [("llama_bias_yarn", "left_padded", False), ("qwen2", "left_padded", True)])
+def test_scoring_continues_from_a_prefill_state_and_gets_the_same_gradients(monkeypatch, kind, layout, sdpa,
+                                                                            single_thread):
     """The response columns alone, attending to the prefill's keys and values, give the full forward's hidden
-    states and every parameter's gradient (through both graphs)."""
-    model = _random_lm("qwen2")
+    states and every parameter's gradient (through both graphs), the first response token's included."""
+    model = _random_lm(kind)
     ids, mask, P = _batch(layout=layout)
     B, T = ids.shape
     scorer = FusedScorer.for_model(model)
+    if sdpa:
+        monkeypatch.setattr(fast_score, "EAGER_MAX_SCORES", 0)
     g = torch.randn(B, T - P, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    g[:, 1:] *= 0.01  # the first response token's hidden state (the prefill's own) dominates the loss
     grads = {}
     for continued in (True, False):
         model.zero_grad()
-        state = scorer.prefill_state(ids[:, :P], mask[:, :P], None) if continued else None
-        rows = _gate_up_rows(monkeypatch, model)
-        h = response_hidden(model, ids, mask, P, prompt_state=state)
-        monkeypatch.undo()
+        state = _prefill_state(scorer, ids, mask, P) if continued else None
+        with _gate_up_rows(model) as rows:
+            h = response_hidden(model, ids, mask, P, prompt_state=state)
         if continued:  # every layer ran the response columns only (the last one is never run)
             assert rows == [(B, T - 1 - P)] * model.config.num_hidden_layers
         (h * g).sum().backward()
-        grads[continued] = h.detach(), [p.grad.clone() for p in model.parameters()]
+        grads[continued] = h.detach(), [p.grad for p in model.parameters() if p is not model.lm_head.weight]
     torch.testing.assert_close(grads[True][0], grads[False][0], atol=1e-5, rtol=1e-5)
     for a, b in zip(grads[True][1], grads[False][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_a_prefill_state_that_no_longer_applies_is_ignored(monkeypatch, single_thread):
+def test_a_prefill_state_that_no_longer_applies_is_ignored(single_thread):
     model = _random_lm("qwen2")
     ids, mask, P = _batch(layout="left_padded")
     B, T = ids.shape
@@ -340,12 +356,11 @@ def test_a_prefill_state_that_no_longer_applies_is_ignored(monkeypatch, single_t
         ref = response_hidden(model, ids, mask, P, fused=False)
 
     def run(state, ids=ids, mask=mask):
-        rows = _gate_up_rows(monkeypatch, model)
-        h = response_hidden(model, ids, mask, P, prompt_state=state)
-        monkeypatch.undo()
+        with _gate_up_rows(model) as rows:
+            h = response_hidden(model, ids, mask, P, prompt_state=state)
         return h, rows[0][1] == T - 1 - P  # whether it continued
 
-    state = scorer.prefill_state(ids[:, :P], mask[:, :P], None)
+    state = _prefill_state(scorer, ids, mask, P)
     h, continued = run(state)
     assert continued
     torch.testing.assert_close(h, ref, atol=1e-5, rtol=1e-5)
@@ -359,14 +374,40 @@ def test_a_prefill_state_that_no_longer_applies_is_ignored(monkeypatch, single_t
         assert run(no_grad_state)[1]  # ... unless none is asked for
         model.model.layers[0].mlp.down_proj.weight.mul_(1.0)  # an in-place change (an optimiser step)
     assert not run(state)[1]
-    # a one-token response is the prefill's last column alone
-    state = scorer.prefill_state(ids[:, :P], mask[:, :P], None)
-    h1 = response_hidden(model, ids[:, : P + 1], mask[:, : P + 1], P, prompt_state=state)
-    torch.testing.assert_close(h1, ref[:, :1], atol=1e-5, rtol=1e-5)
-    assert h1.requires_grad
+    # a one-token response is the prefill's last column alone, gradient included
+    grads = []
+    for state in (_prefill_state(scorer, ids, mask, P), None):
+        model.zero_grad()
+        h1 = response_hidden(model, ids[:, : P + 1], mask[:, : P + 1], P, prompt_state=state)
+        torch.testing.assert_close(h1, ref[:, :1], atol=1e-5, rtol=1e-5)
+        h1.pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert grads[0][0].abs().sum() > 0
 
 
-def test_a_training_rollout_keeps_its_prefill_for_the_first_update_only(make_cfg, monkeypatch, single_thread):
+def test_rotary_frequencies_that_depend_on_the_length_are_never_continued(single_thread):
+    """Dynamic NTK rope rescales by the call's longest position: a prefill and its continuation would rotate
+    with different frequencies, so the state is ignored and the module keeps none."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500.0}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8,
+                                         rope_parameters=rope)).eval()
+    ids, mask, P = _batch(layout="unpadded")  # 7 prompt + 6 response tokens: past the 8 positions
+    scorer = FusedScorer.for_model(model)
+    assert scorer is not None and not scorer.continues_prefills()
+    state = _prefill_state(scorer, ids, mask, P)
+    with torch.no_grad():
+        h = response_hidden(model, ids, mask, P, prompt_state=state)
+        ref = response_hidden(model, ids, mask, P, fused=False)
+    torch.testing.assert_close(h, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_training_rollout_keeps_its_prefill_for_the_first_update_only(make_cfg, single_thread):
     """The student's rollout hands its prefill graph to the loss once (same loss and gradients as scoring from
     scratch); evaluation rollouts, split minibatches and the unfused path keep none."""
     import hydra
@@ -381,14 +422,14 @@ def test_a_training_rollout_keeps_its_prefill_for_the_first_update_only(make_cfg
     ro = module.objective.make_rollout(module, batch)
     assert ro.prompt_state is not None and ro.prompt_state.h_last.requires_grad
     assert ro.select_rows(torch.tensor([0, 1])).prompt_state is None
-    module.objective.prepare(ro, module, module.selection)
+    module.objective.prepare(ro, module, AllTokens())  # every token in the loss, the first one's included
+    assert ro.loss_mask_BT[:, 0].all()
     out = []
     for _ in range(2):  # first from the prefill's graph (handed out once), then from scratch
         continued = ro.prompt_state is not None
         module.student.zero_grad()
-        rows = _gate_up_rows(monkeypatch, module.student)
-        loss, _ = module.objective.loss(ro, module)
-        monkeypatch.undo()
+        with _gate_up_rows(module.student) as rows:
+            loss, _ = module.objective.loss(ro, module)
         assert ro.prompt_state is None
         assert (rows[0][1] == ro.input_ids.shape[1] - 1 - ro.response_start) == continued
         loss.backward()

@@ -192,6 +192,7 @@ class DistillationModule(LightningModule):
         the fused scorer, and the rollout backend offers it."""
         return (policy is self.student and not greedy and self.fused_scoring and torch.is_grad_enabled()
                 and self.objective.minibatches == 1 and FusedScorer.supports(policy)
+                and FusedScorer.for_model(policy).continues_prefills()
                 and "keep_prompt_graph" in inspect.signature(self.rollout.__call__).parameters)
 
     def generate(self, batch, greedy: bool = False, policy=None, eval_batch: int | None = None,
@@ -242,6 +243,7 @@ class DistillationModule(LightningModule):
                     sched.step()
                 n_updates += 1
                 logs.update({"loss": loss.detach(), **metrics})
+                ro.prompt_state = None  # the first update's (an objective that scores otherwise leaves it)
         train_seconds = time.perf_counter() - start
         n_tok = ro.num_response_tokens
         valid = ro.response_mask_BT

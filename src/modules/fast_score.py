@@ -16,7 +16,7 @@ the attention output and the MLP; keys and values still cover every position bef
 rows of the last layer feed nothing the scorer reads, so this is exact. On the peer benchmark (27 prompt + 32
 response tokens) it removes about a tenth of the backbone's arithmetic. The last column (``T - 1``) is not
 computed at all: no row the heads read attends to it (the Hugging Face path of ``response_hidden`` leaves it
-out too).
+out too, for text-only models).
 
 And **leading columns that every row holds alike** (``FusedScorer.shared_prefix``) go through the layers
 once, as one row; every row's attention reads that row's keys and values, expanded over the batch, and their
@@ -32,6 +32,10 @@ autograd's generic backwards zero-fill and add up a packed projection's gradient
 ``FusedScorer.prefill`` runs the same layers over a prompt for the decode loop (``src.modules.decode``):
 it fills the loop's KV cache and returns the last column's hidden state. The loop uses it wherever it uses
 the fused decode step (``rollout.fused_decode``, not ``module.fused_scoring``, decides).
+``FusedScorer.prefill_state`` does the same with gradient on and keeps a ``PromptState`` (keys, values, the
+last hidden state and the packed weights, with their graph): a training rollout's student scoring continues
+from it (``__call__(..., prompt_state)``), so the prompt's forward runs once. It is not continued where the
+rotary frequencies depend on the call's length (``dynamic``, ``longrope``).
 
 Attention is the eager kind (scores, fp32 softmax, values) while the score tensor is small: on the CPU,
 forward and backward together, it beat ``scaled_dot_product_attention``'s flash kernel (9 against 16 ms a
@@ -44,7 +48,8 @@ Used where ``fusable`` (``src.modules.fast_decode``) says the kernels compute th
 additionally: on the CPU (see ``FusedScorer.supports``), no dropout in training mode (``attention_dropout ==
 0``) and no gradient checkpointing. It runs the model's weights, not its forward, so a ``torch.compile``d
 model is scored uncompiled. A trainable model's weights are packed at every call, inside the graph when
-gradient is on, so the parameters get their gradients (the packed copy lives until the backward). A frozen
+gradient is on, so the parameters get their gradients (the packed copy lives until the backward; a prefill
+state's from the rollout on). A frozen
 model's packing (no parameter requires grad: the teacher) is kept, about half its parameters again, until a
 weight is replaced or changed in place (an in-place op on the parameter; one on ``p.data`` is not seen).
 ``tests/test_fast_score.py`` checks hidden states, log-probs, entropies, parameter gradients and a training
@@ -79,6 +84,7 @@ class PromptState:
     input_ids: torch.Tensor  # [B, P]
     attention_mask: torch.Tensor  # [B, P]
     weights: tuple  # the model's weights (storage, version) when computed
+    packed: list  # the packed weights it ran with (in its graph): the continuation reuses them
 
     @property
     def width(self) -> int:
@@ -111,6 +117,12 @@ class FusedScorer:
         checkpointing = getattr(model, "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing")
                                 else "is_gradient_checkpointing", False)
         return not (getattr(model.config, "attention_dropout", 0.0) or checkpointing)
+
+    def continues_prefills(self) -> bool:
+        """Whether a prefill's state can be continued: not where the rotary frequencies depend on the length of
+        the call (``dynamic``, ``longrope``), which differs between the prefill and the scoring."""
+        rotary = self.model.model.rotary_emb
+        return getattr(rotary, "rope_type", "default") not in ("dynamic", "longrope")
 
     @staticmethod
     def for_model(model) -> "FusedScorer | None":
@@ -198,9 +210,11 @@ class FusedScorer:
     def _continues(self, state: PromptState | None, input_ids_BT, attention_mask_BT, response_start: int) -> bool:
         if state is None or state.width != response_start or state.input_ids.shape[0] != input_ids_BT.shape[0]:
             return False
-        if torch.is_grad_enabled() and not state.h_last.requires_grad and any(
+        if not self.continues_prefills():
+            return False
+        if torch.is_grad_enabled() and state.h_last.grad_fn is None and any(
                 p.requires_grad for p in self.model.parameters()):
-            return False  # computed without gradient: the prompt's share of the gradient would be lost
+            return False  # computed without a graph: the prompt's share of the gradient would be lost
         return (state.weights == self._weights_key() and torch.equal(state.input_ids, input_ids_BT[:, :response_start])
                 and torch.equal(state.attention_mask, attention_mask_BT[:, :response_start]))
 
@@ -212,23 +226,24 @@ class FusedScorer:
         return self._forward(input_ids_BP, attention_mask_BP, P - 1, P, cache, keep_packing=False)[:, 0]
 
     def prefill_state(self, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, cache) -> PromptState:
-        """``prefill`` with gradient on, keeping what the scorer needs to continue from it (the cache gets the
-        keys and values without their graph)."""
-        P, kv = input_ids_BP.shape[1], []
+        """``prefill`` with gradient on (whatever the caller's grad mode: the decode loop runs without), keeping
+        what the scorer needs to continue from it; the cache gets the keys and values without their graph."""
+        P, kv, packed = input_ids_BP.shape[1], [], []
         weights = self._weights_key()
         with torch.enable_grad():
-            h = self._forward(input_ids_BP, attention_mask_BP, P - 1, P, cache, keep_packing=False, kv_out=kv)
-        return PromptState(kv, h[:, 0], input_ids_BP, attention_mask_BP, weights)
+            h = self._forward(input_ids_BP, attention_mask_BP, P - 1, P, cache, keep_packing=False, kv_out=kv,
+                              packed_out=packed)[:, 0]  # taken inside: a view taken without grad has no graph
+        return PromptState(kv, h, input_ids_BP, attention_mask_BP, weights, packed)
 
     def _forward(self, input_ids_BT, attention_mask_BT, first: int, stop: int, cache=None,
-                 keep_packing: bool = True, past: PromptState | None = None, kv_out: list | None = None
-                 ) -> torch.Tensor:
+                 keep_packing: bool = True, past: PromptState | None = None, kv_out: list | None = None,
+                 packed_out: list | None = None) -> torch.Tensor:
         """Final hidden states of columns ``first:stop``. Two streams through the layers: the ``c`` shared
         leading columns as one row, and the rest of every row, whose attention reads the shared row's keys and
         values expanded over the batch (their gradient is the sum over the rows, as if each row had computed
         them). With ``past``, its columns are not run: every row's stream starts after them and reads their
-        keys and values, and the last of them contributes its final hidden state. ``kv_out`` collects every
-        layer's keys and values."""
+        keys and values, and the last of them contributes its final hidden state (its packed weights are reused).
+        ``kv_out`` collects every layer's keys and values, ``packed_out`` the packed weights."""
         B, T = input_ids_BT.shape
         nq, nk, d = self.n_heads, self.n_kv, self.head_dim
         Q = nq * d
@@ -251,7 +266,9 @@ class FusedScorer:
         if eager:  # additive, as the eager attention adds it to the scores
             allowed = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(
                 ~allowed, torch.finfo(h.dtype).min)
-        packed = self._pack(keep_packing)
+        packed = past.packed if past is not None else self._pack(keep_packing)
+        if packed_out is not None:
+            packed_out.extend(packed)
         G = nq // nk
         score_bias = {}  # the masks in the eager attention's layout, by layer kind
 
