@@ -61,7 +61,7 @@ def test_fused_scorer_gives_the_models_hidden_states_logps_and_entropies(kind, l
         (lp_f, ent_f), (lp_r, ent_r) = _scores(model, ids, mask, P, True), _scores(model, ids, mask, P, False)
     assert h_fused.shape == h_ref.shape == (4, 6, 48)
     torch.testing.assert_close(h_fused, h_ref, atol=1e-5, rtol=1e-5)
-    # both leave out the last column; the model's own forward over every column agrees where rows are unpadded
+    # the model's own forward over every column agrees where rows are unpadded
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                     output_hidden_states=True)
@@ -389,7 +389,8 @@ def test_a_prefill_state_that_no_longer_applies_is_ignored(single_thread):
 
 def test_rotary_frequencies_that_depend_on_the_length_are_never_continued(single_thread):
     """Dynamic NTK rope rescales by the call's longest position: a prefill and its continuation would rotate
-    with different frequencies, so the state is ignored and the module keeps none."""
+    with different frequencies, and so would a call without the last column; the state is ignored and the
+    whole sequence runs, as in the model's own forward."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -399,7 +400,7 @@ def test_rotary_frequencies_that_depend_on_the_length_are_never_continued(single
                                          rope_parameters=rope)).eval()
     ids, mask, P = _batch(layout="unpadded")  # 7 prompt + 6 response tokens: past the 8 positions
     scorer = FusedScorer.for_model(model)
-    assert scorer is not None and not scorer.continues_prefills()
+    assert scorer is not None and not scorer.static_rope()
     state = _prefill_state(scorer, ids, mask, P)
     with torch.no_grad():
         h = response_hidden(model, ids, mask, P, prompt_state=state)

@@ -192,7 +192,7 @@ class DistillationModule(LightningModule):
         the fused scorer, and the rollout backend offers it."""
         return (policy is self.student and not greedy and self.fused_scoring and torch.is_grad_enabled()
                 and self.objective.minibatches == 1 and FusedScorer.supports(policy)
-                and FusedScorer.for_model(policy).continues_prefills()
+                and FusedScorer.for_model(policy).static_rope()
                 and "keep_prompt_graph" in inspect.signature(self.rollout.__call__).parameters)
 
     def generate(self, batch, greedy: bool = False, policy=None, eval_batch: int | None = None,

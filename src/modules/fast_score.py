@@ -15,8 +15,8 @@ and, in the **last layer only the rows the heads read** (``response_start - 1`` 
 the attention output and the MLP; keys and values still cover every position before the last. The prompt
 rows of the last layer feed nothing the scorer reads, so this is exact. On the peer benchmark (27 prompt + 32
 response tokens) it removes about a tenth of the backbone's arithmetic. The last column (``T - 1``) is not
-computed at all: no row the heads read attends to it (the Hugging Face path of ``response_hidden`` leaves it
-out too, for text-only models).
+computed at all: no row the heads read attends to it (the Hugging Face path of ``response_hidden`` computes
+it: the stages' documented SFT results depend on that path's exact rounding).
 
 And **leading columns that every row holds alike** (``FusedScorer.shared_prefix``) go through the layers
 once, as one row; every row's attention reads that row's keys and values, expanded over the batch, and their
@@ -34,8 +34,8 @@ it fills the loop's KV cache and returns the last column's hidden state. The loo
 the fused decode step (``rollout.fused_decode``, not ``module.fused_scoring``, decides).
 ``FusedScorer.prefill_state`` does the same with gradient on and keeps a ``PromptState`` (keys, values, the
 last hidden state and the packed weights, with their graph): a training rollout's student scoring continues
-from it (``__call__(..., prompt_state)``), so the prompt's forward runs once. It is not continued where the
-rotary frequencies depend on the call's length (``dynamic``, ``longrope``).
+from it (``__call__(..., prompt_state)``), so the prompt's forward runs once. Where the rotary frequencies
+depend on the call's length (``dynamic``, ``longrope``) neither this nor leaving out the last column is done.
 
 Attention is the eager kind (scores, fp32 softmax, values) while the score tensor is small: on the CPU,
 forward and backward together, it beat ``scaled_dot_product_attention``'s flash kernel (9 against 16 ms a
@@ -118,9 +118,10 @@ class FusedScorer:
                                 else "is_gradient_checkpointing", False)
         return not (getattr(model.config, "attention_dropout", 0.0) or checkpointing)
 
-    def continues_prefills(self) -> bool:
-        """Whether a prefill's state can be continued: not where the rotary frequencies depend on the length of
-        the call (``dynamic``, ``longrope``), which differs between the prefill and the scoring."""
+    def static_rope(self) -> bool:
+        """Whether the rotary frequencies are the same whatever the call's length (not ``dynamic`` or
+        ``longrope``, which rescale by the longest position): only then may a prefill's state be continued, or
+        the sequence's last column be left out, without changing the rotation."""
         rotary = self.model.model.rotary_emb
         return getattr(rotary, "rope_type", "default") not in ("dynamic", "longrope")
 
@@ -204,13 +205,15 @@ class FusedScorer:
         gradient is on), only the response columns are run, attending to its keys and values; any other
         state is ignored. A state's graph serves one backward: the caller passes it once."""
         T = input_ids_BT.shape[1]
+        if not self.static_rope():  # the whole sequence, which sets the rotary frequencies as the model's forward
+            return self._forward(input_ids_BT, attention_mask_BT, response_start - 1, T - 1)
         past = prompt_state if self._continues(prompt_state, input_ids_BT, attention_mask_BT, response_start) else None
         return self._forward(input_ids_BT[:, :-1], attention_mask_BT[:, :-1], response_start - 1, T - 1, past=past)
 
     def _continues(self, state: PromptState | None, input_ids_BT, attention_mask_BT, response_start: int) -> bool:
         if state is None or state.width != response_start or state.input_ids.shape[0] != input_ids_BT.shape[0]:
             return False
-        if not self.continues_prefills():
+        if not self.static_rope():
             return False
         if torch.is_grad_enabled() and state.h_last.grad_fn is None and any(
                 p.requires_grad for p in self.model.parameters()):

@@ -144,11 +144,9 @@ def response_hidden(model, input_ids_BT, attention_mask_BT, response_start: int,
         scorer = FusedScorer.for_model(model) if fused and not model_kwargs else None
         if scorer is not None:
             return scorer(input_ids_BT, attention_mask_BT, response_start, prompt_state)
+        # the whole sequence, its last column included (which the fused scorer leaves out): the stages' SFT runs
+        # on this path, and their documented results depend on its exact rounding
         backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-        if not model_kwargs:  # the last column predicts nothing read here, and nothing before attends to it
-            out = backbone(input_ids=input_ids_BT[:, :-1], attention_mask=attention_mask_BT[:, :-1],
-                           position_ids=position_ids_from_mask(attention_mask_BT[:, :-1]), use_cache=False)
-            return out.last_hidden_state[:, response_start - 1 :]
         model_kwargs = dict(model_kwargs)
         model_kwargs.setdefault("position_ids", position_ids_from_mask(attention_mask_BT))
     out = backbone(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False, **model_kwargs)
