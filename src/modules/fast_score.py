@@ -213,8 +213,6 @@ class FusedScorer:
     def _continues(self, state: PromptState | None, input_ids_BT, attention_mask_BT, response_start: int) -> bool:
         if state is None or state.width != response_start or state.input_ids.shape[0] != input_ids_BT.shape[0]:
             return False
-        if not self.static_rope():
-            return False
         if torch.is_grad_enabled() and state.h_last.grad_fn is None and any(
                 p.requires_grad for p in self.model.parameters()):
             return False  # computed without a graph: the prompt's share of the gradient would be lost
