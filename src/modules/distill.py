@@ -190,10 +190,12 @@ class DistillationModule(LightningModule):
         """Whether a training rollout should keep its prefill's graph for the student's scoring (the prompt's
         forward then runs once, not twice): the student samples, the first update scores the whole batch with
         the fused scorer, and the rollout backend offers it."""
-        return (policy is self.student and not greedy and self.fused_scoring and torch.is_grad_enabled()
-                and self.objective.minibatches == 1 and FusedScorer.supports(policy)
-                and FusedScorer.for_model(policy).static_rope()
-                and "keep_prompt_graph" in inspect.signature(self.rollout.__call__).parameters)
+        if not (policy is self.student and not greedy and self.fused_scoring and torch.is_grad_enabled()
+                and self.objective.minibatches == 1
+                and "keep_prompt_graph" in inspect.signature(self.rollout.__call__).parameters):
+            return False
+        scorer = FusedScorer.for_model(policy)  # None where the fused scorer does not apply
+        return scorer is not None and scorer.static_rope()
 
     def generate(self, batch, greedy: bool = False, policy=None, eval_batch: int | None = None,
                  keep_prompt_graph: bool = False, **rollout_kwargs):
