@@ -201,3 +201,21 @@ def test_hf_export_gathers_an_fsdp_student(tmp_path):
         dist.destroy_process_group()
     assert sd.keys() == own.keys() and all(torch.equal(sd[k], own[k]) for k in own)
     assert sd["lm_head.weight"] is sd["model.embed_tokens.weight"]
+
+
+def test_bf16_mixed_clips_gradients_with_the_fused_optimizer(make_cfg, monkeypatch):
+    """Lightning's mixed-precision plugin refuses to clip for fused optimisers (the default AdamW); bf16-mixed
+    scales nothing, so the module clips directly. Found on a GPU run: ``trainer=gpu`` is bf16-mixed."""
+    calls = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        calls.append(max_norm)
+        return clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    cfg = make_cfg("trainer.precision=bf16-mixed", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                   "module.grad_clip=0.5", "test=false")
+    assert cfg.module.optimizer.fused
+    _, obj = train(cfg)
+    assert obj["trainer"].global_step == 2 and calls == [0.5, 0.5]

@@ -238,8 +238,7 @@ class DistillationModule(LightningModule):
                 if grads:  # empty under DeepSpeed, which keeps gradients in its own buffers
                     logs["grad_norm"] = torch.nn.utils.get_total_norm(grads)  # local shard under FSDP
                 if self.grad_clip:
-                    # the strategy's own clipping: global under FSDP; DeepSpeed clips via its config instead
-                    self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+                    self._clip_gradients(opt)
                 opt.step()
                 if sched is not None:
                     sched.step()
@@ -329,6 +328,22 @@ class DistillationModule(LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.records = []
+
+    def _clip_gradients(self, opt) -> None:
+        """The strategy's own clipping (global under FSDP; DeepSpeed clips via its config instead).
+
+        Lightning's mixed-precision plugin refuses optimisers that unscale gradients inside their step (fused
+        AdamW, the default), for fear of clipping scaled gradients. bf16-mixed scales nothing, so there the
+        gradients are clipped directly: after DDP's all-reduce every rank holds the same, global, gradients."""
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        plugin = self.trainer.precision_plugin
+        inner = getattr(opt, "optimizer", opt)
+        if (isinstance(plugin, MixedPrecision) and plugin.scaler is None
+                and getattr(inner, "_step_supports_amp_scaling", False)):
+            torch.nn.utils.clip_grad_norm_([p for g in inner.param_groups for p in g["params"]], self.grad_clip)
+            return
+        self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
     def configure_optimizers(self):
         opt = self.optimizer_fn(params=[p for p in self.student.parameters() if p.requires_grad])
