@@ -374,6 +374,15 @@ def test_a_prefill_state_that_no_longer_applies_is_ignored(single_thread):
         assert run(no_grad_state)[1]  # ... unless none is asked for
         model.model.layers[0].mlp.down_proj.weight.mul_(1.0)  # an in-place change (an optimiser step)
     assert not run(state)[1]
+    # a fused optimiser step writes the weights without moving their version counters
+    state = _prefill_state(scorer, ids, mask, P)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    versions = [p._version for p in model.parameters()]
+    torch.optim.AdamW(model.parameters(), lr=0.0, fused=True).step()
+    model.zero_grad(set_to_none=True)
+    assert [p._version for p in model.parameters()] == versions
+    assert not run(state)[1]
     # a one-token response is the prefill's last column alone, gradient included
     grads = []
     for state in (_prefill_state(scorer, ids, mask, P), None):

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from src.modules.fast_decode import fusable
 from src.modules.fused_ops import rms_norm, rope_heads, swiglu
+from src.modules.weights_version import weights_key
 
 # B * heads * T * T score elements up to which attention is eager: 64 MiB of fp32 probabilities per layer,
 # each kept for the backward when gradient is on (layers x 64 MiB at most); with left padding, one more such
@@ -137,7 +138,8 @@ class FusedScorer:
         return scorer
 
     def _weights_key(self) -> tuple:
-        """Changes when a weight is replaced or changed in place (an optimiser step), not through ``p.data``."""
+        """Changes when a weight is replaced or changed in place by an autograd-visible op (not through ``p.data``,
+        nor by a fused optimiser step: ``weights_version.weights_key`` counts those). Keys the frozen packing."""
         return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
 
     def _pack(self, keep: bool = True):
@@ -216,7 +218,7 @@ class FusedScorer:
         if torch.is_grad_enabled() and state.h_last.grad_fn is None and any(
                 p.requires_grad for p in self.model.parameters()):
             return False  # computed without a graph: the prompt's share of the gradient would be lost
-        return (state.weights == self._weights_key() and torch.equal(state.input_ids, input_ids_BT[:, :response_start])
+        return (state.weights == weights_key(self.model) and torch.equal(state.input_ids, input_ids_BT[:, :response_start])
                 and torch.equal(state.attention_mask, attention_mask_BT[:, :response_start]))
 
     def prefill(self, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, cache) -> torch.Tensor:
@@ -230,7 +232,7 @@ class FusedScorer:
         """``prefill`` with gradient on (whatever the caller's grad mode: the decode loop runs without), keeping
         what the scorer needs to continue from it; the cache gets the keys and values without their graph."""
         P, kv, packed = input_ids_BP.shape[1], [], []
-        weights = self._weights_key()
+        weights = weights_key(self.model)  # with the optimiser steps: a fused step leaves the versions alone
         with torch.enable_grad():
             h = self._forward(input_ids_BP, attention_mask_BP, P - 1, P, cache, keep_packing=False, kv_out=kv,
                               packed_out=packed)[:, 0]  # taken inside: a view taken without grad has no graph
