@@ -142,6 +142,18 @@ def response_mask_from_ids(response_ids_BT: torch.Tensor, eos_token_ids) -> tupl
     return eos_before_BT == 0, ~is_eos_BT.any(-1)
 
 
+def check_sampling(temperature: float, top_p: float, top_k: int, num_samples: int) -> None:
+    """A rollout backend's sampling settings, each named by its config key when out of range."""
+    if temperature <= 0:
+        raise ValueError(f"rollout.temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"rollout.top_p must lie in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"rollout.top_k must be >= 0 (0 disables it), got {top_k}")
+    if num_samples < 1:
+        raise ValueError(f"rollout.num_samples must be >= 1, got {num_samples}")
+
+
 class HFGenerateRollout:
     """Sampling from a ``transformers`` causal LM, by the lean loop of ``src.modules.decode`` or by ``generate``.
 
@@ -162,12 +174,7 @@ class HFGenerateRollout:
     def __init__(self, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  num_samples: int = 1, val_max_new_tokens: int | None = None, backend: str = "loop",
                  fused_decode: bool = True):
-        if temperature <= 0:
-            raise ValueError(f"rollout.temperature must be > 0 (use greedy=True for argmax), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"rollout.top_p must lie in (0, 1], got {top_p}")
-        if num_samples < 1:
-            raise ValueError(f"rollout.num_samples must be >= 1, got {num_samples}")
+        check_sampling(temperature, top_p, top_k, num_samples)
         if backend not in self.BACKENDS:
             raise ValueError(f"rollout.backend must be one of {self.BACKENDS}, got {backend!r}")
         self.max_new_tokens = max_new_tokens

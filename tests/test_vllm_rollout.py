@@ -1,0 +1,229 @@
+"""The vLLM rollout backend: how engine outputs become a Rollout, when weights are copied in, what it refuses.
+
+Most tests stand a recording fake in for the ``vllm`` package (vLLM is an extra, absent from CI). The last ones
+run a real engine where vLLM is installed (vllm-cpu on a CPU machine; docs/results/performance.md says how).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from src.modules.models import TinyQwen2
+from src.modules.rollout import HFGenerateRollout
+from src.modules.scoring import score_response
+from src.modules.vllm_rollout import VLLMRollout
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    spec = TinyQwen2(cache_dir=str(tmp_path_factory.mktemp("m")), hidden_size=64, num_layers=2, num_heads=1,
+                     num_kv_heads=1, seed=3)
+    model, tok = spec.load_model().eval(), spec.load_tokenizer()
+    msgs = [[{"role": "user", "content": "12+34="}], [{"role": "user", "content": "1+2345678="}]]
+    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, padding=True, return_tensors="pt",
+                                  return_dict=True)
+    return model, tok, enc["input_ids"], enc["attention_mask"]
+
+
+class FakeParams(SimpleNamespace):
+    """vllm.SamplingParams: keeps its keyword arguments."""
+
+    def __init__(self, **kw):
+        super().__init__(**{"logprobs": None, **kw})
+
+
+class FakeLLM:
+    """vllm.LLM as the backend uses it. ``script(prompt_ids, i) -> (tokens, finish_reason, stop_reason)`` plays
+    the sampler; every request, weight copy and cache reset is recorded."""
+
+    built: list = []
+
+    def __init__(self, script=None, **kwargs):
+        folder = Path(kwargs["model"])
+        self.kwargs, self.files = kwargs, sorted(p.name for p in folder.iterdir())
+        self.script = script
+        self.requests, self.rpc, self.resets = [], [], 0
+        FakeLLM.built.append(self)
+
+    def generate(self, prompts, params, use_tqdm=False):
+        outs = []
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            self.requests.append((p["prompt_token_ids"], sp))
+            tokens, reason, stop = self.script(p["prompt_token_ids"], i)
+            lps = None if sp.logprobs is None else [{t: SimpleNamespace(logprob=-0.5)} for t in tokens]
+            outs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=tuple(tokens), finish_reason=reason,
+                                                                 stop_reason=stop, logprobs=lps)]))
+        return outs
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        self.rpc.append((method, args, kwargs))
+        return [None]
+
+    def reset_prefix_cache(self):
+        self.resets += 1
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """Puts the fake in place of the ``vllm`` package; returns a setter for the sampler's script."""
+    box = {}
+    FakeLLM.built = []
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(
+        LLM=lambda **kw: FakeLLM(script=lambda ids, i: box["script"](ids, i), **kw), SamplingParams=FakeParams))
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    return box
+
+
+def _script(eos):
+    """Row 0: EOS inside the output; row 1: a version that leaves the stop token out; row 2: truncated;
+    the rest: EOS at once."""
+    def play(ids, i):
+        if i == 0:
+            return [5, 6, eos], "stop", eos
+        if i == 1:
+            return [7, 8, 9, 10], "stop", eos
+        if i == 2:
+            return [11] * 6, "length", None
+        return [eos], "stop", eos
+    return play
+
+
+def test_engine_outputs_become_a_rollout_with_the_policys_logps(tiny, fake_vllm):
+    model, tok, ids, mask = tiny
+    eos = tok.eos_token_id
+    fake_vllm["script"] = _script(eos)
+    vr = VLLMRollout(max_new_tokens=6, num_samples=2, temperature=0.7, top_p=1.0, top_k=0)
+    torch.manual_seed(0)
+    ro = vr(model, ids, mask, [eos], tok.pad_token_id)
+    llm = FakeLLM.built[0]
+    # built from the policy's own weights, with our sampling only and no tokenizer
+    assert "config.json" in llm.files and any(f.endswith(".safetensors") for f in llm.files)
+    assert llm.kwargs["skip_tokenizer_init"] and llm.kwargs["generation_config"] == "vllm"
+    assert llm.kwargs["dtype"] == "float32" and llm.kwargs["max_model_len"] == model.config.max_position_embeddings
+    # one request per sampled row, each prompt without its left padding, G copies in a row
+    prompts = [ids[b][mask[b].bool()].tolist() for b in range(2)]
+    assert [r[0] for r in llm.requests] == [prompts[0], prompts[0], prompts[1], prompts[1]]
+    params = [r[1] for r in llm.requests]
+    assert all(p.temperature == 0.7 and p.top_p == 1.0 and p.top_k == -1 and p.max_tokens == 6 and p.logprobs == 0
+               and p.detokenize is False for p in params)
+    assert len({p.seed for p in params}) == 4
+    torch.manual_seed(0)
+    vr(model, ids, mask, [eos], tok.pad_token_id)
+    assert [r[1].seed for r in llm.requests[4:]] == [p.seed for p in params]  # a seeded step draws them again
+
+    P = ids.shape[1]
+    assert ro.response_start == P and ro.group_size == 2 and ro.input_ids.shape == (4, P + 6)
+    resp = ro.response_ids_BT
+    assert resp[0, :3].tolist() == [5, 6, eos] and resp[1, :5].tolist() == [7, 8, 9, 10, eos]
+    assert ro.response_mask_BT.sum(-1).tolist() == [3, 5, 6, 1]
+    assert ro.truncated_B.tolist() == [False, False, True, False]
+    assert (resp[~ro.response_mask_BT] == tok.pad_token_id).all()
+    assert torch.equal(ro.attention_mask[:, :P], mask.repeat_interleave(2, 0))
+    assert torch.equal(ro.attention_mask[:, P:].bool(), ro.response_mask_BT)
+
+    logp, ent = score_response(model, ro.input_ids, ro.attention_mask, P, 0.7)
+    m = ro.response_mask_BT
+    torch.testing.assert_close(ro.old_logp_BT[m], logp[m])
+    torch.testing.assert_close(ro.entropy_BT[m], ent[m])
+    assert (ro.old_logp_BT[~m] == 0).all() and (ro.entropy_BT[~m] == 0).all()
+    given = m.clone()
+    given[1, 4] = False  # the stop token the engine left out has no engine log-prob
+    torch.testing.assert_close(ro.metrics["vllm_logp_gap"], (logp[given] + 0.5).abs().mean())
+
+    greedy = vr(model, ids, mask, [eos], tok.pad_token_id, greedy=True, max_new_tokens=4)
+    assert greedy.old_logp_BT is None and greedy.input_ids.shape[0] == 2
+    assert all(r[1].temperature == 0.0 and r[1].max_tokens == 4 for r in llm.requests[-2:])
+
+
+def test_weights_are_copied_in_after_each_optimiser_step(tiny, fake_vllm):
+    model, tok, ids, mask = tiny
+    eos = tok.eos_token_id
+    fake_vllm["script"] = _script(eos)
+    model = type(model)(model.config).train()  # a trainable copy: the module's fixture stays as it is
+    vr = VLLMRollout(max_new_tokens=6)
+    vr(model, ids, mask, [eos], tok.pad_token_id)
+    llm = FakeLLM.built[0]
+    vr.reload_in_place = True  # a GPU engine (the fake was built for a CPU model)
+    ro = vr(model, ids, mask, [eos], tok.pad_token_id)
+    assert llm.rpc == [] and float(ro.metrics["vllm_sync_s"]) == 0  # built from these weights: nothing to copy
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)  # the default optimiser: no version bump
+    logp, _ = score_response(model, ro.input_ids, ro.attention_mask, ro.response_start, 1.0, with_entropy=False)
+    (-(logp * ro.response_mask_BT).sum()).backward()
+    opt.step()
+    ro = vr(model, ids, mask, [eos], tok.pad_token_id)
+    assert len(llm.rpc) == 1 and llm.resets == 1 and vr.syncs == 1 and float(ro.metrics["vllm_sync_s"]) > 0
+    method, _, kwargs = llm.rpc[0]
+    assert method == "reload_weights" and kwargs["is_checkpoint_format"]
+    sent = dict(kwargs["weights_iterator"])
+    assert sent.keys() == dict(model.named_parameters()).keys()
+    assert all(torch.equal(sent[n], p) for n, p in model.named_parameters())  # the values after the step
+    vr(model, ids, mask, [eos], tok.pad_token_id, greedy=True)
+    assert len(llm.rpc) == 1  # unchanged since
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)  # any in-place change
+    vr(model, ids, mask, [eos], tok.pad_token_id)
+    assert len(llm.rpc) == 2 and llm.resets == 2
+
+
+def test_what_the_backend_refuses(tiny, fake_vllm, monkeypatch, tmp_path):
+    model, tok, ids, mask = tiny
+    eos = tok.eos_token_id
+    fake_vllm["script"] = _script(eos)
+    with pytest.raises(ValueError, match="rollout.top_k"):
+        VLLMRollout(top_k=-1)
+    with pytest.raises(ValueError, match="rollout.gpu_memory_utilization"):
+        VLLMRollout(gpu_memory_utilization=1.5)
+    vr = VLLMRollout(max_new_tokens=4)
+    with pytest.raises(ValueError, match="text prompts only"):
+        vr(model, ids, mask, [eos], tok.pad_token_id, banned_ids=torch.tensor([3]))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    with pytest.raises(ValueError, match="VLLM_ENABLE_V1_MULTIPROCESSING"):
+        vr(model, ids, mask, [eos], tok.pad_token_id)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
+    trainable = type(model)(model.config)
+    vr(trainable, ids, mask, [eos], tok.pad_token_id)
+    other = TinyQwen2(cache_dir=str(tmp_path), hidden_size=32, num_layers=1).load_model()
+    with pytest.raises(ValueError, match="mirrors one architecture"):
+        vr(other, ids, mask, [eos], tok.pad_token_id)
+    with torch.no_grad():
+        trainable.lm_head.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="cannot reload weights in place"):  # vLLM's CPU build
+        vr(trainable, ids, mask, [eos], tok.pad_token_id)
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[vllm\]'"):
+        VLLMRollout()(model, ids, mask, [eos], tok.pad_token_id)
+
+
+# ---------------------------------------------------------------- a real engine, where vLLM is installed
+def test_a_real_engine_samples_what_the_policy_would(tiny, monkeypatch):
+    pytest.importorskip("vllm")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    model, tok, ids, mask = tiny
+    eos = tok.eos_token_id
+    vr = VLLMRollout(max_new_tokens=12, num_samples=3, enforce_eager=True)
+    greedy = vr(model, ids, mask, [eos], tok.pad_token_id, greedy=True)
+    ref = HFGenerateRollout(max_new_tokens=12)(model, ids, mask, [eos], tok.pad_token_id, greedy=True)
+    assert torch.equal(greedy.input_ids, ref.input_ids)
+    torch.manual_seed(0)
+    ro = vr(model, ids, mask, [eos], tok.pad_token_id)
+    assert ro.input_ids.shape[0] == 6 and float(ro.metrics["vllm_logp_gap"]) < 1e-4
+    torch.manual_seed(0)
+    assert torch.equal(vr(model, ids, mask, [eos], tok.pad_token_id).input_ids, ro.input_ids)
+
+
+@pytest.mark.parametrize("experiment, samples", [("reopold_tiny", 8), ("math_qwen3", 4)])
+def test_the_config_group_takes_the_experiments_rollout_keys(make_cfg, experiment, samples):
+    import hydra
+
+    extra = ["algorithm=grpo"] if experiment == "reopold_tiny" else []  # grpo sets num_samples: 8
+    cfg = make_cfg(f"experiment={experiment}", "rollout=vllm", *extra, fast=False)
+    ro = hydra.utils.instantiate(cfg.rollout)
+    assert isinstance(ro, VLLMRollout) and ro.num_samples == samples and ro.llm is None  # built on first use
+    if experiment == "math_qwen3":
+        assert ro.max_new_tokens == 8192 and ro.temperature == 0.6
