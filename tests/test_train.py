@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
 import torch
 
 from src.train import train
@@ -219,3 +220,49 @@ def test_bf16_mixed_clips_gradients_with_the_fused_optimizer(make_cfg, monkeypat
     assert cfg.module.optimizer.fused
     _, obj = train(cfg)
     assert obj["trainer"].global_step == 2 and calls == [0.5, 0.5]
+
+
+def _clip_case(plugin, strategy_model=None):
+    """A DistillationModule with a fake trainer, and a fused AdamW over one parameter holding a gradient of norm
+    200 (times the scaler's scale, where there is one)."""
+    from types import SimpleNamespace
+
+    from lightning import LightningModule
+
+    from src.modules.distill import DistillationModule
+
+    module = DistillationModule.__new__(DistillationModule)  # the method under test needs no models
+    LightningModule.__init__(module)
+    module.grad_clip = 1.0
+    w = torch.nn.Parameter(torch.zeros(4))
+    scale = 1.0
+    if getattr(plugin, "scaler", None) is not None:
+        plugin.scaler.scale(torch.ones(()))  # as the backward's loss scaling does: the scale comes to exist
+        scale = plugin.scaler.get_scale()
+    w.grad = torch.full((4,), 100.0 * scale)
+    opt = torch.optim.AdamW([w], fused=True)
+    module._trainer = SimpleNamespace(precision_plugin=plugin, strategy=SimpleNamespace(model=strategy_model))
+    return module, opt, w
+
+
+def test_fp16_mixed_unscales_before_clipping_with_the_fused_optimizer():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    module, opt, w = _clip_case(plugin)
+    module._clip_gradients(opt)
+    torch.testing.assert_close(w.grad.norm(), torch.tensor(1.0))  # unscaled (200), then clipped
+    assert plugin.scaler._per_optimizer_states[id(opt)]["stage"].name == "UNSCALED"  # the step won't unscale again
+
+
+def test_fsdp_clips_through_the_root_module():
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    calls = []
+    root = type("Root", (), {"clip_grad_norm_": lambda self, max_norm: calls.append(max_norm)})()
+    module, opt, _ = _clip_case(FSDPPrecision("bf16-mixed"), root)
+    module._clip_gradients(opt)
+    assert calls == [1.0]
+    module._trainer.strategy.model = torch.nn.Linear(2, 2)  # not wrapped at the root: no global norm to take
+    with pytest.raises(ValueError, match="module.grad_clip"):
+        module._clip_gradients(opt)

@@ -330,17 +330,29 @@ class DistillationModule(LightningModule):
         self.records = []
 
     def _clip_gradients(self, opt) -> None:
-        """The strategy's own clipping (global under FSDP; DeepSpeed clips via its config instead).
+        """Clips the student's gradients to a global norm of ``grad_clip``.
 
-        Lightning's mixed-precision plugin refuses optimisers that unscale gradients inside their step (fused
-        AdamW, the default), for fear of clipping scaled gradients. bf16-mixed scales nothing, so there the
-        gradients are clipped directly: after DDP's all-reduce every rank holds the same, global, gradients."""
-        from lightning.pytorch.plugins.precision import MixedPrecision
+        - FSDP: the root ``FullyShardedDataParallel`` clips (the global norm across shards); Lightning's FSDP
+          precision plugin refuses norm clipping, having no handle on that root.
+        - Mixed precision with an optimiser that unscales inside its step (fused AdamW, the default):
+          Lightning's plugin refuses, for fear of clipping scaled gradients. bf16-mixed scales nothing;
+          16-mixed's scaler unscales them first (the scaler's step then knows they are unscaled). After DDP's
+          all-reduce every rank holds the same, global, gradients.
+        - Otherwise the strategy's own clipping. DeepSpeed clips through its config instead."""
+        from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision
 
         plugin = self.trainer.precision_plugin
         inner = getattr(opt, "optimizer", opt)
-        if (isinstance(plugin, MixedPrecision) and plugin.scaler is None
-                and getattr(inner, "_step_supports_amp_scaling", False)):
+        if isinstance(plugin, FSDPPrecision):
+            root = self.trainer.strategy.model
+            if not hasattr(root, "clip_grad_norm_"):
+                raise ValueError("module.grad_clip under FSDP needs the model wrapped at its root by "
+                                 "FullyShardedDataParallel; set module.grad_clip=null to train without clipping")
+            root.clip_grad_norm_(self.grad_clip)
+            return
+        if isinstance(plugin, MixedPrecision) and getattr(inner, "_step_supports_amp_scaling", False):
+            if plugin.scaler is not None:
+                plugin.scaler.unscale_(inner)
             torch.nn.utils.clip_grad_norm_([p for g in inner.param_groups for p in g["params"]], self.grad_clip)
             return
         self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
