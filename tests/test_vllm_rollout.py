@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from src.modules.models import TinyQwen2
 from src.modules.rollout import HFGenerateRollout
@@ -48,9 +49,11 @@ class FakeLLM:
         self.kwargs, self.files = kwargs, sorted(p.name for p in folder.iterdir())
         self.script = script
         self.requests, self.rpc, self.resets = [], [], 0
+        self.autocast = [torch.is_autocast_enabled("cpu")]  # at the build, then at each generate
         FakeLLM.built.append(self)
 
     def generate(self, prompts, params, use_tqdm=False):
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
         outs = []
         for i, (p, sp) in enumerate(zip(prompts, params)):
             self.requests.append((p["prompt_token_ids"], sp))
@@ -61,7 +64,8 @@ class FakeLLM:
         return outs
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
-        self.rpc.append((method, args, kwargs))
+        kwargs = dict(kwargs, weights_iterator=[(n, t.clone()) for n, t in kwargs["weights_iterator"]])
+        self.rpc.append((method, args, kwargs))  # what the engine received, as it was then
         return [None]
 
     def reset_prefix_cache(self):
@@ -89,7 +93,9 @@ def _script(eos):
             return [7, 8, 9, 10], "stop", eos
         if i == 2:
             return [11] * 6, "length", None
-        return [eos], "stop", eos
+        if i == 3:
+            return [eos], "stop", eos
+        return [12, 13], "length", None  # cut short without EOS
     return play
 
 
@@ -111,6 +117,7 @@ def test_engine_outputs_become_a_rollout_with_the_policys_logps(tiny, fake_vllm)
     params = [r[1] for r in llm.requests]
     assert all(p.temperature == 0.7 and p.top_p == 1.0 and p.top_k == -1 and p.max_tokens == 6 and p.logprobs == 0
                and p.detokenize is False for p in params)
+    assert all(p.stop_token_ids == [eos] and p.ignore_eos for p in params)  # our EOS ids only
     assert len({p.seed for p in params}) == 4
     torch.manual_seed(0)
     vr(model, ids, mask, [eos], tok.pad_token_id)
@@ -152,6 +159,7 @@ def test_weights_are_copied_in_after_each_optimiser_step(tiny, fake_vllm):
     ro = vr(model, ids, mask, [eos], tok.pad_token_id)
     assert llm.rpc == [] and float(ro.metrics["vllm_sync_s"]) == 0  # built from these weights: nothing to copy
 
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)  # the default optimiser: no version bump
     logp, _ = score_response(model, ro.input_ids, ro.attention_mask, ro.response_start, 1.0, with_entropy=False)
     (-(logp * ro.response_mask_BT).sum()).backward()
@@ -163,6 +171,7 @@ def test_weights_are_copied_in_after_each_optimiser_step(tiny, fake_vllm):
     sent = dict(kwargs["weights_iterator"])
     assert sent.keys() == dict(model.named_parameters()).keys()
     assert all(torch.equal(sent[n], p) for n, p in model.named_parameters())  # the values after the step
+    assert not all(torch.equal(sent[n], before[n]) for n in sent)
     vr(model, ids, mask, [eos], tok.pad_token_id, greedy=True)
     assert len(llm.rpc) == 1  # unchanged since
     with torch.no_grad():
@@ -182,6 +191,10 @@ def test_what_the_backend_refuses(tiny, fake_vllm, monkeypatch, tmp_path):
     vr = VLLMRollout(max_new_tokens=4)
     with pytest.raises(ValueError, match="text prompts only"):
         vr(model, ids, mask, [eos], tok.pad_token_id, banned_ids=torch.tensor([3]))
+    with pytest.raises(ValueError, match=r"rollout.max_model_len"):
+        VLLMRollout(max_new_tokens=4, max_model_len=ids.shape[1] + 3)(model, ids, mask, [eos], tok.pad_token_id)
+    with pytest.raises(ValueError, match="row 1 is all padding"):
+        vr(model, ids, torch.stack([mask[0], torch.zeros_like(mask[1])]), [eos], tok.pad_token_id)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     with pytest.raises(ValueError, match="VLLM_ENABLE_V1_MULTIPROCESSING"):
         vr(model, ids, mask, [eos], tok.pad_token_id)
@@ -200,19 +213,55 @@ def test_what_the_backend_refuses(tiny, fake_vllm, monkeypatch, tmp_path):
         VLLMRollout()(model, ids, mask, [eos], tok.pad_token_id)
 
 
-# ---------------------------------------------------------------- a real engine, where vLLM is installed
+def test_masks_come_from_the_lengths_when_the_pad_id_is_an_eos_id(tiny, fake_vllm):
+    """Qwen's pad id is one of its EOS ids; a row cut short without EOS stays truncated, its pads unmasked."""
+    model, tok, ids, mask = tiny
+    eos = tok.eos_token_id
+    fake_vllm["script"] = lambda prompt, i: _script(eos)(prompt, {0: 4, 1: 1}.get(i, 3))
+    ro = VLLMRollout(max_new_tokens=6, num_samples=2)(model, ids, mask, [eos], eos)
+    assert ro.response_ids_BT[0].tolist() == [12, 13, eos, eos, eos]  # padded with the EOS id
+    assert ro.response_mask_BT.sum(-1).tolist() == [2, 5, 1, 1]
+    assert ro.truncated_B.tolist() == [True, False, False, False]
+    assert (ro.old_logp_BT[0, 2:] == 0).all() and ro.attention_mask[0, -3:].sum() == 0
+
+
+def test_under_autocast_the_engine_is_built_in_its_dtype_and_runs_outside_it(tiny, fake_vllm):
+    model, tok, ids, mask = tiny
+    eos = tok.eos_token_id
+    fake_vllm["script"] = _script(eos)
+    vr = VLLMRollout(max_new_tokens=6, engine_kwargs=OmegaConf.create({"compilation_config": {"mode": 0}}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ro = vr(model, ids, mask, [eos], tok.pad_token_id)
+    llm = FakeLLM.built[0]
+    assert llm.kwargs["dtype"] == "bfloat16" and llm.autocast == [False, False]
+    assert type(llm.kwargs["compilation_config"]) is dict  # not Hydra's DictConfig
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the log-probs are the student's as the loss sees it
+        logp, _ = score_response(model, ro.input_ids, ro.attention_mask, ro.response_start, 1.0)
+    torch.testing.assert_close(ro.old_logp_BT[ro.response_mask_BT], logp[ro.response_mask_BT])
+    assert VLLMRollout(dtype="float16").engine_dtype(model) == "float16"
+
+
+
 def test_a_real_engine_samples_what_the_policy_would(tiny, monkeypatch):
     pytest.importorskip("vllm")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     model, tok, ids, mask = tiny
     eos = tok.eos_token_id
-    vr = VLLMRollout(max_new_tokens=12, num_samples=3, enforce_eager=True)
+    model = type(model)(model.config).eval()
+    model.load_state_dict(tiny[0].state_dict())
+    with torch.no_grad():  # toward EOS, so that rows end early (before the engine copies the weights)
+        model.lm_head.weight[eos] += 0.1 * model.model.norm.weight.sign()
+    vr = VLLMRollout(max_new_tokens=24, num_samples=4, enforce_eager=True)
     greedy = vr(model, ids, mask, [eos], tok.pad_token_id, greedy=True)
-    ref = HFGenerateRollout(max_new_tokens=12)(model, ids, mask, [eos], tok.pad_token_id, greedy=True)
-    assert torch.equal(greedy.input_ids, ref.input_ids)
+    ref = HFGenerateRollout(max_new_tokens=24)(model, ids, mask, [eos], tok.pad_token_id, greedy=True)
+    assert torch.equal(greedy.input_ids, ref.input_ids) and torch.equal(greedy.truncated_B, ref.truncated_B)
     torch.manual_seed(0)
     ro = vr(model, ids, mask, [eos], tok.pad_token_id)
-    assert ro.input_ids.shape[0] == 6 and float(ro.metrics["vllm_logp_gap"]) < 1e-4
+    assert ro.input_ids.shape[0] == 8 and float(ro.metrics["vllm_logp_gap"]) < 1e-4
+    assert (~ro.truncated_B).any() and ro.truncated_B.any(), "some rows should end at EOS, some not"
+    for b in (~ro.truncated_B).nonzero()[:, 0].tolist():
+        n = int(ro.response_mask_BT[b].sum())
+        assert ro.response_ids_BT[b, n - 1] == eos and (ro.response_ids_BT[b, n:] == tok.pad_token_id).all()
     torch.manual_seed(0)
     assert torch.equal(vr(model, ids, mask, [eos], tok.pad_token_id).input_ids, ro.input_ids)
 

