@@ -250,7 +250,7 @@ def test_fp16_mixed_unscales_before_clipping_with_the_fused_optimizer():
 
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
     module, opt, w = _clip_case(plugin)
-    module._clip_gradients(opt)
+    torch.testing.assert_close(module._clip_gradients(opt), torch.tensor(200.0))  # the unscaled norm
     torch.testing.assert_close(w.grad.norm(), torch.tensor(1.0))  # unscaled (200), then clipped
     assert plugin.scaler._per_optimizer_states[id(opt)]["stage"].name == "UNSCALED"  # the step won't unscale again
 
@@ -261,7 +261,7 @@ def test_fp16_mixed_clips_still_scaled_gradients_at_a_scaled_threshold():
 
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
     module, opt, w = _clip_case(plugin, fused=False)
-    module._clip_gradients(opt)
+    torch.testing.assert_close(module._clip_gradients(opt), torch.tensor(200.0))  # logged unscaled
     torch.testing.assert_close(w.grad.norm(), torch.tensor(1024.0))  # 1.0 once unscaled
     assert plugin.scaler._per_optimizer_states[id(opt)]["stage"].name == "READY"
 
@@ -270,14 +270,14 @@ def test_fsdp_clips_through_the_root_module():
     from lightning.pytorch.plugins.precision import FSDPPrecision
 
     calls = []
-    root = type("Root", (), {"clip_grad_norm_": lambda self, max_norm: calls.append(max_norm)})()
+    root = type("Root", (), {"clip_grad_norm_": lambda self, max_norm: calls.append(max_norm) or torch.tensor(512.0)})()
     module, opt, _ = _clip_case(FSDPPrecision("bf16-mixed"), root)
     module._clip_gradients(opt)
     assert calls == [1.0]
     plugin = FSDPPrecision("16-mixed")
     plugin.scaler = torch.amp.GradScaler("cpu", init_scale=512.0)  # its ShardedGradScaler needs CUDA
     module, opt, _ = _clip_case(plugin, root)
-    module._clip_gradients(opt)
+    assert float(module._clip_gradients(opt)) == 1.0  # the root's (scaled) norm, unscaled
     assert calls == [1.0, 512.0]  # its sharded scaler unscales in the step: the threshold is scaled alike
     module._trainer.strategy.model = torch.nn.Linear(2, 2)  # not wrapped at the root: no global norm to take
     with pytest.raises(ValueError, match="module.grad_clip"):

@@ -240,7 +240,9 @@ class DistillationModule(LightningModule):
                 if grads:  # empty under DeepSpeed, which keeps gradients in its own buffers
                     logs["grad_norm"] = torch.nn.utils.get_total_norm(grads)  # local shard under FSDP
                 if self.grad_clip:
-                    self._clip_gradients(opt)
+                    norm = self._clip_gradients(opt)
+                    if norm is not None:  # the global norm before clipping, unscaled
+                        logs["grad_norm"] = norm
                 opt.step()
                 if sched is not None:
                     sched.step()
@@ -336,8 +338,9 @@ class DistillationModule(LightningModule):
         precision = str(self.trainer.precision) if self._trainer is not None else ""
         return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 
-    def _clip_gradients(self, opt) -> None:
-        """Clips the student's gradients to a global norm of ``grad_clip``.
+    def _clip_gradients(self, opt) -> torch.Tensor | None:
+        """Clips the student's gradients to a global norm of ``grad_clip``; returns the norm before clipping
+        (unscaled, across shards) where this method takes it, None where Lightning does.
 
         - FSDP: the root ``FullyShardedDataParallel`` clips (the global norm across shards); Lightning's FSDP
           precision plugin refuses norm clipping, having no handle on that root.
@@ -359,16 +362,15 @@ class DistillationModule(LightningModule):
             if not hasattr(root, "clip_grad_norm_"):
                 raise ValueError("module.grad_clip under FSDP needs the model wrapped at its root by "
                                  "FullyShardedDataParallel; set module.grad_clip=null to train without clipping")
-            root.clip_grad_norm_(self.grad_clip * scale)
-            return
+            return root.clip_grad_norm_(self.grad_clip * scale) / scale
         if isinstance(plugin, MixedPrecision):
             params = [p for g in inner.param_groups for p in g["params"]]
             if scaler is not None and getattr(inner, "_step_supports_amp_scaling", False):
                 scaler.unscale_(inner)
                 scale = 1.0
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip * scale)
-            return
+            return torch.nn.utils.clip_grad_norm_(params, self.grad_clip * scale) / scale
         self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        return None
 
     def configure_optimizers(self):
         opt = self.optimizer_fn(params=[p for p in self.student.parameters() if p.requires_grad])
