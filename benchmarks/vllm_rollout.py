@@ -160,7 +160,7 @@ def main():
         print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
         return
     results = []
-    argv = [a for a in sys.argv[1:]]
+    argv = sys.argv[1:]
     for backend in args.backends.split(","):
         t0 = time.perf_counter()
         try:

