@@ -49,8 +49,12 @@ def test_experiment_keeps_its_real_settings(make_cfg, name):
 def test_trainer_configs_compose(make_cfg, name):
     cfg = make_cfg(f"trainer={name}")
     assert cfg.trainer._target_.endswith("Trainer")
-    if name.startswith(("fsdp", "deepspeed", "ddp")):
+    if name.startswith(("deepspeed", "ddp")):
         assert cfg.trainer.strategy._target_.startswith("lightning.pytorch.strategies")
+        # built as the Trainer builds it (DeepSpeed's config must arrive as a plain dict; no GPU needed)
+        strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+        if name.startswith("deepspeed"):
+            assert isinstance(strategy.config, dict) and strategy.config["zero_optimization"]["stage"] == 2
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
