@@ -222,7 +222,7 @@ def test_bf16_mixed_clips_gradients_with_the_fused_optimizer(make_cfg, monkeypat
     assert obj["trainer"].global_step == 2 and calls == [0.5, 0.5]
 
 
-def _clip_case(plugin, strategy_model=None, fused: bool = True):
+def _clip_case(plugin, fused: bool = True):
     """A DistillationModule with a fake trainer, and a fused AdamW over one parameter holding a gradient of norm
     200 (times the scaler's scale, where there is one)."""
     from types import SimpleNamespace
@@ -241,7 +241,7 @@ def _clip_case(plugin, strategy_model=None, fused: bool = True):
         scale = plugin.scaler.get_scale()
     w.grad = torch.full((4,), 100.0 * scale)
     opt = torch.optim.AdamW([w], fused=fused)
-    module._trainer = SimpleNamespace(precision_plugin=plugin, strategy=SimpleNamespace(model=strategy_model))
+    module._trainer = SimpleNamespace(precision_plugin=plugin)
     return module, opt, w
 
 
@@ -266,19 +266,32 @@ def test_fp16_mixed_clips_still_scaled_gradients_at_a_scaled_threshold():
     assert plugin.scaler._per_optimizer_states[id(opt)]["stage"].name == "READY"
 
 
-def test_fsdp_clips_through_the_root_module():
-    from lightning.pytorch.plugins.precision import FSDPPrecision
+@pytest.mark.parametrize("kind", ["fsdp", "zero3", "model_parallel"])
+def test_sharding_strategies_it_cannot_train_under_are_refused_before_loading(kind):
+    """FSDP fails in backward (manual optimisation inside the root forward) and ZeRO-3 while loading (both seen on
+    an H100); the module stops first, naming the key."""
+    from types import SimpleNamespace
 
-    calls = []
-    root = type("Root", (), {"clip_grad_norm_": lambda self, max_norm: calls.append(max_norm) or torch.tensor(512.0)})()
-    module, opt, _ = _clip_case(FSDPPrecision("bf16-mixed"), root)
-    module._clip_gradients(opt)
-    assert calls == [1.0]
-    plugin = FSDPPrecision("16-mixed")
-    plugin.scaler = torch.amp.GradScaler("cpu", init_scale=512.0)  # its ShardedGradScaler needs CUDA
-    module, opt, _ = _clip_case(plugin, root)
-    assert float(module._clip_gradients(opt)) == 1.0  # the root's (scaled) norm, unscaled
-    assert calls == [1.0, 512.0]  # its sharded scaler unscales in the step: the threshold is scaled alike
-    module._trainer.strategy.model = torch.nn.Linear(2, 2)  # not wrapped at the root: no global norm to take
-    with pytest.raises(ValueError, match="module.grad_clip"):
-        module._clip_gradients(opt)
+    from lightning import LightningModule
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from src.modules.distill import DistillationModule
+
+    strategy = {"fsdp": FSDPStrategy, "zero3": lambda: DeepSpeedStrategy(stage=3),
+                "model_parallel": ModelParallelStrategy}[kind]()
+    module = DistillationModule.__new__(DistillationModule)
+    LightningModule.__init__(module)
+    module.student = None
+    module._trainer = SimpleNamespace(strategy=strategy)
+    module.student_spec = SimpleNamespace(load_tokenizer=lambda: pytest.fail("loaded before the check"))
+    with pytest.raises(ValueError, match="trainer.strategy: .*trainer=ddp or trainer=deepspeed_zero2"):
+        module.configure_model()
+
+
+def test_ddp_and_zero2_pass_the_strategy_check():
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    from src.modules.distill import check_strategy
+
+    for strategy in (DDPStrategy(), DeepSpeedStrategy(stage=2), SingleDeviceStrategy("cpu")):
+        check_strategy(strategy)

@@ -106,6 +106,7 @@ def test_paper_setting_composes(make_cfg):
     assert cfg.model.student.path == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert cfg.model.teacher.path == "Qwen/Qwen2.5-VL-32B-Instruct"
     assert cfg.trainer.strategy._target_.endswith("DeepSpeedStrategy")
+    assert cfg.trainer.strategy.config.zero_optimization.stage == 2  # ZeRO-3 is refused (check_strategy)
 
 
 def test_reference_sft_trains_the_vision_tower_on_the_rows_images(make_cfg, single_thread):

@@ -10,6 +10,8 @@ ranks' part of the gather. Single-process and DDP runs write the module's own we
 Costs under sharding: FSDP gathers the whole LightningModule, the frozen teacher included, into rank 0's CPU
 memory (only the student is kept); ZeRO-3 gathers the whole student on every rank at once. Keep
 ``on_checkpoint`` off for large models. Not covered: Lightning's ``ModelParallelStrategy`` (DTensor shards).
+``DistillationModule`` itself refuses FSDP and ZeRO-3 for now (``check_strategy``); the gathers here are tested on
+their own (a real FullyShardedDataParallel in one CPU process, and a ZeRO-3 gather mocked).
 """
 
 from __future__ import annotations

@@ -32,6 +32,35 @@ from src.modules.tool_rollout import TOOL_STATS, episode_totals
 from src.utils.sharding import count_params
 
 
+
+def check_strategy(strategy) -> None:
+    """Refuses the sharding strategies this module cannot train under yet, before any model is loaded.
+
+    - FSDP (``FSDPStrategy``): Lightning runs ``training_step`` inside the root FSDP module's forward, and the
+      manual optimisation here calls backward there, which FSDP's hooks reject ("Expects BACKWARD_PRE or
+      BACKWARD_POST state but got HandleTrainingState.FORWARD", Lightning-AI/pytorch-lightning#19626; seen on an
+      H100). The scorer and the decode loop also read weights outside their modules' forwards, which FSDP keeps
+      flattened or sharded there.
+    - DeepSpeed ZeRO-3: ``transformers`` initialises weights that Lightning's ``zero.Init`` has already
+      partitioned (an IndexError while loading, seen on an H100), and the chunked head reads ``lm_head.weight``
+      outside the head's forward, where ZeRO-3 keeps it empty.
+    - ``ModelParallelStrategy`` (DTensor shards): the same direct reads.
+    DDP and DeepSpeed ZeRO-2 (optimiser states and gradients sharded, weights whole on every rank) train."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    use = "use trainer=ddp or trainer=deepspeed_zero2 (every GPU holds whole weights)"
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError("trainer.strategy: FSDP is not supported: Lightning runs training_step inside the root "
+                         "FSDP module's forward, where this module's manual optimisation cannot call backward "
+                         f"(Lightning-AI/pytorch-lightning#19626), and the scorer reads sharded weights; {use}")
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        raise ValueError("trainer.strategy: DeepSpeed ZeRO-3 is not supported yet: it partitions the weights that "
+                         f"the model loading and the chunked head read whole; {use}")
+    if isinstance(strategy, ModelParallelStrategy):
+        raise ValueError("trainer.strategy: ModelParallelStrategy is not supported: the scorer reads weights "
+                         f"that it holds as DTensor shards; {use}")
+
+
 class DistillationModule(LightningModule):
     """
     Args:
@@ -96,6 +125,8 @@ class DistillationModule(LightningModule):
     def configure_model(self) -> None:
         if self.student is not None:
             return
+        if self._trainer is not None:
+            check_strategy(self.trainer.strategy)
         self.tokenizer = self.student_spec.load_tokenizer()
         self.processor = self.student_spec.load_processor()  # the tokenizer itself for text-only models
         if hasattr(self.rollout, "set_tokenizer"):  # a multi-turn rollout decodes turns and encodes replies
@@ -342,27 +373,18 @@ class DistillationModule(LightningModule):
         """Clips the student's gradients to a global norm of ``grad_clip``; returns the norm before clipping
         (unscaled, across shards) where this method takes it, None where Lightning does.
 
-        - FSDP: the root ``FullyShardedDataParallel`` clips (the global norm across shards); Lightning's FSDP
-          precision plugin refuses norm clipping, having no handle on that root.
         - Mixed precision with an optimiser that unscales inside its step (fused AdamW, the default):
           Lightning's plugin refuses, for fear of clipping scaled gradients. bf16-mixed scales nothing;
           16-mixed's scaler unscales them first (the scaler's step then knows they are unscaled). After DDP's
           all-reduce every rank holds the same, global, gradients.
-        - Where the gradients stay scaled until the step (16-mixed otherwise, FSDP's sharded scaler), the
-          threshold is scaled alike: the same clip factor, and an inf norm leaves NaNs the scaler skips.
+        - Where the gradients stay scaled until the step (16-mixed with a foreach optimiser), the threshold is scaled alike: the same clip factor, and an inf norm leaves NaNs the scaler skips.
         - Otherwise the strategy's own clipping. DeepSpeed clips through its config instead."""
-        from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision
+        from lightning.pytorch.plugins.precision import MixedPrecision
 
         plugin = self.trainer.precision_plugin
         inner = getattr(opt, "optimizer", opt)
         scaler = getattr(plugin, "scaler", None)
         scale = scaler.get_scale() if scaler is not None else 1.0
-        if isinstance(plugin, FSDPPrecision):
-            root = self.trainer.strategy.model
-            if not hasattr(root, "clip_grad_norm_"):
-                raise ValueError("module.grad_clip under FSDP needs the model wrapped at its root by "
-                                 "FullyShardedDataParallel; set module.grad_clip=null to train without clipping")
-            return root.clip_grad_norm_(self.grad_clip * scale) / scale
         if isinstance(plugin, MixedPrecision):
             params = [p for g in inner.param_groups for p in g["params"]]
             if scaler is not None and getattr(inner, "_step_supports_amp_scaling", False):

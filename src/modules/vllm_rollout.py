@@ -139,7 +139,7 @@ class VLLMRollout:
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             raise ValueError("rollout=vllm runs one in-process engine and does not support multi-process "
-                             "strategies yet; use rollout=hf with DDP / FSDP / DeepSpeed")
+                             "strategies yet; use rollout=hf with DDP / DeepSpeed ZeRO-2")
         if self.llm is None:
             mode = os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             if mode != "0":
