@@ -105,7 +105,7 @@ def worker(backend: str, args) -> dict:
 
 
 def check_sync(model, ids, mask, eos, ro_fn, score_response) -> dict:
-    """One AdamW step on the policy, then: a rollout that pretends the engine is current (stale weights) and
+    """One AdamW step on the policy (fused on CUDA), then: a rollout that pretends the engine is current (stale weights) and
     one that syncs. ``vllm_logp_gap`` (mean |vLLM - policy| log-prob of the sampled tokens) should jump on the
     stale engine and fall back to the rounding level after the sync."""
     import torch
@@ -113,7 +113,8 @@ def check_sync(model, ids, mask, eos, ro_fn, score_response) -> dict:
     from src.modules.weights_version import weights_key
 
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    # fused on CUDA, as the training default: its step moves no parameter version (see weights_version.py)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3, fused=model.device.type == "cuda")
     sub_ids, sub_mask = ids[:8], mask[:8]
     torch.manual_seed(7)
     ro = ro_fn(model, sub_ids, sub_mask, eos, 0)
