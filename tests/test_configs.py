@@ -133,3 +133,17 @@ def test_two_runs_started_together_get_their_own_folders(tmp_path):
     assert all(p.returncode == 0 for p in procs)
     assert all(d.startswith(f"{tmp_path}/") and "/runs/" in d for d in dirs), dirs
     assert dirs[0] != dirs[1], dirs
+
+
+def test_enable_progress_bar_false_drops_the_bar_callback(make_cfg):
+    """Lightning refuses ``enable_progress_bar=False`` beside a progress-bar callback; the flag alone must do."""
+    from lightning import Trainer
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from src.utils.instantiate import instantiate_callbacks
+
+    cfg = make_cfg("trainer.max_steps=1", fast=False)
+    assert any(isinstance(c, ProgressBar) for c in instantiate_callbacks(cfg.callbacks))
+    callbacks = instantiate_callbacks(cfg.callbacks, progress_bar=False)
+    assert callbacks and not any(isinstance(c, ProgressBar) for c in callbacks)
+    Trainer(enable_progress_bar=False, callbacks=callbacks, logger=False)  # refuses a bar callback

@@ -22,8 +22,15 @@ def _instantiate_group(group: DictConfig | None, kind: str) -> list:
     return out
 
 
-def instantiate_callbacks(cfg: DictConfig | None) -> list:
-    return _instantiate_group(cfg, "callbacks")
+def instantiate_callbacks(cfg: DictConfig | None, progress_bar: bool = True) -> list:
+    """The ``callbacks`` group; without its progress bar where ``progress_bar`` is False, since Lightning refuses
+    ``trainer.enable_progress_bar=false`` beside a progress-bar callback."""
+    callbacks = _instantiate_group(cfg, "callbacks")
+    if not progress_bar:
+        from lightning.pytorch.callbacks import ProgressBar
+
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return callbacks
 
 
 def instantiate_loggers(cfg: DictConfig | None) -> list:
