@@ -72,3 +72,31 @@ def test_data_parallel_ranks_compute_the_single_process_loss_and_selection(tmp_p
         for agg, (ddp, one) in results.items():
             assert abs(ddp - one) < 1e-6 * max(1.0, abs(one)), (rank, agg, ddp, one)
         assert selection_agrees, rank
+
+
+def _logs_over_ranks(rank: int, world: int, store: str, out: str):
+    import torch
+    import torch.distributed as dist
+
+    from src.modules.distill import over_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    logs = {"loss": torch.tensor(0.25 + rank), "samples": 4.0 + rank, "lr": 1e-3}
+    reduced = over_ranks(logs, summed=("samples",))
+    dist.destroy_process_group()
+    torch.save({k: float(v) for k, v in reduced.items()}, f"{out}.{rank}")
+
+
+def test_step_metrics_are_taken_over_every_rank(tmp_path):
+    """Each rank's loss is its share of the batch's loss: the logged value is their mean on every rank; counts
+    are summed."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from src.modules.distill import over_ranks
+
+    assert over_ranks({"loss": 1.0}) == {"loss": 1.0}  # one process: unchanged
+    mp.spawn(_logs_over_ranks, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"out.{rank}")
+        assert got == {"loss": 0.75, "samples": 9.0, "lr": torch.tensor(1e-3).item()}, (rank, got)

@@ -23,6 +23,7 @@ from lightning import LightningModule
 from torchmetrics import MeanMetric
 
 from src.modules.fast_score import FusedScorer
+from src.modules.losses import data_parallel_ranks
 from src.modules.metrics import AvgAtK, MajAtK, PassAtK, Ratio, default_ks
 from src.modules.models import preflight
 from src.modules.multimodal import preflight_processors, vision_token_ids
@@ -60,6 +61,26 @@ def check_strategy(strategy) -> None:
         raise ValueError("trainer.strategy: ModelParallelStrategy is not supported: the scorer reads weights "
                          f"that it holds as DTensor shards; {use}")
 
+
+
+def over_ranks(logs: dict, summed: tuple[str, ...] = ()) -> dict:
+    """The step's metrics over every data-parallel rank (one all-reduce): the mean over the ranks, or the sum for
+    the keys in ``summed`` (counts and rates). The loss each rank holds is its share of the batch's loss
+    (``src.modules.losses._per_rank``), so the mean is the batch's loss. Per-rank means (entropy, rewards) and
+    quantiles become means of the ranks' values: exact for means where the ranks hold as many tokens, close
+    otherwise. One process: ``logs`` unchanged."""
+    ranks = data_parallel_ranks()
+    if ranks == 1 or not logs:
+        return logs
+    keys = list(logs)
+    device = next((v.device for v in logs.values() if isinstance(v, torch.Tensor)), None)
+    values = torch.stack([torch.as_tensor(logs[k], dtype=torch.float32, device=device).detach().reshape(())
+                          for k in keys])
+    if device is None and torch.distributed.get_backend() == "nccl":
+        values = values.cuda()
+    torch.distributed.all_reduce(values)
+    values = values.cpu()
+    return {k: values[i] / (1 if k in summed else ranks) for i, k in enumerate(keys)}
 
 class DistillationModule(LightningModule):
     """
@@ -294,6 +315,7 @@ class DistillationModule(LightningModule):
             "lr": opt.param_groups[0]["lr"],
             "samples": float(valid.shape[0]),
         })
+        logs = over_ranks(logs, summed=("samples", "rollout_tok_per_s", "train_tok_per_s"))
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=valid.shape[0])
         self.log("train/loss_step", logs["loss"], prog_bar=True, logger=False)
         return logs["loss"]

@@ -35,7 +35,8 @@ def _per_rank(denominator: torch.Tensor) -> torch.Tensor:
     Data-parallel training averages the ranks' gradients, so ``num_r / (sum_r den_r / W)`` on each rank makes
     that average the gradient of ``sum_r num_r / sum_r den_r``: the aggregate over the union of the ranks'
     batches, as one process would compute it, however the tokens fall between the ranks. Each rank's loss
-    value is then its share: rank 0's logged ``train/loss`` is not the batch's loss; the mean over the ranks is.
+    value is then its share, and the mean over the ranks is the batch's loss: what ``train/loss`` logs
+    (``src.modules.distill.over_ranks``).
     """
     ranks = data_parallel_ranks()
     if ranks == 1:
