@@ -23,6 +23,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
+from src.modules.distill import check_strategy  # noqa: E402
 from src.utils.instantiate import instantiate_loggers  # noqa: E402
 from src.utils.sharding import count_params  # noqa: E402
 
@@ -62,10 +63,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         data = OmegaConf.to_container(cfg.data, resolve=True)  # val/test may refer to train's settings
         data["train"] = None
         cfg.data = data
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=instantiate_loggers(cfg.get("logger")))
+    check_strategy(trainer.strategy)  # before a stage, model or dataset is built
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
     datamodule.set_tokenizer(module.student_spec.load_processor())  # a processor for vision-language models
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=instantiate_loggers(cfg.get("logger")))
     trainer.test(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     records = _gather(module.records)

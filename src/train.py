@@ -17,6 +17,7 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from src.modules.distill import check_strategy  # noqa: E402
 from src.utils.allocator import keep_freed_memory  # noqa: E402
 from src.utils.instantiate import (  # noqa: E402
     instantiate_callbacks,
@@ -36,12 +37,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     if cfg.get("keep_freed_memory", True):
         keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
+    # the Trainer first: a strategy the module refuses stops here, before a stage, model or dataset is built
+    progress_bar = cfg.trainer.get("enable_progress_bar") is not False  # None: Lightning's default, a bar
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), progress_bar=progress_bar)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    check_strategy(trainer.strategy, cfg.module.get("grad_clip"))
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
     datamodule.set_tokenizer(module.student_spec.load_processor())  # a processor for vision-language models
-    callbacks = instantiate_callbacks(cfg.get("callbacks"), progress_bar=cfg.trainer.get("enable_progress_bar", True))
-    loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     log_config(cfg, trainer)
 
     if cfg.get("validate_before"):

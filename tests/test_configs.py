@@ -8,6 +8,7 @@ import hydra
 import pytest
 from hydra.errors import ConfigCompositionException
 
+from src.modules.distill import check_strategy
 from src.modules.models import PretrainedLM, TinyQwen2
 from src.train import train
 
@@ -49,12 +50,21 @@ def test_experiment_keeps_its_real_settings(make_cfg, name):
 def test_trainer_configs_compose(make_cfg, name):
     cfg = make_cfg(f"trainer={name}")
     assert cfg.trainer._target_.endswith("Trainer")
-    if name.startswith(("deepspeed", "ddp")):
+    if "strategy" in cfg.trainer:
         assert cfg.trainer.strategy._target_.startswith("lightning.pytorch.strategies")
-        # built as the Trainer builds it (DeepSpeed's config must arrive as a plain dict; no GPU needed)
+        # built as the Trainer builds it (DeepSpeed's config must arrive as a plain dict; no GPU needed), and one
+        # the module trains under
         strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+        check_strategy(strategy, cfg.module.grad_clip)
         if name.startswith("deepspeed"):
             assert isinstance(strategy.config, dict) and strategy.config["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiments_use_strategies_the_module_trains_under(make_cfg, name):
+    cfg = make_cfg(f"experiment={name}", fast=False)
+    if "strategy" in cfg.trainer:
+        check_strategy(hydra.utils.instantiate(cfg.trainer.strategy), cfg.module.get("grad_clip"))
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -147,3 +157,36 @@ def test_enable_progress_bar_false_drops_the_bar_callback(make_cfg):
     callbacks = instantiate_callbacks(cfg.callbacks, progress_bar=False)
     assert callbacks and not any(isinstance(c, ProgressBar) for c in callbacks)
     Trainer(enable_progress_bar=False, callbacks=callbacks, logger=False)  # refuses a bar callback
+
+
+
+def test_train_builds_its_trainer_with_enable_progress_bar_false_alone(make_cfg, monkeypatch):
+    """The bar callback stays in the config; the flag alone turns it off (the Trainer is built, then stop)."""
+    import src.train
+
+    class Built(Exception):
+        pass
+
+    def stop(strategy, grad_clip=None):
+        raise Built
+
+    cfg = make_cfg("trainer.enable_progress_bar=false", fast=False)  # stops before anything is built
+    assert cfg.callbacks.progress_bar is not None
+    monkeypatch.setattr(src.train, "check_strategy", stop)
+    with pytest.raises(Built):
+        src.train.train(cfg)
+
+
+def test_a_refused_strategy_stops_train_before_the_module_is_built(make_cfg, monkeypatch):
+    import hydra.utils
+
+    import src.train
+
+    built = []
+    instantiate = hydra.utils.instantiate
+    monkeypatch.setattr(hydra.utils, "instantiate", lambda node, *a, **k: built.append(node.get("_target_")) or
+                        instantiate(node, *a, **k))
+    cfg = make_cfg("+trainer.strategy._target_=lightning.pytorch.strategies.ModelParallelStrategy")
+    with pytest.raises(ValueError, match="trainer.strategy: ModelParallelStrategy"):
+        src.train.train(cfg)
+    assert not any("DataModule" in str(t) or "Distillation" in str(t) for t in built), built

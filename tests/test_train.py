@@ -284,6 +284,8 @@ def test_sharding_strategies_it_cannot_train_under_are_refused_before_loading(ki
     module.student = None
     module._trainer = SimpleNamespace(strategy=strategy)
     module.student_spec = SimpleNamespace(load_tokenizer=lambda: pytest.fail("loaded before the check"))
+    module.grad_clip = 1.0
+    module._trainer.state = SimpleNamespace(fn="fit")
     with pytest.raises(ValueError, match="trainer.strategy: .*trainer=ddp or trainer=deepspeed_zero2"):
         module.configure_model()
 
@@ -295,3 +297,16 @@ def test_ddp_and_zero2_pass_the_strategy_check():
 
     for strategy in (DDPStrategy(), DeepSpeedStrategy(stage=2), SingleDeviceStrategy("cpu")):
         check_strategy(strategy)
+
+
+
+def test_a_deepspeed_strategy_that_would_not_clip_as_configured_is_refused():
+    """Manual optimisation leaves the clip to DeepSpeed's config; a strategy given by name gets 0 there (none)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from src.modules.distill import check_strategy
+
+    with pytest.raises(ValueError, match="module.grad_clip is 1.0, but DeepSpeed clips at 0.0"):
+        check_strategy(DeepSpeedStrategy(stage=2), grad_clip=1.0)
+    check_strategy(DeepSpeedStrategy(config={"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}), 1.0)
+    check_strategy(DeepSpeedStrategy(stage=2), grad_clip=None)  # no clip asked for: nothing to match

@@ -33,34 +33,44 @@ from src.modules.tool_rollout import TOOL_STATS, episode_totals
 from src.utils.sharding import count_params
 
 
-
-def check_strategy(strategy) -> None:
-    """Refuses the sharding strategies this module cannot train under yet, before any model is loaded.
+def check_strategy(strategy, grad_clip: float | None = None) -> None:
+    """Refuses the strategies this module cannot train or evaluate under yet. ``src/train.py`` and ``src/eval.py``
+    call it as soon as the Trainer exists (before any model, stage or dataset is built), ``configure_model`` again.
 
     - FSDP (``FSDPStrategy``): Lightning runs ``training_step`` inside the root FSDP module's forward, and the
       manual optimisation here calls backward there, which FSDP's hooks reject ("Expects BACKWARD_PRE or
-      BACKWARD_POST state but got HandleTrainingState.FORWARD", Lightning-AI/pytorch-lightning#19626; seen on an
-      H100). The scorer and the decode loop also read weights outside their modules' forwards, which FSDP keeps
-      flattened or sharded there.
+      BACKWARD_POST state but got HandleTrainingState.FORWARD", seen on an H100; Lightning-AI/pytorch-lightning
+      #19626 and #19685). The scorer and the decode loop also read weights outside their modules' forwards,
+      where FSDP keeps them sharded across GPUs.
     - DeepSpeed ZeRO-3: ``transformers`` initialises weights that Lightning's ``zero.Init`` has already
       partitioned (an IndexError while loading, seen on an H100), and the chunked head reads ``lm_head.weight``
       outside the head's forward, where ZeRO-3 keeps it empty.
-    - ``ModelParallelStrategy`` (DTensor shards): the same direct reads.
+    - ``ModelParallelStrategy``: it leaves all parallelism to the module's ``configure_model``, and this module
+      applies none, so the ranks would never synchronise their gradients.
+    - DeepSpeed clipping at another norm than ``grad_clip``: manual optimisation leaves the clip to DeepSpeed's
+      ``gradient_clipping``, which Lightning sets to 0 (none) for a strategy given by name (``deepspeed_stage_2``).
     DDP and DeepSpeed ZeRO-2 (optimiser states and gradients sharded, weights whole on every rank) train."""
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
+    name = type(strategy).__name__
     use = "use trainer=ddp or trainer=deepspeed_zero2 (every GPU holds whole weights)"
     if isinstance(strategy, FSDPStrategy):
-        raise ValueError("trainer.strategy: FSDP is not supported: Lightning runs training_step inside the root "
-                         "FSDP module's forward, where this module's manual optimisation cannot call backward "
-                         f"(Lightning-AI/pytorch-lightning#19626), and the scorer reads sharded weights; {use}")
+        raise ValueError(f"trainer.strategy: {name} (FSDP) is not supported: Lightning runs training_step inside "
+                         "the root FSDP module's forward, where this module's manual optimisation cannot call "
+                         "backward (Lightning-AI/pytorch-lightning#19626), and the scorer and decode loop read "
+                         f"weights FSDP keeps sharded; {use}")
     if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-        raise ValueError("trainer.strategy: DeepSpeed ZeRO-3 is not supported yet: it partitions the weights that "
-                         f"the model loading and the chunked head read whole; {use}")
+        raise ValueError(f"trainer.strategy: {name} with zero_optimization.stage=3 is not supported yet: ZeRO-3 "
+                         f"partitions the weights that the model loading and the chunked head read whole; {use}")
     if isinstance(strategy, ModelParallelStrategy):
-        raise ValueError("trainer.strategy: ModelParallelStrategy is not supported: the scorer reads weights "
-                         f"that it holds as DTensor shards; {use}")
-
+        raise ValueError(f"trainer.strategy: {name} is not supported: this module applies no parallelism in "
+                         f"configure_model, so the ranks would not synchronise their gradients; {use}")
+    if isinstance(strategy, DeepSpeedStrategy) and grad_clip is not None:
+        clip = float((strategy.config or {}).get("gradient_clipping") or 0.0)
+        if clip != float(grad_clip or 0.0):
+            raise ValueError(f"module.grad_clip is {grad_clip}, but DeepSpeed clips at {clip} "
+                             "(trainer.strategy.config.gradient_clipping; Lightning sets 0 for a strategy given by "
+                             "name): set them alike, as configs/trainer/deepspeed_zero2.yaml does")
 
 
 def over_ranks(logs: dict, summed: tuple[str, ...] = ()) -> dict:
@@ -144,10 +154,11 @@ class DistillationModule(LightningModule):
 
     # ---------------------------------------------------------------- models
     def configure_model(self) -> None:
+        if self._trainer is not None:  # also for a module whose models were loaded before the Trainer came
+            fitting = self.trainer.state.fn == "fit"
+            check_strategy(self.trainer.strategy, self.grad_clip if fitting else None)
         if self.student is not None:
             return
-        if self._trainer is not None:
-            check_strategy(self.trainer.strategy)
         self.tokenizer = self.student_spec.load_tokenizer()
         self.processor = self.student_spec.load_processor()  # the tokenizer itself for text-only models
         if hasattr(self.rollout, "set_tokenizer"):  # a multi-turn rollout decodes turns and encodes replies
@@ -290,7 +301,7 @@ class DistillationModule(LightningModule):
                 self.manual_backward(loss)
                 grads = [p.grad for p in self.student.parameters() if p.grad is not None]
                 if grads:  # empty under DeepSpeed, which keeps gradients in its own buffers
-                    logs["grad_norm"] = torch.nn.utils.get_total_norm(grads)  # local shard under FSDP
+                    logs["grad_norm"] = torch.nn.utils.get_total_norm(grads)
                 if self.grad_clip:
                     norm = self._clip_gradients(opt)
                     if norm is not None:  # the global norm before clipping, unscaled
@@ -399,7 +410,8 @@ class DistillationModule(LightningModule):
           Lightning's plugin refuses, for fear of clipping scaled gradients. bf16-mixed scales nothing;
           16-mixed's scaler unscales them first (the scaler's step then knows they are unscaled). After DDP's
           all-reduce every rank holds the same, global, gradients.
-        - Where the gradients stay scaled until the step (16-mixed with a foreach optimiser), the threshold is scaled alike: the same clip factor, and an inf norm leaves NaNs the scaler skips.
+        - Where the gradients stay scaled until the step (16-mixed with a foreach optimiser), the threshold is
+          scaled alike: the same clip factor, and an inf norm leaves NaNs the scaler skips.
         - Otherwise the strategy's own clipping. DeepSpeed clips through its config instead."""
         from lightning.pytorch.plugins.precision import MixedPrecision
 
