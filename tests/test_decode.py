@@ -192,16 +192,18 @@ def _random_lm(kind: str, dtype=torch.float32):
     return model.to(dtype).eval()
 
 
-@pytest.mark.parametrize("kind,dtype,atol", [("qwen2", torch.float32, 1e-5), ("llama", torch.float32, 1e-5),
-                                              ("llama_bias_yarn", torch.float32, 1e-5),
-                                              ("qwen2", torch.bfloat16, 0.15)])
-def test_fused_decode_step_gives_the_models_own_logits(kind, dtype, atol, single_thread):
+@pytest.mark.parametrize("kind,dtype,atol,compiled", [
+    ("qwen2", torch.float32, 1e-5, False), ("llama", torch.float32, 1e-5, False),
+    ("llama_bias_yarn", torch.float32, 1e-5, False), ("qwen2", torch.bfloat16, 0.15, False),
+    ("qwen2", torch.float32, 1e-5, True), ("llama_bias_yarn", torch.float32, 1e-5, True)])
+def test_fused_decode_step_gives_the_models_own_logits(kind, dtype, atol, compiled, single_thread):
+    """Eager and compiled (``rollout.fused_decode=compiled``: the whole cache read, later columns masked)."""
     from src.modules.decode import kv_cache
     from src.modules.fast_decode import FusedDecodeStep
     from src.modules.scoring import position_ids_from_mask
 
     model = _random_lm(kind, dtype)
-    step = FusedDecodeStep.build(model)
+    step = FusedDecodeStep.build(model, compiled=compiled)
     assert step is not None
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 50, (3, 7), generator=g)
@@ -220,6 +222,30 @@ def test_fused_decode_step_gives_the_models_own_logits(kind, dtype, atol, single
         for t in range(5):
             got = step(new[:, t], pos[:, 7 + t], cache, 8 + t, bias)
             torch.testing.assert_close(got.float(), ref[:, 7 + t].float(), atol=atol, rtol=0)
+
+
+def test_compiled_decode_samples_the_eager_steps_tokens(tiny, eos_bias, single_thread):
+    from src.modules.decode import sample
+
+    model, tok, ids, mask = tiny
+    assert not bool(mask.all())  # left padding: the compiled step masks padding and later columns alike
+    out = {}
+    for fused in ("compiled", True):
+        torch.manual_seed(9)
+        out[fused] = sample(model, ids, mask, [tok.eos_token_id], tok.pad_token_id, 20, temperature=0.8,
+                            fused=fused)
+    (seq_c, lp_c, ent_c), (seq_e, lp_e, ent_e) = out["compiled"], out[True]
+    assert torch.equal(seq_c, seq_e)
+    m = seq_c[:, ids.shape[1]:] != tok.pad_token_id
+    torch.testing.assert_close(lp_c[m], lp_e[m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_c[m], ent_e[m], atol=1e-5, rtol=0)
+
+
+def test_fused_decode_takes_true_false_or_compiled():
+    for value in (True, False, "compiled"):
+        HFGenerateRollout(fused_decode=value)
+    with pytest.raises(ValueError, match="rollout.fused_decode must be true, false or compiled"):
+        HFGenerateRollout(fused_decode="yes")
 
 
 def test_fused_decode_sampling_equals_the_models_forward(tiny, eos_bias, single_thread):

@@ -3,7 +3,8 @@
 Same contract as ``generate`` with our processors (``HFGenerateRollout``): prefill the left-padded prompt
 once, then one token per step from the last position's logits only (``logits_to_keep=1``). Qwen2/Llama models
 take fused kernels for both where they compute the model's own forward (``FusedScorer.prefill`` on the CPU,
-``FusedDecodeStep``; ``fused=False`` / ``rollout.fused_decode=false``: the model's forward throughout)::
+``FusedDecodeStep``; ``fused=False`` / ``rollout.fused_decode=false``: the model's forward throughout;
+``fused="compiled"``: the fused step through ``torch.compile``)::
 
     z_t     = logits(last position)               banned ids set to BANNED_LOGIT (renormalised away)
     logp_t  = log_softmax(z_t / temperature)       recorded: log p(y_t) and H_t = -sum exp(logp_t) logp_t
@@ -48,9 +49,10 @@ class _InPlaceLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.device, (B, H, _, D) = key_states.device, key_states.shape
-            self._keys = key_states.new_empty(B, H, self.capacity, D)
+            # zeros, not garbage: the compiled decode step reads unfilled columns (masked; 0 * NaN would be NaN)
+            self._keys = key_states.new_zeros(B, H, self.capacity, D)
             Hv, Dv = value_states.shape[1], value_states.shape[-1]
-            self._values = value_states.new_empty(B, Hv, self.capacity, Dv)
+            self._values = value_states.new_zeros(B, Hv, self.capacity, Dv)
             self.is_initialized = True
         end = self.length + key_states.shape[-2]
         self._keys[:, :, self.length : end] = key_states
@@ -102,7 +104,7 @@ def warpers(temperature: float, top_k: int, top_p: float) -> list:
 @torch.no_grad()
 def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos_token_ids, pad_token_id: int,
            max_new_tokens: int, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0, banned_ids: torch.Tensor | None = None, sync_every: int = 4, fused: bool = True,
+           top_p: float = 1.0, banned_ids: torch.Tensor | None = None, sync_every: int = 4, fused: bool | str = True,
            keep_prompt_graph: bool = False):
     """Decode up to ``max_new_tokens`` per row. The prefill goes through ``FusedScorer.prefill`` and each later
     token through ``FusedDecodeStep`` where they support the model (``fused=False``: always the model's own
@@ -130,8 +132,8 @@ def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos
     if padded:
         mask_BL = torch.cat([prompt_mask_BP, prompt_mask_BP.new_ones(B, max_new_tokens)], dim=1)
     pos_BP = position_ids_from_mask(prompt_mask_BP)
-    step = FusedDecodeStep.build(model) if fused and all(isinstance(x, _InPlaceLayer) for x in
-                                                        getattr(cache, "layers", [None])) else None
+    step = FusedDecodeStep.build(model, compiled=fused == "compiled") if fused and all(
+        isinstance(x, _InPlaceLayer) for x in getattr(cache, "layers", [None])) else None
     # the prefill through the fused scorer's layers where it computes this model's forward (CPU)
     scorer = FusedScorer.for_model(model) if step is not None else None
     bias_BL = None

@@ -29,6 +29,16 @@ assert equality); in bf16 it matches to bf16 rounding, as two attention kernels 
 ``tests/test_decode.py`` checks it against the Hugging Face forward: logits, greedy and sampled tokens,
 recorded log-probs and entropies, and the guards. ``rollout.fused_decode=false`` turns it off, and with it
 the fused prefill (``FusedScorer.prefill``, ``src.modules.fast_score``) that fills the cache before it.
+
+``rollout.fused_decode=compiled`` runs the same step through ``torch.compile`` (``decode_body``): shapes fixed
+for a whole rollout (the new column's index a tensor, the attention over every cache column with the later ones
+masked), so one compilation serves every step, and the elementwise work between the matmuls (RMSNorm, RoPE,
+SiLU-gating, the softmax with its mask) becomes a few generated kernels. Its kernels run on one thread
+(``cpp.threads=1``): with two, the eager ops after them (the teacher's scoring, the backward) ran slower on
+the 2-core benchmark machine, which ate the gain (``docs/results/performance.md``). Compilation needs a C++ compiler on the CPU and
+takes about 10 s for the benchmark's student on the first rollout of each shape (the compiler then marks a
+changing batch or length dynamic). The tests compare it with the eager step (logits to 1e-5, the same sampled
+tokens); it is opt-in because every new shape compiles, which the tests and miniatures would pay for.
 """
 
 from __future__ import annotations
@@ -59,8 +69,10 @@ class FusedDecodeStep:
 
     MAX_PARAMS = 500_000_000
 
-    def __init__(self, model):
+    def __init__(self, model, compiled: bool = False):
         cfg = model.config
+        self.compiled = compiled
+        self._zero_bias = None
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.groups = self.n_heads // self.n_kv
@@ -85,11 +97,12 @@ class FusedDecodeStep:
         self.rotary = model.model.rotary_emb
 
     @staticmethod
-    def build(model) -> "FusedDecodeStep | None":
-        """The fused step for ``model``, or None where it would not compute the model's own forward."""
+    def build(model, compiled: bool = False) -> "FusedDecodeStep | None":
+        """The fused step for ``model``, or None where it would not compute the model's own forward;
+        ``compiled``: through ``torch.compile`` (``decode_body``)."""
         if getattr(model, "training", True) or not fusable(model):
             return None
-        return FusedDecodeStep(model)
+        return FusedDecodeStep(model, compiled)
 
     @torch.no_grad()
     def __call__(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, cache, n: int,
@@ -100,6 +113,8 @@ class FusedDecodeStep:
         ``bias_BL`` is the additive attention bias over the cache's columns (0 or a large negative value
         for left padding), or None without padding.
         """
+        if self.compiled:
+            return self._compiled_call(tokens_B, positions_B, cache, n, bias_BL)
         B = tokens_B.shape[0]
         nq, nk, d, G = self.n_heads, self.n_kv, self.head_dim, self.groups
         QK = (nq + nk) * d
@@ -124,6 +139,65 @@ class FusedDecodeStep:
             gate, up = F.linear(x, Wgu).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, Wd)
         return F.linear(_rms_norm(h, self.norm, self.eps), self.head)
+
+    def _compiled_call(self, tokens_B, positions_B, cache, n: int, bias_BL):
+        """``__call__`` through the compiled ``decode_body``: the whole cache buffers, the column as a tensor."""
+        K = [layer._keys for layer in cache.layers]
+        V = [layer._values for layer in cache.layers]
+        L = K[0].shape[2]
+        if bias_BL is None:
+            if self._zero_bias is None or self._zero_bias.shape[1] != L:
+                self._zero_bias = self.embed.new_zeros(1, L)
+            bias_BL = self._zero_bias
+        cos, sin = self.rotary(self.embed, positions_B[:, None])  # the first argument gives dtype and device
+        col = torch.full((1,), n - 1, dtype=torch.long, device=tokens_B.device)
+        logits = compiled_decode_body()(tokens_B, cos.to(self.embed.dtype), sin.to(self.embed.dtype), col,
+                                        bias_BL, self.layers, K, V, self.embed, self.norm, self.head,
+                                        (self.n_heads, self.n_kv, self.head_dim), self.eps, self.scale)
+        for layer in cache.layers:
+            layer.length, layer.keys, layer.values = n, layer._keys[:, :, :n], layer._values[:, :, :n]
+        return logits
+
+
+def decode_body(tokens_B, cos_B1d, sin_B1d, col_1, bias_BL, layers, keys, values, embed, norm, head, dims: tuple,
+                eps: float, scale: float) -> torch.Tensor:
+    """``FusedDecodeStep.__call__``'s mathematics with shapes that stay fixed through a rollout, so that one
+    ``torch.compile`` serves every step: the new keys and values go to column ``col_1`` (a tensor, not an int the
+    compiler would specialise on) of the whole preallocated buffers, and the attention reads every column, the
+    ones after ``col_1`` masked (they hold zeros: ``decode._InPlaceLayer`` allocates them so, and a masked
+    column must not bring a NaN in through ``0 * value``)."""
+    nq, nk, d = dims
+    B, G, QK = tokens_B.shape[0], nq // nk, (nq + nk) * d
+    h = F.embedding(tokens_B, embed)
+    L = keys[0].shape[2]
+    later = torch.arange(L, device=h.device) > col_1  # [L]
+    bias = bias_BL.masked_fill(later, torch.finfo(h.dtype).min)[:, None, None, :]  # [B or 1, 1, 1, L]
+    for (ln1, W, b, Wo, bo, ln2, Wgu, Wd), K, V in zip(layers, keys, values):
+        x = _rms_norm(h, ln1, eps)
+        y = F.linear(x, W, b)
+        qk = y[:, :QK].view(B, nq + nk, d) * cos_B1d + y[:, QK : 2 * QK].view(B, nq + nk, d) * sin_B1d
+        K.index_copy_(2, col_1, qk[:, nq:, None])
+        V.index_copy_(2, col_1, y[:, 2 * QK :].view(B, nk, 1, d))
+        q = qk[:, :nq].reshape(B, nk, G, d)
+        scores = torch.matmul(q, K.transpose(-1, -2)) * scale + bias
+        o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), V)
+        h = h + F.linear(o.reshape(B, nq * d), Wo, bo)
+        x = _rms_norm(h, ln2, eps)
+        gate, up = F.linear(x, Wgu).chunk(2, dim=-1)
+        h = h + F.linear(F.silu(gate) * up, Wd)
+    return F.linear(_rms_norm(h, norm, eps), head)
+
+
+_COMPILED_BODY = None
+
+
+def compiled_decode_body():
+    """``decode_body`` under ``torch.compile``, built on first use (one per process; the compiler keeps a
+    specialisation per model shape, batch and cache length, and marks a dimension dynamic once it changes)."""
+    global _COMPILED_BODY
+    if _COMPILED_BODY is None:
+        _COMPILED_BODY = torch.compile(decode_body, options={"cpp.threads": 1})
+    return _COMPILED_BODY
 
 
 def fusable(model) -> bool:

@@ -166,17 +166,21 @@ class HFGenerateRollout:
         backend: ``loop`` (``src.modules.decode``; falls back to ``generate`` for inputs it does not support, such
             as images) or ``generate``.
         fused_decode: with ``backend=loop``, decode Qwen2 / Llama models through ``FusedDecodeStep``
-            (``src.modules.fast_decode``; the same tokens with fewer ops); False keeps the model's own forward.
+            (``src.modules.fast_decode``; the same tokens with fewer ops); False keeps the model's own forward;
+            ``compiled``: the fused step through ``torch.compile`` (a C++ compiler on the CPU; the first rollout of
+            each shape compiles, about 10 s for the benchmark's student; log-probs within float rounding).
     """
 
     BACKENDS = ("loop", "generate")
 
     def __init__(self, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  num_samples: int = 1, val_max_new_tokens: int | None = None, backend: str = "loop",
-                 fused_decode: bool = True):
+                 fused_decode: bool | str = True):
         check_sampling(temperature, top_p, top_k, num_samples)
         if backend not in self.BACKENDS:
             raise ValueError(f"rollout.backend must be one of {self.BACKENDS}, got {backend!r}")
+        if fused_decode not in (True, False, "compiled"):
+            raise ValueError(f"rollout.fused_decode must be true, false or compiled, got {fused_decode!r}")
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.num_samples = num_samples
