@@ -241,6 +241,49 @@ def test_compiled_decode_samples_the_eager_steps_tokens(tiny, eos_bias, single_t
     torch.testing.assert_close(ent_c[m], ent_e[m], atol=1e-5, rtol=0)
 
 
+def test_compiled_decode_step_without_padding(single_thread):
+    """No padding: the step gets no bias and masks only the later columns (``_zero_bias``)."""
+    from src.modules.decode import kv_cache
+    from src.modules.fast_decode import FusedDecodeStep
+
+    model = _random_lm("qwen2")
+    step = FusedDecodeStep.build(model, compiled=True)
+    g = torch.Generator().manual_seed(1)
+    ids, new = torch.randint(1, 50, (2, 6), generator=g), torch.randint(1, 50, (2, 4), generator=g)
+    pos = torch.arange(10).expand(2, 10)
+    with torch.no_grad():
+        ref = model(input_ids=torch.cat([ids, new], 1)).logits
+        cache = kv_cache(model, 10)
+        model(input_ids=ids, cache=cache, use_cache=True)
+        for t in range(4):
+            got = step(new[:, t], pos[:, 6 + t], cache, 7 + t)
+            torch.testing.assert_close(got, ref[:, 6 + t], atol=1e-5, rtol=0)
+            assert cache.layers[0].length == 7 + t and cache.layers[0].keys.shape[2] == 7 + t
+
+
+def test_decode_body_writes_the_cache_in_its_own_dtype():
+    """The fused prefill under bf16 autocast leaves bf16 keys and values; the step's fp32 ones are cast on the way
+    in, as the eager step's assignment does (run uncompiled: what the compiler falls back to)."""
+    from src.modules.decode import kv_cache
+    from src.modules.fast_decode import FusedDecodeStep, decode_body
+
+    model = _random_lm("qwen2")
+    step = FusedDecodeStep.build(model)
+    cache = kv_cache(model, 6)
+    ids = torch.randint(1, 50, (2, 3))
+    for layer in cache.layers:  # a 3-column prefill's keys and values, in bf16
+        layer.update(*(torch.randn(2, step.n_kv, 3, step.head_dim, dtype=torch.bfloat16) for _ in range(2)))
+    K = [layer._keys for layer in cache.layers]
+    assert K[0].dtype == torch.bfloat16
+    cos, sin = step.rotary(step.embed, torch.full((2, 1), 3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as a bf16-mixed rollout runs
+        logits = decode_body(ids[:, 0], cos, sin, torch.tensor([3]), step.embed.new_zeros(1, 6), step.layers, K,
+                             [layer._values for layer in cache.layers], step.embed, step.norm, step.head,
+                             (step.n_heads, step.n_kv, step.head_dim), step.eps, step.scale)
+    assert logits.shape == (2, 50) and torch.isfinite(logits).all()
+    assert K[0][:, :, 3].abs().sum() > 0 and not K[0][:, :, 4:].any()  # column 3 written, the later ones zero
+
+
 def test_fused_decode_takes_true_false_or_compiled():
     for value in (True, False, "compiled"):
         HFGenerateRollout(fused_decode=value)

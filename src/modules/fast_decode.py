@@ -33,12 +33,16 @@ the fused prefill (``FusedScorer.prefill``, ``src.modules.fast_score``) that fil
 ``rollout.fused_decode=compiled`` runs the same step through ``torch.compile`` (``decode_body``): shapes fixed
 for a whole rollout (the new column's index a tensor, the attention over every cache column with the later ones
 masked), so one compilation serves every step, and the elementwise work between the matmuls (RMSNorm, RoPE,
-SiLU-gating, the softmax with its mask) becomes a few generated kernels. Its kernels run on one thread
-(``cpp.threads=1``): with two, the eager ops after them (the teacher's scoring, the backward) ran slower on
-the 2-core benchmark machine, which ate the gain (``docs/results/performance.md``). Compilation needs a C++ compiler on the CPU and
-takes about 10 s for the benchmark's student on the first rollout of each shape (the compiler then marks a
-changing batch or length dynamic). The tests compare it with the eager step (logits to 1e-5, the same sampled
-tokens); it is opt-in because every new shape compiles, which the tests and miniatures would pay for.
+SiLU-gating, the softmax with its mask) becomes a few generated kernels. The generated kernels run on one
+thread (``cpp.threads=1``; the matmuls keep torch's threads): with two, the eager ops after them (the teacher's
+scoring, the backward) ran slower on the 2-core benchmark machine, which ate the gain
+(``docs/results/performance.md``). Each step attends over the whole budget (prompt + ``max_new_tokens``
+columns), the eager step over the filled part: cheap at the benchmark's 32-token budget, a growing cost for
+long budgets. Compilation needs a C++ compiler on the CPU (missing, the first rollout fails) and takes about
+10 s for the benchmark's student at its first rollout, and again at the first new batch size or length (then
+compiled for any). Tested on the CPU only. The tests check it against the Hugging Face forward (logits to 1e-5)
+and the eager step (the same sampled tokens); it is opt-in because of the compilations, which the tests and
+miniatures would pay for.
 """
 
 from __future__ import annotations
@@ -176,8 +180,9 @@ def decode_body(tokens_B, cos_B1d, sin_B1d, col_1, bias_BL, layers, keys, values
         x = _rms_norm(h, ln1, eps)
         y = F.linear(x, W, b)
         qk = y[:, :QK].view(B, nq + nk, d) * cos_B1d + y[:, QK : 2 * QK].view(B, nq + nk, d) * sin_B1d
-        K.index_copy_(2, col_1, qk[:, nq:, None])
-        V.index_copy_(2, col_1, y[:, 2 * QK :].view(B, nk, 1, d))
+        # in the cache's dtype, as the eager step's assignment casts (bf16 keys from a prefill under autocast)
+        K.index_copy_(2, col_1, qk[:, nq:, None].to(K.dtype))
+        V.index_copy_(2, col_1, y[:, 2 * QK :].view(B, nk, 1, d).to(V.dtype))
         q = qk[:, :nq].reshape(B, nk, G, d)
         scores = torch.matmul(q, K.transpose(-1, -2)) * scale + bias
         o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), V)
@@ -193,10 +198,11 @@ _COMPILED_BODY = None
 
 def compiled_decode_body():
     """``decode_body`` under ``torch.compile``, built on first use (one per process; the compiler keeps a
-    specialisation per model shape, batch and cache length, and marks a dimension dynamic once it changes)."""
+    specialisation per model shape and dtype, and marks a batch or cache length dynamic once it changes; past
+    its recompile limit, 8, it runs the body uncompiled, slower than the eager step, with a warning)."""
     global _COMPILED_BODY
     if _COMPILED_BODY is None:
-        _COMPILED_BODY = torch.compile(decode_body, options={"cpp.threads": 1})
+        _COMPILED_BODY = torch.compile(decode_body, fullgraph=True, options={"cpp.threads": 1})
     return _COMPILED_BODY
 
 

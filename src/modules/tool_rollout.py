@@ -204,7 +204,7 @@ class ToolRollout:
     def __init__(self, environment, tokenizer=None, max_turns: int = 4, max_new_tokens: int = 256,
                  turn_max_new_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, num_samples: int = 1, val_max_new_tokens: int | None = None,
-                 backend: str = "loop", fused_decode: bool = True):
+                 backend: str = "loop", fused_decode: bool | str = True):
         if max_turns < 1:
             raise ValueError(f"rollout.max_turns must be >= 1, got {max_turns}")
         if turn_max_new_tokens is not None and turn_max_new_tokens < 1:
