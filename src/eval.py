@@ -23,7 +23,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from src.modules.distill import check_strategy  # noqa: E402
+from src.modules.strategies import check_strategy  # noqa: E402
 from src.utils.instantiate import instantiate_loggers  # noqa: E402
 from src.utils.sharding import count_params  # noqa: E402
 

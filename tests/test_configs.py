@@ -8,7 +8,7 @@ import hydra
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from src.modules.distill import check_strategy
+from src.modules.strategies import check_strategy
 from src.modules.models import PretrainedLM, TinyQwen2
 from src.train import train
 

@@ -36,7 +36,7 @@ def _per_rank(denominator: torch.Tensor) -> torch.Tensor:
     that average the gradient of ``sum_r num_r / sum_r den_r``: the aggregate over the union of the ranks'
     batches, as one process would compute it, however the tokens fall between the ranks. Each rank's loss
     value is then its share, and the mean over the ranks is the batch's loss: what ``train/loss`` logs
-    (``src.modules.distill.over_ranks``).
+    (``src.modules.strategies.over_ranks``).
     """
     ranks = data_parallel_ranks()
     if ranks == 1:
