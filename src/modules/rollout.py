@@ -167,8 +167,9 @@ class HFGenerateRollout:
             as images) or ``generate``.
         fused_decode: with ``backend=loop``, decode Qwen2 / Llama models through ``FusedDecodeStep``
             (``src.modules.fast_decode``; the same tokens with fewer ops); False keeps the model's own forward;
-            ``compiled``: the fused step through ``torch.compile`` (a C++ compiler on the CPU; the first rollout of
-            each shape compiles, about 10 s for the benchmark's student; log-probs within float rounding).
+            ``compiled``: the fused step through ``torch.compile`` (a C++ compiler on the CPU; the first rollout
+            compiles, about 10 s for the benchmark's student, and again the first new batch size or length;
+            log-probs within float rounding).
     """
 
     BACKENDS = ("loop", "generate")
