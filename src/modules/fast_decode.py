@@ -40,9 +40,9 @@ scoring, the backward) ran slower on the 2-core benchmark machine, which ate the
 columns), the eager step over the filled part: cheap at the benchmark's 32-token budget, a growing cost for
 long budgets. Compilation needs a C++ compiler on the CPU (missing, the first rollout fails) and takes about
 10 s for the benchmark's student at its first rollout, and again at the first new batch size or length (then
-compiled for any). Tested on the CPU; checked once on an H100 (the same tokens, below). The tests check it against the Hugging Face forward (logits to 1e-5)
-and the eager step (the same sampled tokens); it is opt-in because of the compilations, which the tests and
-miniatures would pay for.
+compiled for any). Tested on the CPU; checked once on an H100 (the same tokens: docs/results/performance.md).
+The tests check it against the Hugging Face forward (logits to 1e-5) and the eager step (the same sampled
+tokens); it is opt-in because of the compilations, which the tests and miniatures would pay for.
 """
 
 from __future__ import annotations
