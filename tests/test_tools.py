@@ -88,7 +88,9 @@ def test_calculator_refuses_huge_results_quickly(expr):
     start = time.perf_counter()
     with pytest.raises(CalculatorError, match="too large|more than 4000 digits"):
         evaluate(expr, max_digits=4000)
-    assert time.perf_counter() - start < 0.1
+    # a bound on "refused before computing", not a timing: 9**9**9 alone would take minutes, so 2 s leaves a
+    # loaded CI machine its pauses
+    assert time.perf_counter() - start < 2.0
 
 
 def test_calculator_digit_limit_is_the_boundary():
