@@ -334,7 +334,8 @@ def report(args, rows: dict, naive_pts: list[dict], sweep: list[dict]) -> tuple[
     summary = {"backbone_peak": base, "project_peak": project["peak"], "overhead": overhead,
                "naive_peak": naive_peak, "naive_overhead": naive_peak - base,
                "naive_extrapolated": "naive" not in rows, "logits_bytes": logits_bytes, "target_met": met,
-               "finite": project["finite"], "per_phase": per_phase, "sweep": {r["chunk_size"]: r["peak"] - base for r in sweep}}
+               "finite": project["finite"], "per_phase": per_phase,
+               "sweep": {r["chunk_size"]: r["peak"] - base for r in sweep}}
     return "\n".join(lines), summary
 
 
