@@ -33,6 +33,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from src.modules.fast_decode import FusedDecodeStep
 from src.modules.fast_score import FusedScorer
 from src.modules.multimodal import is_multimodal
+from src.modules.replay import DecodeRecord
 from src.modules.scoring import BANNED_LOGIT, position_ids_from_mask
 
 
@@ -105,7 +106,7 @@ def warpers(temperature: float, top_k: int, top_p: float) -> list:
 def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos_token_ids, pad_token_id: int,
            max_new_tokens: int, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, banned_ids: torch.Tensor | None = None, sync_every: int = 4, fused: bool | str = True,
-           keep_prompt_graph: bool = False):
+           keep_prompt_graph: bool = False, record_activations: bool = False):
     """Decode up to ``max_new_tokens`` per row. The prefill goes through ``FusedScorer.prefill`` and each later
     token through ``FusedDecodeStep`` where they support the model (``fused=False``: always the model's own
     forward).
@@ -113,7 +114,9 @@ def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos
     Returns ``(sequences [B, P + T], logp_BT, entropy_BT)``; the last two are ``None`` when greedy, and hold
     garbage (not zeros) after each row's EOS: the caller masks them. ``keep_prompt_graph`` runs the fused
     prefill with gradient on and appends its ``PromptState`` (``src.modules.fast_score``; None where the
-    prefill is not the fused one), from which the student's scoring continues.
+    prefill is not the fused one), from which the student's scoring continues. With ``record_activations`` too (fp32 models),
+    the fused step records the response columns' activations in the state's ``replay``
+    (``src.modules.replay``): the student's scoring then takes them instead of running its forward.
     """
     B, P = prompt_ids_BP.shape
     device = prompt_ids_BP.device
@@ -146,14 +149,17 @@ def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos
     unfinished_B = torch.ones(B, dtype=torch.bool, device=device)
     length_B = torch.zeros(B, dtype=torch.long, device=device)  # sampled tokens, EOS included
 
-    ids, pos_BL, state = prompt_ids_BP, pos_BP, None
+    ids, pos_BL, state, rec, steps = prompt_ids_BP, pos_BP, None, None, 0
     for t in range(max_new_tokens):
         if t and step is not None:
-            z_BV = step(ids[:, 0], pos_BL[:, 0], cache, P + t, bias_BL).float()
+            z_BV = step(ids[:, 0], pos_BL[:, 0], cache, P + t, bias_BL, rec, t - 1).float()
+            steps = t
         elif scorer is not None:
             if keep_prompt_graph:
                 state = scorer.prefill_state(ids, prompt_mask_BP, cache)
                 h_BH = state.h_last.detach()
+                if record_activations and model.dtype == torch.float32 and max_new_tokens > 1:
+                    rec = state.replay = DecodeRecord.allocate(step, B, max_new_tokens - 1)
             else:
                 h_BH = scorer.prefill(ids, prompt_mask_BP, cache)
             z_BV = F.linear(h_BH, step.head).float()
@@ -183,6 +189,9 @@ def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos
         if (t + 1) % sync_every == 0 and not bool(unfinished_B.any()):
             break
         ids, pos_BL = next_B[:, None], pos_BL[:, -1:] + 1
+    if rec is not None:
+        rec.filled = steps
+        rec.keys, rec.values = [layer._keys for layer in cache.layers], [layer._values for layer in cache.layers]
     # columns decoded after every row had finished (between two syncs) hold padding only: cut them
     T = int(length_B.max())
     seq = torch.cat([prompt_ids_BP, tokens_BT[:, :T]], dim=1)

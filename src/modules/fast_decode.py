@@ -43,6 +43,10 @@ long budgets. Compilation needs a C++ compiler on the CPU (missing, the first ro
 compiled for any). Tested on the CPU; checked once on an H100 (the same tokens: docs/results/performance.md).
 The tests check it against the Hugging Face forward (logits to 1e-5) and the eager step (the same sampled
 tokens); it is opt-in because of the compilations, which the tests and miniatures would pay for.
+
+Given a ``replay.DecodeRecord`` (``rollout.reuse_activations``), either step also writes what a layer's backward
+needs into the record's column (the eager step as its ops' outputs, the compiled one by ``index_copy_``), for
+the student's scoring to reuse (``src.modules.replay``).
 """
 
 from __future__ import annotations
@@ -110,26 +114,32 @@ class FusedDecodeStep:
 
     @torch.no_grad()
     def __call__(self, tokens_B: torch.Tensor, positions_B: torch.Tensor, cache, n: int,
-                 bias_BL: torch.Tensor | None = None) -> torch.Tensor:
+                 bias_BL: torch.Tensor | None = None, record=None, column: int = 0) -> torch.Tensor:
         """Logits ``[B, V]`` after the tokens ``tokens_B`` at ``positions_B``, the ``n``-th cache column.
 
         ``cache`` is the loop's ``DynamicCache`` of ``_InPlaceLayer``s filled up to column ``n - 1``;
         ``bias_BL`` is the additive attention bias over the cache's columns (0 or a large negative value
-        for left padding), or None without padding.
+        for left padding), or None without padding. ``record``: a ``replay.DecodeRecord`` that gets this
+        step's activations at its column ``column``.
         """
         if self.compiled:
-            return self._compiled_call(tokens_B, positions_B, cache, n, bias_BL)
+            return self._compiled_call(tokens_B, positions_B, cache, n, bias_BL, record, column)
         B = tokens_B.shape[0]
         nq, nk, d, G = self.n_heads, self.n_kv, self.head_dim, self.groups
         QK = (nq + nk) * d
-        h = F.embedding(tokens_B, self.embed)
+        # recording, the ops write the activations straight into the record's column (out=None: a new tensor)
+        rec = record.column(column) if record is not None else None
+        out = (lambda name, i=None: None) if rec is None else (lambda name, i=None: rec[name] if i is None
+                                                                   else rec[name][i])
+        h = torch.index_select(self.embed, 0, tokens_B, out=out("hs", 0))  # = F.embedding
         cos, sin = self.rotary(h[:, None], positions_B[:, None])  # [B, 1, d], attention scaling included
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         bias = None if bias_BL is None else bias_BL[:, None, None, :n]
-        for (ln1, W, b, Wo, bo, ln2, Wgu, Wd), layer in zip(self.layers, cache.layers):
+        for i, ((ln1, W, b, Wo, bo, ln2, Wgu, Wd), layer) in enumerate(zip(self.layers, cache.layers)):
             x = _rms_norm(h, ln1, self.eps)
             y = F.linear(x, W, b)
-            qk = y[:, :QK].view(B, nq + nk, d) * cos + y[:, QK : 2 * QK].view(B, nq + nk, d) * sin
+            qk = torch.add(y[:, :QK].view(B, nq + nk, d) * cos, y[:, QK : 2 * QK].view(B, nq + nk, d) * sin,
+                           out=out("qk", i))
             layer._keys[:, :, n - 1] = qk[:, nq:]
             layer._values[:, :, n - 1] = y[:, 2 * QK :].view(B, nk, d)
             layer.length, layer.keys, layer.values = n, layer._keys[:, :, :n], layer._values[:, :, :n]
@@ -137,14 +147,21 @@ class FusedDecodeStep:
             scores = torch.matmul(q, layer.keys.transpose(-1, -2)).mul_(self.scale)
             if bias is not None:
                 scores += bias
-            o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), layer.values)
-            h = h + F.linear(o.reshape(B, nq * d), Wo, bo)
+            o_dest = None if rec is None else rec["o"][i].view(B, nk, G, d)
+            o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), layer.values,
+                             out=o_dest).view(B, nq * d)
+            h = torch.add(h, F.linear(o, Wo, bo), out=out("h_mid", i))
             x = _rms_norm(h, ln2, self.eps)
-            gate, up = F.linear(x, Wgu).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, Wd)
+            gu = torch.mm(x, Wgu.t(), out=out("gu", i))  # = F.linear(x, Wgu)
+            gate, up = gu.chunk(2, dim=-1)
+            h = torch.add(h, F.linear(F.silu(gate) * up, Wd), out=out("hs", i + 1))
+        if rec is not None:
+            rec["cos"].copy_(cos[:, 0])
+            rec["sin"].copy_(sin[:, 0])
+            rec["tokens"].copy_(tokens_B)
         return F.linear(_rms_norm(h, self.norm, self.eps), self.head)
 
-    def _compiled_call(self, tokens_B, positions_B, cache, n: int, bias_BL):
+    def _compiled_call(self, tokens_B, positions_B, cache, n: int, bias_BL, record=None, column: int = 0):
         """``__call__`` through the compiled ``decode_body``: the whole cache buffers, the column as a tensor."""
         K = [layer._keys for layer in cache.layers]
         V = [layer._values for layer in cache.layers]
@@ -155,16 +172,19 @@ class FusedDecodeStep:
             bias_BL = self._zero_bias
         cos, sin = self.rotary(self.embed, positions_B[:, None])  # the first argument gives dtype and device
         col = torch.full((1,), n - 1, dtype=torch.long, device=tokens_B.device)
+        rec = None
+        if record is not None:
+            rec = (record.buffers(), torch.full((1,), column, dtype=torch.long, device=tokens_B.device))
         logits = compiled_decode_body()(tokens_B, cos.to(self.embed.dtype), sin.to(self.embed.dtype), col,
                                         bias_BL, self.layers, K, V, self.embed, self.norm, self.head,
-                                        (self.n_heads, self.n_kv, self.head_dim), self.eps, self.scale)
+                                        (self.n_heads, self.n_kv, self.head_dim), self.eps, self.scale, rec)
         for layer in cache.layers:
             layer.length, layer.keys, layer.values = n, layer._keys[:, :, :n], layer._values[:, :, :n]
         return logits
 
 
 def decode_body(tokens_B, cos_B1d, sin_B1d, col_1, bias_BL, layers, keys, values, embed, norm, head, dims: tuple,
-                eps: float, scale: float) -> torch.Tensor:
+                eps: float, scale: float, record=None) -> torch.Tensor:
     """``FusedDecodeStep.__call__``'s mathematics with shapes that stay fixed through a rollout, so that one
     ``torch.compile`` serves every step: the new keys and values go to column ``col_1`` (a tensor, not an int the
     compiler would specialise on) of the whole preallocated buffers, and the attention reads every column, the
@@ -176,7 +196,14 @@ def decode_body(tokens_B, cos_B1d, sin_B1d, col_1, bias_BL, layers, keys, values
     L = keys[0].shape[2]
     later = torch.arange(L, device=h.device) > col_1  # [L]
     bias = bias_BL.masked_fill(later, torch.finfo(h.dtype).min)[:, None, None, :]  # [B or 1, 1, 1, L]
-    for (ln1, W, b, Wo, bo, ln2, Wgu, Wd), K, V in zip(layers, keys, values):
+    if record is not None:  # (replay.DecodeRecord.buffers(), its column as a tensor)
+        (r_hs, r_qk, r_o, r_mid, r_gu, r_cos, r_sin, r_tok), j_1 = record
+
+        def put(buf, x):
+            buf.index_copy_(0, j_1, x[None])
+    for i, ((ln1, W, b, Wo, bo, ln2, Wgu, Wd), K, V) in enumerate(zip(layers, keys, values)):
+        if record is not None:
+            put(r_hs[i], h)
         x = _rms_norm(h, ln1, eps)
         y = F.linear(x, W, b)
         qk = y[:, :QK].view(B, nq + nk, d) * cos_B1d + y[:, QK : 2 * QK].view(B, nq + nk, d) * sin_B1d
@@ -185,11 +212,22 @@ def decode_body(tokens_B, cos_B1d, sin_B1d, col_1, bias_BL, layers, keys, values
         V.index_copy_(2, col_1, y[:, 2 * QK :].view(B, nk, 1, d).to(V.dtype))
         q = qk[:, :nq].reshape(B, nk, G, d)
         scores = torch.matmul(q, K.transpose(-1, -2)) * scale + bias
-        o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), V)
-        h = h + F.linear(o.reshape(B, nq * d), Wo, bo)
+        o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), V).reshape(B, nq * d)
+        h = h + F.linear(o, Wo, bo)
         x = _rms_norm(h, ln2, eps)
-        gate, up = F.linear(x, Wgu).chunk(2, dim=-1)
+        gu = F.linear(x, Wgu)
+        if record is not None:
+            put(r_qk[i], qk)
+            put(r_o[i], o)
+            put(r_mid[i], h)
+            put(r_gu[i], gu)
+        gate, up = gu.chunk(2, dim=-1)
         h = h + F.linear(F.silu(gate) * up, Wd)
+    if record is not None:
+        put(r_hs[len(layers)], h)
+        put(r_cos, cos_B1d.view(B, -1))
+        put(r_sin, sin_B1d.view(B, -1))
+        put(r_tok, tokens_B)
     return F.linear(_rms_norm(h, norm, eps), head)
 
 

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from src.modules.fast_decode import fusable
 from src.modules.fused_ops import rms_norm, rope_heads, swiglu
+from src.modules.replay import replay_hidden
 from src.modules.weights_version import weights_key
 
 # B * heads * T * T score elements up to which attention is eager: 64 MiB of fp32 probabilities per layer,
@@ -86,6 +87,7 @@ class PromptState:
     attention_mask: torch.Tensor  # [B, P]
     weights: tuple  # the model's weights (storage, version) when computed
     packed: list  # the packed weights it ran with (in its graph): the continuation reuses them
+    replay: object = None  # the decode's activations of the response columns (src.modules.replay.DecodeRecord)
 
     @property
     def width(self) -> int:
@@ -210,6 +212,11 @@ class FusedScorer:
         if not self.static_rope():  # the whole sequence, which sets the rotary frequencies as the model's forward
             return self._forward(input_ids_BT, attention_mask_BT, response_start - 1, T - 1)
         past = prompt_state if self._continues(prompt_state, input_ids_BT, attention_mask_BT, response_start) else None
+        if past is not None and past.replay is not None:
+            h = replay_hidden(self, past, input_ids_BT)
+            if h is not None:
+                h = rms_norm(h, self.model.model.norm.weight, self.eps)
+                return torch.cat([past.h_last[:, None], h], dim=1)
         return self._forward(input_ids_BT[:, :-1], attention_mask_BT[:, :-1], response_start - 1, T - 1, past=past)
 
     def _continues(self, state: PromptState | None, input_ids_BT, attention_mask_BT, response_start: int) -> bool:

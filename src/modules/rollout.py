@@ -170,13 +170,17 @@ class HFGenerateRollout:
             ``compiled``: the fused step through ``torch.compile`` (a C++ compiler on the CPU; the first rollout
             compiles, about 10 s for the benchmark's student, and again the first new batch size or length;
             log-probs within float rounding).
+        reuse_activations: where a training rollout keeps its prefill's graph (the fused CPU path, one update per
+            rollout, fp32), the fused step also records the response's activations, and the student's scoring
+            takes them instead of running its forward again (``src.modules.replay``; the gradient at the decode's
+            activations: equal to the scorer's to float rounding, not bit for bit).
     """
 
     BACKENDS = ("loop", "generate")
 
     def __init__(self, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  num_samples: int = 1, val_max_new_tokens: int | None = None, backend: str = "loop",
-                 fused_decode: bool | str = True):
+                 fused_decode: bool | str = True, reuse_activations: bool = False):
         check_sampling(temperature, top_p, top_k, num_samples)
         if backend not in self.BACKENDS:
             raise ValueError(f"rollout.backend must be one of {self.BACKENDS}, got {backend!r}")
@@ -186,7 +190,9 @@ class HFGenerateRollout:
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.num_samples = num_samples
         self.val_max_new_tokens = val_max_new_tokens or max_new_tokens
-        self.backend, self.fused_decode = backend, fused_decode
+        if not isinstance(reuse_activations, bool):
+            raise ValueError(f"rollout.reuse_activations must be true or false, got {reuse_activations!r}")
+        self.backend, self.fused_decode, self.reuse_activations = backend, fused_decode, reuse_activations
 
     @torch.no_grad()
     def __call__(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
@@ -212,7 +218,8 @@ class HFGenerateRollout:
             seq, old_logp_BT, entropy_BT, *kept = decode.sample(
                 model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id, budget, greedy=greedy,
                 temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, banned_ids=banned_ids,
-                fused=self.fused_decode, keep_prompt_graph=keep_prompt_graph)
+                fused=self.fused_decode, keep_prompt_graph=keep_prompt_graph,
+                record_activations=keep_prompt_graph and self.reuse_activations)
             prompt_state = kept[0] if kept else None
         else:
             seq, old_logp_BT, entropy_BT = self._generate(model, prompt_ids_BP, prompt_mask_BP, eos_token_ids,

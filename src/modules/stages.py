@@ -35,7 +35,7 @@ EVAL_ONLY = ("eval_samples", "record_samples")
 SAME_COMPUTATION = ("fused_scoring",)
 # Keys added after stages were cached, hashed only when set away from their default (so the default leaves
 # existing digests unchanged): (config section, key) -> default.
-ADDED_DEFAULTS = {("rollout", "fused_decode"): True}
+ADDED_DEFAULTS = {("rollout", "fused_decode"): True, ("rollout", "reuse_activations"): False}
 STAGE_TARGET = "src.modules.stages.StageModel"
 STAGE_VERSION = 2  # bump when stage outputs change in ways the config does not show
 
