@@ -453,3 +453,36 @@ def test_a_training_rollout_keeps_its_prefill_for_the_first_update_only(make_cfg
     module.fused_scoring = True
     module.objective.minibatches = 2
     assert module.objective.make_rollout(module, batch).prompt_state is None
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama_bias_yarn"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_onednn_scoring_of_a_frozen_model_matches_the_fused_scorer(kind, layout, single_thread):
+    """``fused="onednn"``: a frozen model's matmuls through ``FrozenLinear`` (its packing holds them, kept until a
+    weight changes) give the fused scorer's log-probs and entropies to float rounding; a trainable model keeps
+    its tensors (and its gradients)."""
+    model = _random_lm(kind).requires_grad_(False)
+    ids, mask, P = _batch(layout=layout)
+    ref = _scores(model, ids, mask, P, fused=True)
+    got = _scores(model, ids, mask, P, fused="onednn")
+    packed = FusedScorer.for_model(model)._packed
+    assert all(isinstance(layer[i], fast_score.FrozenLinear) for layer in packed for i in (1, 3, 6, 7))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.5)  # a changed weight: packed again
+    torch.testing.assert_close(_scores(model, ids, mask, P, fused="onednn")[0], _scores(model, ids, mask, P, True)[0],
+                               atol=1e-5, rtol=1e-5)
+    trainable = _random_lm(kind)
+    logp, _ = _scores(trainable, ids, mask, P, fused="onednn")
+    logp.sum().backward()
+    assert trainable.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+def test_fused_scoring_must_be_true_false_or_onednn(make_cfg):
+    import hydra
+
+    cfg = make_cfg("module.fused_scoring=fast")
+    with pytest.raises(Exception, match="module.fused_scoring must be true, false or onednn") as err:
+        hydra.utils.instantiate(cfg.module)
+    assert isinstance(err.value.__cause__ or err.value, ValueError)

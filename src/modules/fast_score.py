@@ -94,6 +94,39 @@ class PromptState:
         return self.input_ids.shape[1]
 
 
+class FrozenLinear:
+    """A frozen weight ``[N, K]`` reordered once into oneDNN's blocked layout, applied by its matmul
+    (``torch.ops.mkldnn._linear_pointwise``, the kernel ``torch.compile``'s CPU freezing uses) rather than the
+    MKL ``sgemm`` behind ``F.linear``: on the 2-core benchmark machine about 15% faster at a teacher's shapes
+    (thousands of rows; ``docs/results/performance.md``). ``W[a:b]`` gives the row blocks named at construction,
+    each reordered on its own. The same products up to float rounding."""
+
+    def __init__(self, W: torch.Tensor, rows_hint: int, blocks=()):
+        self.shape = W.shape
+        self.w = torch.ops.mkldnn._reorder_linear_weight(W.detach(), rows_hint)
+        self.blocks = {blk: FrozenLinear(W[blk[0] : blk[1]], rows_hint) for blk in blocks}
+
+    def __getitem__(self, rows: slice) -> "FrozenLinear":
+        start, stop, _ = rows.indices(self.shape[0])
+        return self if (start, stop) == (0, self.shape[0]) else self.blocks[(start, stop)]
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None, add: torch.Tensor | None = None):
+        """``x @ W^T + bias``, plus ``add`` (the residual stream) where given."""
+        if add is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, add, self.w, bias, "add")
+        return torch.ops.mkldnn._linear_pointwise(x, self.w, bias, "none", [], "")
+
+    @staticmethod
+    def available(model) -> bool:
+        """fp32 weights on the CPU and a PyTorch built with oneDNN."""
+        return torch.backends.mkldnn.is_available() and all(
+            p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+
+
+def _linear(x: torch.Tensor, W, b: torch.Tensor | None = None) -> torch.Tensor:
+    return W(x, b) if isinstance(W, FrozenLinear) else F.linear(x, W, b)
+
+
 class FusedScorer:
     """``FusedScorer.for_model(model)`` or None; ``scorer(input_ids, attention_mask, response_start)`` gives the
     final (normed) hidden states that predict ``input_ids[:, response_start:]``, like ``response_hidden``."""
@@ -144,15 +177,18 @@ class FusedScorer:
         nor by a fused optimiser step: ``weights_version.weights_key`` counts those). Keys the frozen packing."""
         return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
 
-    def _pack(self, keep: bool = True):
+    def _pack(self, keep: bool = True, onednn: bool = False, rows_hint: int = 4096):
         """Per layer: (ln1, Wqkv, bqkv, Wo, bo, ln2, Wgu, Wd). Packed again on every call of a trainable model
         (in the graph when gradient is on); cached for a frozen one (no parameter requires grad) until a weight
         is replaced or changed in place (not through ``p.data``), unless not ``keep``: a prefill reuses a cached
-        packing but does not leave one behind (a frozen model that only generates would hold it for good)."""
+        packing but does not leave one behind (a frozen model that only generates would hold it for good).
+        ``onednn``: a frozen model's kept packing holds ``FrozenLinear``s (reordered for ``rows_hint`` rows)
+        where oneDNN is available."""
         layers = self.model.model.layers
         frozen = not any(p.requires_grad for p in self.model.parameters())
+        onednn = onednn and frozen and keep and FrozenLinear.available(self.model)
         if frozen:
-            key = self._weights_key()
+            key = (self._weights_key(), onednn)
             if key == self._packed_key:
                 return self._packed
         packed = []
@@ -161,8 +197,13 @@ class FusedScorer:
             W = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
             b = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
             Wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight])
-            packed.append((layer.input_layernorm.weight, W, b, a.o_proj.weight, a.o_proj.bias,
-                           layer.post_attention_layernorm.weight, Wgu, m.down_proj.weight))
+            Wo, Wd = a.o_proj.weight, m.down_proj.weight
+            if onednn:
+                Q = a.q_proj.weight.shape[0]
+                W = FrozenLinear(W, rows_hint, blocks=[(0, Q), (Q, W.shape[0])])
+                Wo, Wgu, Wd = (FrozenLinear(x, rows_hint) for x in (Wo, Wgu, Wd))
+            packed.append((layer.input_layernorm.weight, W, b, Wo, a.o_proj.bias,
+                           layer.post_attention_layernorm.weight, Wgu, Wd))
         if frozen and keep:
             self._packed, self._packed_key = packed, key
         return packed
@@ -201,23 +242,25 @@ class FusedScorer:
         return torch.bmm(p, v.view(b * nk, Tk, d)).view(b, nq, Tq, d)
 
     def __call__(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
-                 response_start: int, prompt_state: PromptState | None = None) -> torch.Tensor:
+                 response_start: int, prompt_state: PromptState | None = None, onednn: bool = False) -> torch.Tensor:
         """Final hidden states [B, T - response_start, H] that predict ``input_ids_BT[:, response_start:]``. The
         last column predicts nothing read here and no column before it attends to it: it is left out.
 
         With a ``prompt_state`` of these prompts, computed with the current weights (and with gradient where
         gradient is on), only the response columns are run, attending to its keys and values; any other
-        state is ignored. A state's graph serves one backward: the caller passes it once."""
+        state is ignored. A state's graph serves one backward: the caller passes it once. ``onednn``: a frozen
+        model's matmuls through ``FrozenLinear`` (``module.fused_scoring=onednn``)."""
         T = input_ids_BT.shape[1]
         if not self.static_rope():  # the whole sequence, which sets the rotary frequencies as the model's forward
-            return self._forward(input_ids_BT, attention_mask_BT, response_start - 1, T - 1)
+            return self._forward(input_ids_BT, attention_mask_BT, response_start - 1, T - 1, onednn=onednn)
         past = prompt_state if self._continues(prompt_state, input_ids_BT, attention_mask_BT, response_start) else None
         if past is not None and past.replay is not None:
             h = replay_hidden(self, past, input_ids_BT)
             if h is not None:
                 h = rms_norm(h, self.model.model.norm.weight, self.eps)
                 return torch.cat([past.h_last[:, None], h], dim=1)
-        return self._forward(input_ids_BT[:, :-1], attention_mask_BT[:, :-1], response_start - 1, T - 1, past=past)
+        return self._forward(input_ids_BT[:, :-1], attention_mask_BT[:, :-1], response_start - 1, T - 1, past=past,
+                             onednn=onednn)
 
     def _continues(self, state: PromptState | None, input_ids_BT, attention_mask_BT, response_start: int) -> bool:
         if state is None or state.width != response_start or state.input_ids.shape[0] != input_ids_BT.shape[0]:
@@ -248,7 +291,7 @@ class FusedScorer:
 
     def _forward(self, input_ids_BT, attention_mask_BT, first: int, stop: int, cache=None,
                  keep_packing: bool = True, past: PromptState | None = None, kv_out: list | None = None,
-                 packed_out: list | None = None) -> torch.Tensor:
+                 packed_out: list | None = None, onednn: bool = False) -> torch.Tensor:
         """Final hidden states of columns ``first:stop``. Two streams through the layers: the ``c`` shared
         leading columns as one row, and the rest of every row, whose attention reads the shared row's keys and
         values expanded over the batch (their gradient is the sum over the rows, as if each row had computed
@@ -277,7 +320,7 @@ class FusedScorer:
         if eager:  # additive, as the eager attention adds it to the scores
             allowed = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(
                 ~allowed, torch.finfo(h.dtype).min)
-        packed = past.packed if past is not None else self._pack(keep_packing)
+        packed = past.packed if past is not None else self._pack(keep_packing, onednn, B * T)
         if packed_out is not None:
             packed_out.extend(packed)
         G = nq // nk
@@ -291,13 +334,15 @@ class FusedScorer:
         autocast = torch.is_autocast_enabled(h.device.type)
 
         def residual(h, x, W, bias=None):  # h + x @ W^T (+ bias), the sum inside the matmul
+            if isinstance(W, FrozenLinear):
+                return W(x, bias, add=h)
             if autocast:  # addmm would cast the residual stream itself to the autocast dtype
                 return h + F.linear(x, W, bias)
             out = torch.addmm(h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1]), W.t()).view(h.shape)
             return out if bias is None else out + bias
 
         def mlp(h, ln2, Wgu, Wd):
-            return residual(h, swiglu(F.linear(rms_norm(h, ln2, self.eps), Wgu)), Wd)
+            return residual(h, swiglu(_linear(rms_norm(h, ln2, self.eps), Wgu)), Wd)
 
         qkv, kv_only = ((nq, True), (nk, True), (nk, False)), ((nk, True), (nk, False))
         for i, (ln1, W, b, Wo, bo, ln2, Wgu, Wd) in enumerate(packed):
@@ -307,9 +352,9 @@ class FusedScorer:
                 xp = rms_norm(hp, ln1, self.eps)
                 cp, sp = cos[:1, :c], sin[:1, :c]
                 if last:
-                    kp, vp = rope_heads(F.linear(xp, W[Q:], bkv), cp, sp, kv_only, d)
+                    kp, vp = rope_heads(_linear(xp, W[Q:], bkv), cp, sp, kv_only, d)
                 else:
-                    qp, kp, vp = rope_heads(F.linear(xp, W, b), cp, sp, qkv, d)
+                    qp, kp, vp = rope_heads(_linear(xp, W, b), cp, sp, qkv, d)
                     op = attend(qp, kp, vp, "prefix", allowed[:1, :, :c, :c])
                     hp = mlp(residual(hp, op.transpose(1, 2).reshape(1, c, Q), Wo, bo), ln2, Wgu, Wd)
             # every row's own columns s..T-1; in the last layer queries only where the heads read
@@ -318,10 +363,10 @@ class FusedScorer:
             cc, sc = cos[:, s:], sin[:, s:]
             if last:
                 h = h[:, rows]
-                q, = rope_heads(F.linear(x[:, rows], W[:Q], bq), cc[:, rows], sc[:, rows], qkv[:1], d)
-                k, v = rope_heads(F.linear(x, W[Q:], bkv), cc, sc, kv_only, d)  # [B, nk, Tk, d]
+                q, = rope_heads(_linear(x[:, rows], W[:Q], bq), cc[:, rows], sc[:, rows], qkv[:1], d)
+                k, v = rope_heads(_linear(x, W[Q:], bkv), cc, sc, kv_only, d)  # [B, nk, Tk, d]
             else:
-                q, k, v = rope_heads(F.linear(x, W, b), cc, sc, qkv, d)
+                q, k, v = rope_heads(_linear(x, W, b), cc, sc, qkv, d)
             Tq = q.shape[2]
             if c:
                 k = torch.cat([kp.expand(B, -1, -1, -1), k], dim=2)

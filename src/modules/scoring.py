@@ -143,7 +143,7 @@ def response_hidden(model, input_ids_BT, attention_mask_BT, response_start: int,
     else:
         scorer = FusedScorer.for_model(model) if fused and not model_kwargs else None
         if scorer is not None:
-            return scorer(input_ids_BT, attention_mask_BT, response_start, prompt_state)
+            return scorer(input_ids_BT, attention_mask_BT, response_start, prompt_state, onednn=fused == "onednn")
         # the whole sequence, its last column included (which the fused scorer leaves out): the stages' SFT runs
         # on this path, and their documented results depend on its exact rounding
         backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
