@@ -190,3 +190,26 @@ def test_a_refused_strategy_stops_train_before_the_module_is_built(make_cfg, mon
     with pytest.raises(ValueError, match="trainer.strategy: ModelParallelStrategy"):
         src.train.train(cfg)
     assert not any("DataModule" in str(t) or "Distillation" in str(t) for t in built), built
+
+
+def test_the_cpu_fast_preset_sets_its_three_switches(make_cfg):
+    """``speed=cpu_fast`` composes over any experiment and turns on the compiled decode, the replayed scoring and
+    the oneDNN teacher; without it the three stay at their defaults."""
+    cfg = make_cfg("speed=cpu_fast")
+    assert cfg.rollout.fused_decode == "compiled" and cfg.rollout.reuse_activations is True
+    assert cfg.module.fused_scoring == "onednn"
+    module = hydra.utils.instantiate(cfg.module)
+    assert module.rollout.reuse_activations and module.fused_scoring == "onednn"
+    plain = make_cfg()
+    assert (plain.rollout.fused_decode, plain.rollout.reuse_activations, plain.module.fused_scoring) == (
+        True, False, True)
+
+
+def test_the_cpu_fast_preset_trains(make_cfg):
+    """Two training steps through ``src/train.py``'s path with ``speed=cpu_fast`` (compiles the decode step once)."""
+    from src.modules.fast_score import FrozenLinear, FusedScorer
+
+    metrics, obj = train(make_cfg("speed=cpu_fast", "trainer.max_steps=2", "test=false"))
+    assert obj["trainer"].global_step == 2 and metrics["train/loss"] == metrics["train/loss"]
+    packed = FusedScorer.for_model(obj["module"].teacher)._packed
+    assert isinstance(packed[0][1], FrozenLinear)
