@@ -6,9 +6,10 @@ Each round runs ``trl`` (``../shared/peers/trl_opd_bench.py`` in the TRL venv), 
 (``plain_opd_bench.py``) and ``reopold`` (``benchmarks/throughput.py``) once, in that order, on the same
 fixtures (built with ``tiny_setup.py`` when missing) and settings, and prints each run's samples/s, the
 CPU time other processes took meanwhile (a run above ``--max-others`` % of a core is redone, as the peers'
-``run_bench.sh`` does), and per round the ratio reopold / trl. Ratios drift far less than raw rates on
-these machines, so the summary is the median per-round ratio. ``--out`` appends the figures to a Markdown
-file (``docs/results/performance.md``).
+``run_bench.sh`` does), and per round the ratio of each of this framework's forms to trl (``--variant
+fast=speed=cpu_fast`` adds the CPU fast path). Ratios drift far less than raw rates on these machines, so the
+summary is the median per-round ratio. ``--out`` appends the figures to a Markdown file
+(``docs/results/performance.md``).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def main(argv=None) -> dict:
             ap.error(f"--variant wants a new NAME=OVERRIDE[,OVERRIDE...], got {spec!r}")
         variants[name] = [*variants["reopold"], *overrides.split(",")]
     results = {v: [] for v in variants}
+    ours = [v for v in variants if v not in ("trl", "plain")]
     for r in range(1, args.rounds + 1):
         for name, cmd in variants.items():
             for attempt in range(5):
@@ -91,11 +93,12 @@ def main(argv=None) -> dict:
             results[name].append(sps)
             print(f"round {r} {name:8s} samples_per_s={sps:7.2f} gen_tokens_per_s={tps:8.1f} others_cpu_pct={others:.0f}",
                   flush=True)
+        others = "".join(f" {v}/trl={results[v][-1] / results['trl'][-1]:.2f}" for v in ours[1:])
         print(f"round {r} ratio reopold/trl={results['reopold'][-1] / results['trl'][-1]:.2f} "
-              f"reopold/plain={results['reopold'][-1] / results['plain'][-1]:.2f}", flush=True)
-    ratios = [a / b for a, b in zip(results["reopold"], results["trl"])]
+              f"reopold/plain={results['reopold'][-1] / results['plain'][-1]:.2f}{others}", flush=True)
     summary = {f"{v}_samples_per_s": statistics.median(x) for v, x in results.items()}
-    summary["ratio_reopold_trl"] = statistics.median(ratios)
+    for v in ours:  # the median per-round ratio of each of this framework's forms to TRL
+        summary[f"ratio_{v}_trl"] = statistics.median(a / b for a, b in zip(results[v], results["trl"]))
     summary["ratio_reopold_plain"] = statistics.median(a / b for a, b in zip(results["reopold"], results["plain"]))
     print(" ".join(f"{k}={v:.2f}" for k, v in summary.items()), flush=True)
     if args.out:
@@ -103,10 +106,12 @@ def main(argv=None) -> dict:
             names = list(results)
             rates = " | ".join(f"{summary[f'{n}_samples_per_s']:.1f}" for n in names)
             flag = (" --also-unfused" if args.also_unfused else "") + "".join(f" --variant {v}" for v in args.variant)
+            heads = " | ".join(f"{v} / trl" for v in ours)
+            ratios = " | ".join(f"{summary[f'ratio_{v}_trl']:.2f}x" for v in ours)
             f.write(f"\n`python benchmarks/vs_trl.py FIXTURES --trl-python VENV/bin/python --rounds {args.rounds}{flag}` "
                     f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores), median of {args.rounds} interleaved "
-                    f"rounds, samples/s:\n\n| {' | '.join(names)} | reopold / trl (median per round) |\n"
-                    f"|{'---|' * (len(names) + 1)}\n| {rates} | {summary['ratio_reopold_trl']:.2f}x |\n")
+                    f"rounds, samples/s, and the median per-round ratios:\n\n| {' | '.join(names)} | {heads} |\n"
+                    f"|{'---|' * (len(names) + len(ours))}\n| {rates} | {ratios} |\n")
     return summary
 
 

@@ -64,8 +64,11 @@ def test_vs_trl_interleaves_the_variants_and_writes_each(tmp_path, monkeypatch):
     assert len(calls) == 10 and calls[0][0] == "trl-python"
     assert calls[4][-2:] == ["module.fused_scoring=false", "seed=3"] and summary["hf_samples_per_s"] == 100.0
     assert summary["ratio_reopold_trl"] == pytest.approx(1.25) and summary["reopold_unfused_samples_per_s"] == 90.0
+    assert summary["ratio_reopold_unfused_trl"] == pytest.approx(1.125)
+    assert summary["ratio_hf_trl"] == pytest.approx(1.25)
     text = out.read_text()
-    assert "--also-unfused --variant hf=" in text and "| 80.0 | 85.0 | 100.0 | 90.0 | 100.0 | 1.25x |" in text
+    assert "--also-unfused --variant hf=" in text
+    assert "| 80.0 | 85.0 | 100.0 | 90.0 | 100.0 | 1.25x | 1.12x | 1.25x |" in text
 
 
 @pytest.mark.skipif(not SETUP.exists(), reason="../shared/peers/tiny_setup.py not present")

@@ -114,8 +114,8 @@ def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos
     Returns ``(sequences [B, P + T], logp_BT, entropy_BT)``; the last two are ``None`` when greedy, and hold
     garbage (not zeros) after each row's EOS: the caller masks them. ``keep_prompt_graph`` runs the fused
     prefill with gradient on and appends its ``PromptState`` (``src.modules.fast_score``; None where the
-    prefill is not the fused one), from which the student's scoring continues. With ``record_activations`` too (fp32 models),
-    the fused step records the response columns' activations in the state's ``replay``
+    prefill is not the fused one), from which the student's scoring continues. With ``record_activations`` too
+    (fp32 models), the fused step records the response columns' activations in the state's ``replay``
     (``src.modules.replay``): the student's scoring then takes them instead of running its forward.
     """
     B, P = prompt_ids_BP.shape
