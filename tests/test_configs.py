@@ -192,9 +192,16 @@ def test_a_refused_strategy_stops_train_before_the_module_is_built(make_cfg, mon
     assert not any("DataModule" in str(t) or "Distillation" in str(t) for t in built), built
 
 
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_the_cpu_fast_preset_builds_every_experiments_rollout(make_cfg, name):
+    cfg = make_cfg(f"experiment={name}", "speed=cpu_fast", fast=False)
+    rollout = hydra.utils.instantiate(cfg.rollout)
+    assert getattr(rollout, "turn", rollout).reuse_activations is True
+
+
 def test_the_cpu_fast_preset_sets_its_three_switches(make_cfg):
-    """``speed=cpu_fast`` composes over any experiment and turns on the compiled decode, the replayed scoring and
-    the oneDNN teacher; without it the three stay at their defaults."""
+    """``speed=cpu_fast`` turns on the compiled decode, the replayed scoring and the oneDNN teacher; without it
+    the three stay at their defaults."""
     cfg = make_cfg("speed=cpu_fast")
     assert cfg.rollout.fused_decode == "compiled" and cfg.rollout.reuse_activations is True
     assert cfg.module.fused_scoring == "onednn"
@@ -205,11 +212,16 @@ def test_the_cpu_fast_preset_sets_its_three_switches(make_cfg):
         True, False, True)
 
 
-def test_the_cpu_fast_preset_trains(make_cfg):
-    """Two training steps through ``src/train.py``'s path with ``speed=cpu_fast`` (compiles the decode step once)."""
+def test_the_cpu_fast_preset_trains(make_cfg, monkeypatch):
+    """Two training steps through ``src/train.py``'s path with ``speed=cpu_fast`` (compiles the decode step once),
+    each scoring the student from the rollout's records."""
+    from src.modules import fast_score
     from src.modules.fast_score import FrozenLinear, FusedScorer
 
+    served, real = [], fast_score.replay_hidden
+    monkeypatch.setattr(fast_score, "replay_hidden", lambda *a: served.append(real(*a)) or served[-1])
     metrics, obj = train(make_cfg("speed=cpu_fast", "trainer.max_steps=2", "test=false"))
     assert obj["trainer"].global_step == 2 and metrics["train/loss"] == metrics["train/loss"]
+    assert len(served) == 2 and all(h is not None for h in served)
     packed = FusedScorer.for_model(obj["module"].teacher)._packed
     assert isinstance(packed[0][1], FrozenLinear)

@@ -114,6 +114,24 @@ def test_records_are_kept_only_when_asked_and_in_fp32(single_thread):
     assert FusedScorer.for_model(model) is not None
 
 
+def test_under_cpu_autocast_nothing_is_recorded_and_onednn_stands_aside(single_thread):
+    """A bf16-mixed run: the records are fp32, so the loop keeps none (and does not fail); the oneDNN teacher's
+    fp32 matmuls would meet bf16 activations, so the scorer uses its dense packing."""
+    from src.modules.scoring import score_response
+
+    model = _random_lm("qwen2")
+    ids, mask = _prompts("left_padded")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seq, att, state = _rollout(model, ids, mask, record=True)
+    assert state.replay is None
+    teacher = _random_lm("qwen2").requires_grad_(False)
+    P = ids.shape[1]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = score_response(teacher, seq, att, P, 1.0, 1024, with_entropy=False, fused="onednn")[0]
+        ref = score_response(teacher, seq, att, P, 1.0, 1024, with_entropy=False, fused=True)[0]
+    torch.testing.assert_close(got, ref)
+
+
 def test_a_training_step_with_reused_activations_matches_one_without(make_cfg, single_thread):
     """Through the module: the same rollout, loss and student gradients with ``rollout.reuse_activations`` on
     and off (the switch only changes where the student's scoring gets its forward from)."""

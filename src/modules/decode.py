@@ -115,7 +115,7 @@ def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos
     garbage (not zeros) after each row's EOS: the caller masks them. ``keep_prompt_graph`` runs the fused
     prefill with gradient on and appends its ``PromptState`` (``src.modules.fast_score``; None where the
     prefill is not the fused one), from which the student's scoring continues. With ``record_activations`` too
-    (fp32 models), the fused step records the response columns' activations in the state's ``replay``
+    (fp32 models, no autocast), the fused step records the response columns' activations in the state's ``replay``
     (``src.modules.replay``): the student's scoring then takes them instead of running its forward.
     """
     B, P = prompt_ids_BP.shape
@@ -158,7 +158,8 @@ def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos
             if keep_prompt_graph:
                 state = scorer.prefill_state(ids, prompt_mask_BP, cache)
                 h_BH = state.h_last.detach()
-                if record_activations and model.dtype == torch.float32 and max_new_tokens > 1:
+                if (record_activations and model.dtype == torch.float32 and max_new_tokens > 1
+                        and not torch.is_autocast_enabled(device.type)):  # the records are fp32
                     rec = state.replay = DecodeRecord.allocate(step, B, max_new_tokens - 1)
             else:
                 h_BH = scorer.prefill(ids, prompt_mask_BP, cache)

@@ -50,8 +50,11 @@ additionally: on the CPU (see ``FusedScorer.supports``), no dropout in training 
 model is scored uncompiled. A trainable model's weights are packed at every call, inside the graph when
 gradient is on, so the parameters get their gradients (the packed copy lives until the backward; a prefill
 state's from the rollout on). A frozen
-model's packing (no parameter requires grad: the teacher) is kept, about half its parameters again, until a
-weight is replaced or changed in place (an in-place op on the parameter; one on ``p.data`` is not seen).
+model's packing (no parameter requires grad: the teacher) is kept, about half its parameters again (with
+``module.fused_scoring=onednn``, every projection reordered for oneDNN, about all its parameters again, plus the
+last layer's q/k/v), until a weight is replaced or changed in place (an in-place op on the parameter; one on
+``p.data`` is not seen). Under CPU autocast the oneDNN packing is not used (its fp32 matmuls would meet bf16
+activations).
 ``tests/test_fast_score.py`` checks hidden states, log-probs, entropies, parameter gradients and a training
 step's loss against the Hugging Face forward. ``module.fused_scoring=false`` turns it off.
 """
@@ -192,7 +195,7 @@ class FusedScorer:
             if key == self._packed_key:
                 return self._packed
         packed = []
-        for layer in layers:
+        for i, layer in enumerate(layers):
             a, m = layer.self_attn, layer.mlp
             W = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
             b = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
@@ -200,7 +203,8 @@ class FusedScorer:
             Wo, Wd = a.o_proj.weight, m.down_proj.weight
             if onednn:
                 Q = a.q_proj.weight.shape[0]
-                W = FrozenLinear(W, rows_hint, blocks=[(0, Q), (Q, W.shape[0])])
+                # the last layer takes q and k/v apart (queries only where the heads read)
+                W = FrozenLinear(W, rows_hint, blocks=[(0, Q), (Q, W.shape[0])] if i == len(layers) - 1 else ())
                 Wo, Wgu, Wd = (FrozenLinear(x, rows_hint) for x in (Wo, Wgu, Wd))
             packed.append((layer.input_layernorm.weight, W, b, Wo, a.o_proj.bias,
                            layer.post_attention_layernorm.weight, Wgu, Wd))
@@ -320,7 +324,9 @@ class FusedScorer:
         if eager:  # additive, as the eager attention adds it to the scores
             allowed = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(
                 ~allowed, torch.finfo(h.dtype).min)
-        packed = past.packed if past is not None else self._pack(keep_packing, onednn, B * T)
+        autocast = torch.is_autocast_enabled(h.device.type)
+        # oneDNN's fp32 matmuls would meet autocast's bf16 activations: the dense packing then
+        packed = past.packed if past is not None else self._pack(keep_packing, onednn and not autocast, B * T)
         if packed_out is not None:
             packed_out.extend(packed)
         G = nq // nk
@@ -330,8 +336,6 @@ class FusedScorer:
             if eager and kind not in score_bias:
                 score_bias[kind] = self._scores_bias(mask, q.shape[0], nk, G)
             return self._attend(q, k, v, score_bias[kind] if eager else mask, eager)
-
-        autocast = torch.is_autocast_enabled(h.device.type)
 
         def residual(h, x, W, bias=None):  # h + x @ W^T (+ bias), the sum inside the matmul
             if isinstance(W, FrozenLinear):

@@ -170,10 +170,11 @@ class HFGenerateRollout:
             ``compiled``: the fused step through ``torch.compile`` (a C++ compiler on the CPU; the first rollout
             compiles, about 10 s for the benchmark's student, and again the first new batch size or length;
             log-probs within float rounding).
-        reuse_activations: where a training rollout keeps its prefill's graph (the fused CPU path, one update per
-            rollout, fp32), the fused step also records the response's activations, and the student's scoring
-            takes them instead of running its forward again (``src.modules.replay``; the gradient at the decode's
-            activations: equal to the scorer's to float rounding, not bit for bit).
+        reuse_activations: where a training rollout keeps its prefill's graph (the fused CPU path, one minibatch
+            per rollout: its first update), in fp32 without autocast, the fused step also records the
+            response's activations, and the student's scoring takes them instead of running its forward again
+            (``src.modules.replay``; the gradient at the decode's activations: equal to the scorer's to float
+            rounding, not bit for bit).
     """
 
     BACKENDS = ("loop", "generate")

@@ -199,12 +199,14 @@ class ToolRollout:
         temperature, top_p, top_k, num_samples, val_max_new_tokens, backend, fused_decode: as
             ``HFGenerateRollout``, which samples each turn (``val_max_new_tokens``: the greedy episode
             budget).
+        reuse_activations: accepted for ``speed=cpu_fast`` and checked, but without effect: an episode's turns
+            keep no prefill graph, so the student's scoring runs its forward.
     """
 
     def __init__(self, environment, tokenizer=None, max_turns: int = 4, max_new_tokens: int = 256,
                  turn_max_new_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, num_samples: int = 1, val_max_new_tokens: int | None = None,
-                 backend: str = "loop", fused_decode: bool | str = True):
+                 backend: str = "loop", fused_decode: bool | str = True, reuse_activations: bool = False):
         if max_turns < 1:
             raise ValueError(f"rollout.max_turns must be >= 1, got {max_turns}")
         if turn_max_new_tokens is not None and turn_max_new_tokens < 1:
@@ -212,7 +214,7 @@ class ToolRollout:
         self.turn = HFGenerateRollout(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       top_k=top_k, num_samples=num_samples,
                                       val_max_new_tokens=val_max_new_tokens, backend=backend,
-                                      fused_decode=fused_decode)
+                                      fused_decode=fused_decode, reuse_activations=reuse_activations)
         self.environment, self.tokenizer = environment, tokenizer
         self.max_turns, self.turn_max_new_tokens = max_turns, turn_max_new_tokens
 
