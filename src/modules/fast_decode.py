@@ -129,8 +129,10 @@ class FusedDecodeStep:
         QK = (nq + nk) * d
         # recording, the ops write the activations straight into the record's column (out=None: a new tensor)
         rec = record.column(column) if record is not None else None
-        out = (lambda name, i=None: None) if rec is None else (lambda name, i=None: rec[name] if i is None
-                                                                   else rec[name][i])
+
+        def out(name: str, i: int):  # where an op writes when recording (None: a new tensor)
+            return None if rec is None else rec[name][i]
+
         h = torch.index_select(self.embed, 0, tokens_B, out=out("hs", 0))  # = F.embedding
         cos, sin = self.rotary(h[:, None], positions_B[:, None])  # [B, 1, d], attention scaling included
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
@@ -147,7 +149,7 @@ class FusedDecodeStep:
             scores = torch.matmul(q, layer.keys.transpose(-1, -2)).mul_(self.scale)
             if bias is not None:
                 scores += bias
-            o_dest = None if rec is None else rec["o"][i].view(B, nk, G, d)
+            o_dest = None if rec is None else out("o", i).view(B, nk, G, d)
             o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), layer.values,
                              out=o_dest).view(B, nq * d)
             h = torch.add(h, F.linear(o, Wo, bo), out=out("h_mid", i))
