@@ -45,13 +45,20 @@ class _RMSNorm(Function):
     @once_differentiable  # no double backward (none is needed): raise rather than differentiate wrongly
     def backward(ctx, g):
         x_hat, w, rstd = ctx.saved_tensors
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            gw = g * w
-            dx = gw.sub_(x_hat * (gw * x_hat).mean(-1, keepdim=True)).mul_(rstd)
-        if ctx.needs_input_grad[1]:
-            dw = (g * x_hat).reshape(-1, x_hat.shape[-1]).sum(0)
+        dx, dw = rms_norm_backward(g, x_hat, w, rstd, *ctx.needs_input_grad[:2])
         return dx, dw, None
+
+
+def rms_norm_backward(g, x_hat, w, rstd, need_dx: bool = True, need_dw: bool = True):
+    """``(dx, dw)`` of ``w * x_hat`` with ``x_hat = x * rstd`` for the upstream gradient ``g`` (None where not
+    needed)."""
+    dx = dw = None
+    if need_dx:
+        gw = g * w
+        dx = gw.sub_(x_hat * (gw * x_hat).mean(-1, keepdim=True)).mul_(rstd)
+    if need_dw:
+        dw = (g * x_hat).reshape(-1, x_hat.shape[-1]).sum(0)
+    return dx, dw
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -42,7 +42,7 @@ import torch
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from src.modules.fused_ops import _rope_into
+from src.modules.fused_ops import _rope_into, rms_norm_backward
 
 
 @dataclasses.dataclass
@@ -109,10 +109,6 @@ def replay_hidden(scorer, state, input_ids_BT: torch.Tensor) -> torch.Tensor | N
     return _ReplayLayers.apply(rec, N, state.attention_mask, dims, embed.padding_idx, embed.weight, *flat, *kv)
 
 
-def _grad_sum(g: torch.Tensor, shape) -> torch.Tensor:
-    return g.reshape(-1, g.shape[-1]).sum(0).reshape(shape)
-
-
 class _ReplayLayers(Function):
     """Forward: the recorded top states. Backward: the layers' backward from the records (module docstring).
     Inputs after the constants: the embedding weight, then 8 packed weights per layer (``FusedScorer._pack``'s
@@ -167,10 +163,8 @@ class _ReplayLayers(Function):
             rstd2 = torch.rsqrt(h_mid.pow(2).mean(-1, keepdim=True).add_(eps))
             x2_hat = h_mid * rstd2
             dW[6] = dgu.t() @ (x2_hat * ln2).view(R, H)
-            dx2 = (dgu @ Wgu).view(N, B, H)
-            gw = dx2 * ln2
-            dW[5] = _grad_sum(dx2 * x2_hat, ln2.shape)
-            dh_mid = dh + gw.sub_(x2_hat * (gw * x2_hat).mean(-1, keepdim=True)).mul_(rstd2)
+            dh_mid, dW[5] = rms_norm_backward((dgu @ Wgu).view(N, B, H), x2_hat, ln2, rstd2)
+            dh_mid += dh
             # attention output projection: h_mid = h_in + o Wo^T (+ bo)
             gm = dh_mid.view(R, H)
             dW[3] = gm.t() @ o.reshape(R, Q)
@@ -200,10 +194,8 @@ class _ReplayLayers(Function):
             dW[1] = dy2.t() @ (x1_hat * ln1).view(R, H)
             if b is not None:
                 dW[2] = dy2.sum(0)
-            dx1 = (dy2 @ W).view(N, B, H)
-            gw = dx1 * ln1
-            dW[0] = _grad_sum(dx1 * x1_hat, ln1.shape)
-            dh = dh_mid + gw.sub_(x1_hat * (gw * x1_hat).mean(-1, keepdim=True)).mul_(rstd1)
+            dh, dW[0] = rms_norm_backward((dy2 @ W).view(N, B, H), x1_hat, ln1, rstd1)
+            dh += dh_mid
             d_weights[8 * i : 8 * i + 8] = dW
         tokens = rec.tokens[:N].reshape(-1)
         d_embed = torch.zeros_like(ctx.embed_w)
