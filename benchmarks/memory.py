@@ -2,13 +2,13 @@
 
 A one-layer Qwen2 (hidden 64) keeps the backbone's own memory small, so the output head over the
 vocabulary dominates, as it does for small students of large-vocabulary teachers. Three paths are
-measured, each in the training pattern of ``src/modules/distill.py``: the teacher's log-probs under
-``no_grad`` (``teacher_logp``), then the student's log-probs and entropies with gradients, and the
-backward of a per-token policy-gradient loss on them (``student_scores``):
+measured, each in the training pattern of ``src/modules/scoring.py``'s ``Scorer``: the teacher's log-probs under
+``no_grad`` (``Scorer.teacher_logp``), then the student's log-probs and entropies with gradients, and the
+backward of a per-token policy-gradient loss on them (``Scorer.student_logp``):
 
     backbone   the backbone alone: hidden states forward (+ backward of a trivial loss), no head.
                This is "the model's own weights and activations"; weights are resident beforehand.
-    project    ``score_response``: the head applied ``chunk_size`` tokens at a time, under checkpoint.
+    project    ``score_tokens``: the head applied ``chunk_size`` tokens at a time (``_ChunkLogpEntropy``).
     naive      ``model(...).logits``: full [B, P + T, V] logits, then ``reference_logp_entropy``.
 
 overhead = peak(path) - peak(backbone); the target is overhead <= 1.5 GB (GB = 1e9 bytes here).
@@ -142,16 +142,16 @@ def build_model(seed: int, device):
 
 
 def _teacher_phase(case, teacher, ids_BS, mask_BS, P, temperature, chunk_size):
-    """Teacher log-probs of the response under no_grad, as ``DistillModule.teacher_logp``."""
+    """Teacher log-probs of the response under no_grad, as ``Scorer.teacher_logp``."""
     import torch
 
-    from src.modules.scoring import position_ids_from_mask, response_hidden, score_response
+    from src.modules.scoring import hf_backbone, position_ids_from_mask, score_tokens
 
     with torch.no_grad():
         if case == "backbone":
-            return response_hidden(teacher, ids_BS, mask_BS, P).float().mean(-1)
+            return hf_backbone(teacher, ids_BS, mask_BS, P).float().mean(-1)
         if case == "project":
-            return score_response(teacher, ids_BS, mask_BS, P, temperature, chunk_size, with_entropy=False)[0]
+            return score_tokens(teacher, ids_BS, mask_BS, P, temperature, chunk_size, with_entropy=False)[0]
         logits_BSV = teacher(input_ids=ids_BS, attention_mask=mask_BS, use_cache=False,
                              position_ids=position_ids_from_mask(mask_BS)).logits
         logp_BTV = torch.log_softmax(logits_BSV[:, P - 1 : -1].float() / temperature, dim=-1)
@@ -160,14 +160,13 @@ def _teacher_phase(case, teacher, ids_BS, mask_BS, P, temperature, chunk_size):
 
 def _student_phase(case, student, ids_BS, mask_BS, P, temperature, chunk_size, teacher_logp_BT):
     """Student log-probs + entropies with gradients, then the backward of a per-token PG loss."""
-    from src.modules.scoring import position_ids_from_mask, reference_logp_entropy, response_hidden
-    from src.modules.scoring import score_response
+    from src.modules.scoring import hf_backbone, position_ids_from_mask, reference_logp_entropy, score_tokens
 
     if case == "backbone":
-        loss = response_hidden(student, ids_BS, mask_BS, P).float().square().mean()
+        loss = hf_backbone(student, ids_BS, mask_BS, P).float().square().mean()
     else:
         if case == "project":
-            logp_BT, entropy_BT = score_response(student, ids_BS, mask_BS, P, temperature, chunk_size)
+            logp_BT, entropy_BT = score_tokens(student, ids_BS, mask_BS, P, temperature, chunk_size)
         else:
             logits_BSV = student(input_ids=ids_BS, attention_mask=mask_BS, use_cache=False,
                                  position_ids=position_ids_from_mask(mask_BS)).logits
@@ -302,7 +301,7 @@ def report(args, rows: dict, naive_pts: list[dict], sweep: list[dict]) -> tuple[
              "student s", "teacher s"),
         _rule(7),
         _row("backbone only (no head)", *_phases(rows["backbone"]), "—", *_secs(rows["backbone"])),
-        _row(f"`score_response`, chunk {chunk}", *_phases(project), f"**{gb(overhead)}**", *_secs(project)),
+        _row(f"`score_tokens`, chunk {chunk}", *_phases(project), f"**{gb(overhead)}**", *_secs(project)),
     ]
     if "naive" in rows:
         naive = rows["naive"]

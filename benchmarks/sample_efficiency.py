@@ -190,7 +190,7 @@ def main(argv=None) -> None:
     rows = read_csv(csv_path)
     teacher_acc = args.teacher_acc
     if teacher_acc is None:  # the very teacher the runs used: same experiment, same config hash
-        from src.modules.stages import StageModel
+        from src.modules.models.stages import StageModel
 
         cache = os.environ.get("REOPOLD_CACHE", str(ROOT / ".cache"))
         teacher = StageModel("mini_math_teacher", cache_dir=cache)

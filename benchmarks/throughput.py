@@ -43,15 +43,15 @@ from lightning import Callback  # noqa: E402
 
 
 class PhaseClock(Callback):
-    """Wall time of each phase of the timed steps, by wrapping the module's methods (``--phases``)."""
-
-    PHASES = {"generate": "rollout", "teacher_logp": "teacher scoring", "student_scores": "student scoring",
-              "manual_backward": "backward"}
+    """Wall time of each phase of the timed steps, by wrapping the module's sampler, scorer and backward
+    (``--phases``)."""
 
     def __init__(self, module, warmup: int):
-        self.warmup, self.seconds, self.timing = warmup, {v: 0.0 for v in self.PHASES.values()}, False
-        for name, label in self.PHASES.items():
-            setattr(module, name, self._timed(getattr(module, name), label))
+        phases = {"rollout": (module, "sampler"), "teacher scoring": (module.scorer, "teacher_logp"),
+                  "student scoring": (module.scorer, "student_logp"), "backward": (module, "manual_backward")}
+        self.warmup, self.seconds, self.timing = warmup, {label: 0.0 for label in phases}, False
+        for label, (owner, name) in phases.items():
+            setattr(owner, name, self._timed(getattr(owner, name), label))
 
     def _timed(self, fn, label):
         def timed(*args, **kwargs):

@@ -65,7 +65,7 @@ def order(paths: list[str], n: int = 40) -> list[dict]:
     from PIL import ImageFont
 
     from src.datamodules.visual_task import QUESTION, VisualTask
-    from src.modules.multimodal import model_inputs
+    from src.modules.models.multimodal import model_inputs
 
     out = []
     for path in paths:
@@ -104,12 +104,13 @@ def order(paths: list[str], n: int = 40) -> list[dict]:
 
 
 def sharpness(student: str, teacher: str, steps=(0.01, 0.03, 0.1, 0.3)) -> dict:
-    from src.modules.clipping import mixture_floor
-    from src.modules.grading import grade
-    from src.modules.multimodal import vision_token_ids
-    from src.modules.rollout import HFGenerateRollout, reference_rollout
-    from src.modules.sampling import RewardFloor
-    from src.modules.scoring import score_response
+    from src.modules.method.clipping import mixture_floor
+    from src.modules.evaluation.grading import grade
+    from src.modules.models.multimodal import vision_token_ids
+    from src.modules.rollout.batch import reference_rollout
+    from src.modules.rollout.hf import HFGenerateRollout
+    from src.modules.method.selection import RewardFloor
+    from src.modules.scoring import score_tokens
 
     torch.manual_seed(0)
     processor, model = _load(student)
@@ -131,14 +132,14 @@ def sharpness(student: str, teacher: str, steps=(0.01, 0.03, 0.1, 0.3)) -> dict:
                  banned_ids=banned, **batch["model_kwargs"])
     ref = reference_rollout(batch, tok.eos_token_id, tok.pad_token_id)
     with torch.no_grad():
-        teacher_logp, _ = score_response(teacher_model, ro.input_ids, ro.attention_mask, ro.response_start,
+        teacher_logp, _ = score_tokens(teacher_model, ro.input_ids, ro.attention_mask, ro.response_start,
                                          banned_ids=banned, **ro.model_kwargs)
     reward, valid = teacher_logp - ro.old_logp_BT, ro.response_mask_BT
     explore = RewardFloor(mixture_floor(0.1))(reward, valid)  # REOPOLD's exploration mask
     model.train()
 
     def logp(r):
-        return score_response(model, r.input_ids, r.attention_mask, r.response_start, banned_ids=banned,
+        return score_tokens(model, r.input_ids, r.attention_mask, r.response_start, banned_ids=banned,
                               with_entropy=False, **r.model_kwargs)[0]
 
     losses = {

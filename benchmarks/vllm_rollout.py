@@ -47,8 +47,8 @@ def build_model(args):
 
 
 def make_rollout(backend: str, args):
-    from src.modules.rollout import HFGenerateRollout
-    from src.modules.vllm_rollout import VLLMRollout
+    from src.modules.rollout.hf import HFGenerateRollout
+    from src.modules.rollout.vllm import VLLMRollout
 
     common = dict(max_new_tokens=args.new_tokens, num_samples=args.samples, temperature=1.0)
     if backend in ("generate", "loop"):
@@ -62,7 +62,7 @@ def make_rollout(backend: str, args):
 def worker(backend: str, args) -> dict:
     import torch
 
-    from src.modules.scoring import score_response
+    from src.modules.scoring import score_tokens
 
     model = build_model(args)
     vocab = model.config.vocab_size
@@ -98,27 +98,27 @@ def worker(backend: str, args) -> dict:
 
     if backend == "vllm-eager" and args.device != "cpu":  # one check is enough; the compiled engine loads alike
         try:
-            out["sync"] = check_sync(model, ids, mask, eos, ro_fn, score_response)
+            out["sync"] = check_sync(model, ids, mask, eos, ro_fn, score_tokens)
         except Exception as e:  # noqa: BLE001 - the throughput figures above still count
             out["sync"] = {"error": repr(e)[-1500:]}
     return out
 
 
-def check_sync(model, ids, mask, eos, ro_fn, score_response) -> dict:
+def check_sync(model, ids, mask, eos, ro_fn, score_tokens) -> dict:
     """One AdamW step on the policy (fused on CUDA), then: a rollout that pretends the engine is current (stale weights) and
     one that syncs. ``vllm_logp_gap`` (mean |vLLM - policy| log-prob of the sampled tokens) should jump on the
     stale engine and fall back to the rounding level after the sync."""
     import torch
 
-    from src.modules.weights_version import weights_key
+    from src.modules.rollout.weights_version import weights_key
 
     model.train()
-    # fused on CUDA, as the training default: its step moves no parameter version (see weights_version.py)
+    # fused on CUDA, as the training default: its step moves no parameter version (see src/modules/rollout/weights_version.py)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, fused=model.device.type == "cuda")
     sub_ids, sub_mask = ids[:8], mask[:8]
     torch.manual_seed(7)
     ro = ro_fn(model, sub_ids, sub_mask, eos, 0)
-    logp, _ = score_response(model, ro.input_ids, ro.attention_mask, ro.response_start, 1.0, with_entropy=False)
+    logp, _ = score_tokens(model, ro.input_ids, ro.attention_mask, ro.response_start, 1.0, with_entropy=False)
     loss = -(logp * ro.response_mask_BT).sum() / ro.response_mask_BT.sum()
     loss.backward()
     opt.step()

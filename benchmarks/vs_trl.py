@@ -7,9 +7,8 @@ Each round runs ``trl`` (``../shared/peers/trl_opd_bench.py`` in the TRL venv), 
 fixtures (built with ``tiny_setup.py`` when missing) and settings, and prints each run's samples/s, the
 CPU time other processes took meanwhile (a run above ``--max-others`` % of a core is redone, as the peers'
 ``run_bench.sh`` does), and per round the ratio of each of this framework's forms to trl (``--variant
-fast=speed=cpu_fast`` adds the CPU fast path). Ratios drift far less than raw rates on these machines, so the
-summary is the median per-round ratio. ``--out`` appends the figures to a Markdown file
-(``docs/results/performance.md``).
+hf=accel=none`` adds this framework without its CPU wing). Ratios drift far less than raw rates on these
+machines, so the summary is the median per-round ratio. ``--out`` writes the figures as a Markdown table.
 """
 
 from __future__ import annotations
@@ -58,11 +57,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--max-others", type=float, default=10.0)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--also-unfused", action="store_true",
-                    help="also run reopold with rollout.fused_decode=false (the model's own forward in the decode loop)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE...]",
                     help="also run reopold with these comma-separated Hydra overrides (none may hold a comma), "
-                         "e.g. scorer_hf=module.fused_scoring=false")
+                         "e.g. hf=accel=none")
     args = ap.parse_args(argv)
     fx = Path(args.fixtures)
     if not (fx / "prompts.jsonl").exists():
@@ -73,8 +70,6 @@ def main(argv=None) -> dict:
         "plain": [sys.executable, str(PEERS / "plain_opd_bench.py"), *common],
         "reopold": [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), *common],
     }
-    if args.also_unfused:
-        variants["reopold_unfused"] = [*variants["reopold"], "rollout.fused_decode=false"]
     for spec in args.variant:
         name, sep, overrides = spec.partition("=")
         if not sep or not overrides or name in variants:
@@ -102,16 +97,16 @@ def main(argv=None) -> dict:
     summary["ratio_reopold_plain"] = statistics.median(a / b for a, b in zip(results["reopold"], results["plain"]))
     print(" ".join(f"{k}={v:.2f}" for k, v in summary.items()), flush=True)
     if args.out:
-        with args.out.open("a") as f:
-            names = list(results)
-            rates = " | ".join(f"{summary[f'{n}_samples_per_s']:.1f}" for n in names)
-            flag = (" --also-unfused" if args.also_unfused else "") + "".join(f" --variant {v}" for v in args.variant)
-            heads = " | ".join(f"{v} / trl" for v in ours)
-            ratios = " | ".join(f"{summary[f'ratio_{v}_trl']:.2f}x" for v in ours)
-            f.write(f"\n`python benchmarks/vs_trl.py FIXTURES --trl-python VENV/bin/python --rounds {args.rounds}{flag}` "
-                    f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores), median of {args.rounds} interleaved "
-                    f"rounds, samples/s, and the median per-round ratios:\n\n| {' | '.join(names)} | {heads} |\n"
-                    f"|{'---|' * (len(names) + len(ours))}\n| {rates} | {ratios} |\n")
+        names = list(results)
+        rates = " | ".join(f"{summary[f'{n}_samples_per_s']:.1f}" for n in names)
+        flag = "".join(f" --variant {v}" for v in args.variant)
+        heads = " | ".join(f"{v} / trl" for v in ours)
+        ratios = " | ".join(f"{summary[f'ratio_{v}_trl']:.2f}x" for v in ours)
+        args.out.write_text(
+            f"`python benchmarks/vs_trl.py FIXTURES --trl-python VENV/bin/python --rounds {args.rounds}{flag}` "
+            f"({os.cpu_count()} cores), median of {args.rounds} interleaved rounds, samples/s, and the median "
+            f"per-round ratios:\n\n| {' | '.join(names)} | {heads} |\n|{'---|' * (len(names) + len(ours))}\n"
+            f"| {rates} | {ratios} |\n")
     return summary
 
 

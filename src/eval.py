@@ -5,7 +5,7 @@ Mirrors ``train.py``: compose, instantiate, ``trainer.test`` on the datamodule's
 metrics. Greedy accuracy always; with ``k > 0`` also ``k`` samples per prompt for avg@k, pass@k, maj@k.
 A Lightning checkpoint (``ckpt_path``) overrides the model's weights. Every response's result is written
 to ``<output_dir>/samples.jsonl`` with ``meta.json`` (model, parameters, k, metrics): the input of the
-test-time-scaling analysis (``src.analysis.test_time_scaling.load_results``).
+test-time-scaling analysis (``src.modules.evaluation.test_time_scaling.load_results``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from src.modules.strategies import check_strategy  # noqa: E402
+from src.modules.distributed import check_strategy  # noqa: E402
 from src.utils.instantiate import instantiate_loggers  # noqa: E402
 from src.utils.sharding import count_params  # noqa: E402
 
@@ -70,7 +70,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     datamodule.set_tokenizer(module.student_spec.load_processor())  # a processor for vision-language models
     trainer.test(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    records = _gather(module.records)
+    records = _gather(module.evaluator.records)
     out_dir = None
     if cfg.get("save_samples") and trainer.is_global_zero:
         meta = {"model": cfg.get("model_name") or module.student_spec.path,

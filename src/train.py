@@ -17,7 +17,7 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from src.modules.strategies import check_strategy  # noqa: E402
+from src.modules.distributed import check_strategy  # noqa: E402
 from src.utils.allocator import keep_freed_memory  # noqa: E402
 from src.utils.instantiate import (  # noqa: E402
     instantiate_callbacks,

@@ -44,7 +44,7 @@ def test_freed_tensors_pages_are_reused_without_page_faults():
 
 
 def test_the_key_is_not_part_of_a_stages_digest(make_cfg):
-    from src.modules.stages import stage_digest
+    from src.modules.models.stages import stage_digest
 
     cfg = make_cfg()
     assert cfg.keep_freed_memory is True

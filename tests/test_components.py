@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.modules.clipping import MixtureClip, NoClip, mixture_floor
-from src.modules.losses import AGGREGATIONS, aggregate, generalized_jsd, policy_loss, token_nll
-from src.modules.rewards import LogRatioReward, OutcomeReward, group_normalise, log_ratio_reward
-from src.modules.rollout import response_mask_from_ids
-from src.modules.sampling import AllTokens, EntropyTopQuantile, RewardFloor
+from src.modules.method.clipping import MixtureClip, NoClip, mixture_floor
+from src.modules.method.losses import AGGREGATIONS, aggregate, generalized_jsd, policy_loss, token_nll
+from src.modules.method.rewards import LogRatioReward, OutcomeReward, group_normalise, log_ratio_reward
+from src.modules.rollout.backend import response_mask_from_ids
+from src.modules.method.selection import AllTokens, EntropyTopQuantile, RewardFloor
 from src.modules.scoring import reference_logp_entropy, token_logp_entropy
 
 

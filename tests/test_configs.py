@@ -8,8 +8,9 @@ import hydra
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from src.modules.strategies import check_strategy
-from src.modules.models import PretrainedLM, TinyQwen2
+from src.modules.distributed import check_strategy
+from src.modules.models.specs import PretrainedLM
+from src.modules.models.tiny import TinyQwen2
 from src.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))
@@ -108,7 +109,7 @@ def test_mismatched_vocabularies_stop_before_step_zero(make_cfg, tmp_path):
     model.resize_token_embeddings(len(tok) + 27)
     model.save_pretrained(tmp_path / "padded")
     tok.save_pretrained(tmp_path / "padded")
-    cfg = make_cfg("model.teacher._target_=src.modules.models.PretrainedLM", f"+model.teacher.path={tmp_path}/padded",
+    cfg = make_cfg("model.teacher._target_=src.modules.models.specs.PretrainedLM", f"+model.teacher.path={tmp_path}/padded",
                    "~model.teacher.cache_dir", "~model.teacher.hidden_size", "~model.teacher.num_layers",
                    "~model.teacher.seed")
     module = hydra.utils.instantiate(cfg.module)
@@ -193,35 +194,26 @@ def test_a_refused_strategy_stops_train_before_the_module_is_built(make_cfg, mon
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_the_cpu_fast_preset_builds_every_experiments_rollout(make_cfg, name):
-    cfg = make_cfg(f"experiment={name}", "speed=cpu_fast", fast=False)
+def test_the_cpu_wing_builds_with_every_experiment(make_cfg, name):
+    from src.accel.cpu import FusedBackbone, FusedDecoder
+
+    cfg = make_cfg(f"experiment={name}", "accel=cpu", fast=False)
     rollout = hydra.utils.instantiate(cfg.rollout)
-    assert getattr(rollout, "turn", rollout).reuse_activations is True
+    assert isinstance(getattr(rollout, "turn", rollout).decoder, FusedDecoder)
+    assert isinstance(hydra.utils.instantiate(cfg.module).backbone, FusedBackbone)
 
 
-def test_the_cpu_fast_preset_sets_its_three_switches(make_cfg):
-    """``speed=cpu_fast`` turns on the compiled decode, the replayed scoring and the oneDNN teacher; without it
-    the three stay at their defaults."""
-    cfg = make_cfg("speed=cpu_fast")
-    assert cfg.rollout.fused_decode == "compiled" and cfg.rollout.reuse_activations is True
-    assert cfg.module.fused_scoring == "onednn"
-    module = hydra.utils.instantiate(cfg.module)
-    assert module.rollout.reuse_activations and module.fused_scoring == "onednn"
-    plain = make_cfg()
-    assert (plain.rollout.fused_decode, plain.rollout.reuse_activations, plain.module.fused_scoring) == (
-        True, False, True)
+def test_the_cpu_wing_trains_through_the_entry_point(make_cfg, monkeypatch):
+    """Two training steps through ``src/train.py``'s path with ``accel=cpu``: the student's and the teacher's scores
+    come from the fused backbone, the rollouts from the fused decode step."""
+    from src.accel.cpu.backbone import FusedScorer
+    from src.accel.cpu.decode_step import FusedDecodeStep
 
-
-def test_the_cpu_fast_preset_trains(make_cfg, monkeypatch):
-    """Two training steps through ``src/train.py``'s path with ``speed=cpu_fast`` (compiles the decode step once),
-    each scoring the student from the rollout's records."""
-    from src.modules import fast_score
-    from src.modules.fast_score import FrozenLinear, FusedScorer
-
-    served, real = [], fast_score.replay_hidden
-    monkeypatch.setattr(fast_score, "replay_hidden", lambda *a: served.append(real(*a)) or served[-1])
-    metrics, obj = train(make_cfg("speed=cpu_fast", "trainer.max_steps=2", "test=false"))
+    used = []
+    for cls in (FusedScorer, FusedDecodeStep):
+        real = cls.__call__
+        monkeypatch.setattr(cls, "__call__", lambda self, *a, _real=real, **k: used.append(type(self)) or
+                            _real(self, *a, **k))
+    metrics, obj = train(make_cfg("accel=cpu", "trainer.max_steps=2", "test=false"))
     assert obj["trainer"].global_step == 2 and metrics["train/loss"] == metrics["train/loss"]
-    assert len(served) == 2 and all(h is not None for h in served)
-    packed = FusedScorer.for_model(obj["module"].teacher)._packed
-    assert isinstance(packed[0][1], FrozenLinear)
+    assert used.count(FusedScorer) >= 4 and FusedDecodeStep in used  # teacher and student, each step

@@ -29,8 +29,8 @@ def _ranks_agree_with_one_process(rank: int, world: int, store: str, out: str):
     import torch
     import torch.distributed as dist
 
-    from src.modules.losses import aggregate
-    from src.modules.sampling import EntropyTopQuantile
+    from src.modules.method.losses import aggregate
+    from src.modules.method.selection import EntropyTopQuantile
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     g = torch.Generator().manual_seed(0)
@@ -78,7 +78,7 @@ def _logs_over_ranks(rank: int, world: int, store: str, out: str):
     import torch
     import torch.distributed as dist
 
-    from src.modules.strategies import over_ranks
+    from src.modules.distributed import over_ranks
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     logs = {"loss": torch.tensor(0.25 + rank), "samples": 4.0 + rank, "lr": 1e-3}
@@ -93,7 +93,7 @@ def test_step_metrics_are_taken_over_every_rank(tmp_path):
     import torch
     import torch.multiprocessing as mp
 
-    from src.modules.strategies import over_ranks
+    from src.modules.distributed import over_ranks
 
     assert over_ranks({"loss": 1.0}) == {"loss": 1.0}  # one process: unchanged
     mp.spawn(_logs_over_ranks, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)

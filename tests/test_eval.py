@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from src.analysis.test_time_scaling import load_results, scaling_curve
+from src.modules.evaluation.test_time_scaling import load_results, scaling_curve
 from src.eval import evaluate
 from src.train import train
 

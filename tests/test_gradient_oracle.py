@@ -34,8 +34,8 @@ import itertools
 import pytest
 import torch
 
-from src.modules.losses import policy_loss
-from src.modules.rewards import log_ratio_reward
+from src.modules.method.losses import policy_loss
+from src.modules.method.rewards import log_ratio_reward
 
 DT = torch.float64
 V = 3

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from src.modules.grading import (
+from src.modules.evaluation.grading import (
     canonical_answer,
     extract_answer,
     final_answer,

@@ -13,7 +13,7 @@ import pytest
 
 from src.datamodules.math import MathBenchmark, detect_format
 from src.datamodules.prompts import DataRowError
-from src.modules.grading import is_correct
+from src.modules.evaluation.grading import is_correct
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("REOPOLD_DATA", ROOT.parent / "shared" / "data")) / "math"

@@ -22,7 +22,7 @@ def test_quick_mode_reports_sensible_peaks(capsys):
     summary = mem.main(["--quick"])
     del ballast
     out = capsys.readouterr().out
-    assert "| `score_response`, chunk 256 |" in out and "| naive full logits |" in out
+    assert "| `score_tokens`, chunk 256 |" in out and "| naive full logits |" in out
     assert summary["finite"]
     if Path("/proc/self/clear_refs").exists():  # Linux: the high-water mark is reset per phase
         assert summary["per_phase"]
@@ -76,15 +76,15 @@ def test_write_section_keeps_notes_and_other_sections(tmp_path):
 
 
 def test_chunked_scorer_matches_full_logits_at_qwen_vocab():
-    """score_response against reference_logp_entropy on the model's own logits, V = 151,936."""
-    from src.modules.scoring import reference_logp_entropy, score_response
+    """score_tokens against reference_logp_entropy on the model's own logits, V = 151,936."""
+    from src.modules.scoring import reference_logp_entropy, score_tokens
 
     model = mem.build_model(0, torch.device("cpu"))
     ids_BS = torch.randint(0, mem.VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
     mask_BS = torch.ones_like(ids_BS)
     P = 16
     with torch.no_grad():
-        logp_BT, entropy_BT = score_response(model, ids_BS, mask_BS, P, temperature=0.6, chunk_size=20)
+        logp_BT, entropy_BT = score_tokens(model, ids_BS, mask_BS, P, temperature=0.6, chunk_size=20)
         logits_BSV = model(input_ids=ids_BS, attention_mask=mask_BS).logits
         logp_ref_BT, entropy_ref_BT = reference_logp_entropy(logits_BSV[:, P - 1 : -1], ids_BS[:, P:], 0.6)
     assert logp_BT.shape == (2, 48 - P)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from src.datamodules.arithmetic import ArithmeticTask, addition_steps
-from src.modules.grading import is_correct
-from src.modules.stages import StageModel
-from src.modules.tokenizer import build_char_tokenizer
+from src.modules.evaluation.grading import is_correct
+from src.modules.models.stages import StageModel
+from src.modules.models.tokenizer import build_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,8 @@ def test_tokenizer_round_trips_and_renders_chatml(tmp_path):
 def test_model_folder_tokenizer_keeps_whitespace(tmp_path):
     """Next to a qwen2 config.json, AutoTokenizer builds Qwen2Tokenizer, which drops the character
     vocabulary's spaces and newlines; the framework's loader must hand out a faithful tokenizer."""
-    from src.modules.models import PretrainedLM, TinyQwen2, round_trips
+    from src.modules.models.specs import PretrainedLM, round_trips
+    from src.modules.models.tiny import TinyQwen2
 
     path = TinyQwen2(cache_dir=str(tmp_path), hidden_size=32, num_layers=1).build()
     tok = PretrainedLM(path).load_tokenizer()
@@ -79,7 +80,8 @@ def test_model_folder_tokenizer_keeps_whitespace(tmp_path):
 def test_preflight_rejects_a_tokenizer_that_alters_text(tmp_path):
     from tokenizers import normalizers
 
-    from src.modules.models import TinyQwen2, preflight
+    from src.modules.models.preflight import preflight
+    from src.modules.models.tiny import TinyQwen2
 
     spec = TinyQwen2(cache_dir=str(tmp_path), hidden_size=32, num_layers=1)
     model, good, bad = spec.load_model(), spec.load_tokenizer(), spec.load_tokenizer()
@@ -94,43 +96,47 @@ TINY_STAGE = ["data.train.digits=2", "data.train.n=60", "data.val.n=8", "data.te
               "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "test=false"]
 
 
-def test_stage_cache_is_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
-    first = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=TINY_STAGE)
+def test_stage_cache_is_reused_and_rebuilt_on_change(tmp_path):
+    from src.train import train
+
+    first = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=TINY_STAGE, runner=train)
     path = Path(first.build())
     assert (path / "config.json").exists() and (path / "stage.json").exists()
-
-    import src.train
 
     def must_not_train(cfg):
         raise AssertionError("an unchanged stage config was retrained")
 
-    monkeypatch.setattr(src.train, "train", must_not_train)
-    again = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=TINY_STAGE)
+    again = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=TINY_STAGE, runner=must_not_train)
     assert again.build() == str(path)
     assert again.load_model().config.hidden_size == 32
 
-    # how a stage is evaluated does not change what it trains: same cache entry
-    evaluated = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=TINY_STAGE + ["module.eval_samples=4"])
+    # how a stage is evaluated, and what runs it, do not change what it trains: same cache entry
+    evaluated = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=TINY_STAGE + ["module.eval_samples=4"],
+                           runner=must_not_train)
     assert evaluated.build() == str(path)
 
-    changed = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=TINY_STAGE + ["module.optimizer.lr=0.01"])
+    changed = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=TINY_STAGE + ["module.optimizer.lr=0.01"],
+                         runner=must_not_train)
     with pytest.raises(AssertionError, match="retrained"):
         changed.build()
     assert changed.path != str(path)
+    unbuildable = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=TINY_STAGE + ["seed=7"],
+                             key="model.teacher")
+    with pytest.raises(ValueError, match="model.teacher: stage 'mini_math_teacher' is not cached .* no runner"):
+        unbuildable.build()
 
 
 def test_a_chained_stage_hashes_the_stage_it_builds_on():
-    from src.modules.stages import compose_stage, stage_digest
+    from src.modules.models.stages import compose_stage, stage_digest
 
     mixed = stage_digest(compose_stage("tool_student_mixed"))
     # tool_student_mixed continues tool_student_init's model: a change there must rebuild it too
     upstream = ["model.student.overrides=['trainer.max_steps=400']"]
     assert stage_digest(compose_stage("tool_student_mixed", upstream)) != mixed
     assert stage_digest(compose_stage("tool_student_mixed")) == mixed
-    # a key added after stages were cached leaves digests alone at its default, not when set away from it
+    # how a stage computes is part of what it is: the CPU wing rounds differently, so it builds another stage
     base = stage_digest(compose_stage("mini_math_teacher"))
-    assert stage_digest(compose_stage("mini_math_teacher", ["rollout.fused_decode=true"])) == base
-    assert stage_digest(compose_stage("mini_math_teacher", ["rollout.fused_decode=false"])) != base
+    assert stage_digest(compose_stage("mini_math_teacher", ["accel=cpu"])) != base
 
 
 def test_main_job_shortened_prints_the_table(tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.modules.models import TinyQwen2
-from src.modules.rollout import HFGenerateRollout
-from src.modules.scoring import score_response
+from src.modules.models.tiny import TinyQwen2
+from src.modules.rollout.hf import HFGenerateRollout
+from src.modules.scoring import score_tokens
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_rollout_logps_equal_the_scorers(tiny, temperature):
     torch.manual_seed(0)
     ro = HFGenerateRollout(max_new_tokens=16, temperature=temperature, num_samples=4)(
         model, ids, mask, [tok.eos_token_id], tok.pad_token_id)
-    logp, ent = score_response(model, ro.input_ids, ro.attention_mask, ro.response_start, temperature, chunk_size=5)
+    logp, ent = score_tokens(model, ro.input_ids, ro.attention_mask, ro.response_start, temperature, chunk_size=5)
     m = ro.response_mask_BT
     torch.testing.assert_close(logp[m], ro.old_logp_BT[m], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent[m], ro.entropy_BT[m], atol=1e-5, rtol=1e-5)

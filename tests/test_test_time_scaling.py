@@ -12,7 +12,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from src.analysis import test_time_scaling as tts
+from src.modules.evaluation import test_time_scaling as tts
 
 
 def _brute_pass(n: int, c: int, k: int) -> float:

@@ -32,9 +32,9 @@ def test_throughput_benchmark_runs_on_the_peer_fixtures(tmp_path, single_thread)
                            "--max-new-tokens", "8"])
     assert out["samples"] == 16 and out["samples_per_s"] > 0 and 0 < out["gen_tokens_per_s"] <= 8 * out["samples_per_s"]
     assert out["peak_rss_mb"] > 0
-    # --phases, and Hydra overrides after the options (here: the decode loop without the fused step)
+    # --phases, and Hydra overrides after the options (here: without the CPU wing)
     out = throughput.main([fx, "--steps", "2", "--warmup", "1", "--batch", "8",
-                           "--max-new-tokens", "8", "--phases", "rollout.fused_decode=false"])
+                           "--max-new-tokens", "8", "--phases", "accel=none"])
     phases = out["phases_ms"]
     assert set(phases) == {"rollout", "teacher scoring", "student scoring", "backward", "rest of the step"}
     assert all(phases[k] > 0 for k in ("rollout", "teacher scoring", "student scoring", "backward"))
@@ -54,31 +54,16 @@ def test_vs_trl_interleaves_the_variants_and_writes_each(tmp_path, monkeypatch):
 
     def fake_run(cmd):
         calls.append(cmd)
-        rate = 90.0 if "rollout.fused_decode=false" in cmd else rates[Path(cmd[1]).name]
+        rate = 90.0 if "accel=none" in cmd else rates[Path(cmd[1]).name]
         return rate, 1.0, 0.0
 
     monkeypatch.setattr(vs_trl, "run", fake_run)
     out = tmp_path / "results.md"
-    summary = vs_trl.main([str(tmp_path), "--trl-python", "trl-python", "--rounds", "2", "--also-unfused",
-                           "--variant", "hf=module.fused_scoring=false,seed=3", "--out", str(out)])
-    assert len(calls) == 10 and calls[0][0] == "trl-python"
-    assert calls[4][-2:] == ["module.fused_scoring=false", "seed=3"] and summary["hf_samples_per_s"] == 100.0
-    assert summary["ratio_reopold_trl"] == pytest.approx(1.25) and summary["reopold_unfused_samples_per_s"] == 90.0
-    assert summary["ratio_reopold_unfused_trl"] == pytest.approx(1.125)
-    assert summary["ratio_hf_trl"] == pytest.approx(1.25)
+    summary = vs_trl.main([str(tmp_path), "--trl-python", "trl-python", "--rounds", "2",
+                           "--variant", "hf=accel=none,seed=3", "--out", str(out)])
+    assert len(calls) == 8 and calls[0][0] == "trl-python"
+    assert calls[3][-2:] == ["accel=none", "seed=3"] and summary["hf_samples_per_s"] == 90.0
+    assert summary["ratio_reopold_trl"] == pytest.approx(1.25) and summary["ratio_hf_trl"] == pytest.approx(1.125)
     text = out.read_text()
-    assert "--also-unfused --variant hf=" in text
-    assert "| 80.0 | 85.0 | 100.0 | 90.0 | 100.0 | 1.25x | 1.12x | 1.25x |" in text
-
-
-@pytest.mark.skipif(not SETUP.exists(), reason="../shared/peers/tiny_setup.py not present")
-def test_scorer_ab_times_both_sides_of_each_comparison(tmp_path, single_thread):
-    fx, scorer_ab = fixtures_and_benchmark(tmp_path, 16, "scorer_ab")
-    this = Path(scorer_ab.__file__).resolve().parents[1] / "src" / "modules" / "fast_score.py"
-    out = scorer_ab.main([fx, "--pairs", "1", "--batch", "4", "--max-new-tokens", "4", "--against", str(this)])
-    assert out["shared_prefix"] == 6  # the chat template's opening, shared by every prompt of equal length
-    for key in ("prefill", "against_teacher", "against_student"):
-        assert len(out[key]) == 2 and all(v > 0 for v in out[key].values()), key
-    for who in ("teacher", "student"):
-        assert set(out[f"{who}_fused_vs_hf"]) == {"fused", "hf"} and set(out[f"{who}_prefix"]) == {"prefix", "no_prefix"}
-        assert all(v > 0 for v in (*out[f"{who}_fused_vs_hf"].values(), *out[f"{who}_prefix"].values()))
+    assert "--variant hf=" in text
+    assert "| 80.0 | 85.0 | 100.0 | 90.0 | 1.25x | 1.12x |" in text

@@ -15,11 +15,12 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from src.modules.models import TinyQwen2
-from src.modules.rollout import HFGenerateRollout
-from src.modules.scoring import score_response
-from src.modules.tokenizer import CHATML_TEMPLATE, build_char_tokenizer
-from src.modules.tool_rollout import TOOL_CHAT_TEMPLATE, ToolRollout, tool_glue
+from src.modules.models.tiny import TinyQwen2
+from src.modules.rollout.hf import HFGenerateRollout
+from src.modules.scoring import score_tokens
+from src.modules.models.tokenizer import CHATML_TEMPLATE, build_char_tokenizer
+from src.modules.rollout.tools import ToolRollout
+from src.tools.episodes import TOOL_CHAT_TEMPLATE, tool_glue
 from src.tools import Calculator, ToolEnvironment
 
 pytestmark = pytest.mark.timeout(120)
@@ -189,7 +190,7 @@ def test_teacher_scores_each_sampled_token_in_the_full_multi_turn_context(tok, e
     model = teacher.load_model().eval()
     ro, _, _ = run(tok, env, {DIRECT: ["Paris."], QUESTION: [CALL, ANSWER]}, [DIRECT, QUESTION],
                    max_new_tokens=400)
-    logp_BT, _ = score_response(model, ro.input_ids, ro.attention_mask, ro.response_start, 1.0, chunk_size=7)
+    logp_BT, _ = score_tokens(model, ro.input_ids, ro.attention_mask, ro.response_start, 1.0, chunk_size=7)
     P = ro.response_start
     for b in range(2):
         real = ro.input_ids[b][ro.attention_mask[b].bool()]  # prompt + turn 1 + glue + turn 2, no padding
@@ -201,7 +202,7 @@ def test_teacher_scores_each_sampled_token_in_the_full_multi_turn_context(tok, e
     # the test can fail: had the glue not been attended, turn 2 would be scored without the tool output
     blind = ro.attention_mask.clone()
     blind[:, P:] &= ro.response_mask_BT.long()
-    blind_BT, _ = score_response(model, ro.input_ids, blind, P, 1.0)
+    blind_BT, _ = score_tokens(model, ro.input_ids, blind, P, 1.0)
     turn2 = ro.response_mask_BT[1].clone()
     turn2[: len(encode(tok, CALL)) + 1] = False
     assert (blind_BT[1, turn2] - logp_BT[1, turn2]).abs().max() > 1e-3
@@ -312,7 +313,7 @@ def test_random_student_smoke_two_turns(tok, student, single_thread):
     last = ro.input_ids[:, P:].gather(1, n_real - 1).squeeze(1)
     assert ((last == eos) | ro.truncated_B).all()  # an episode ends on EOS unless it was cut
     # rollout-time log-probs are the student's own scores in the multi-turn context
-    logp, ent = score_response(model, ro.input_ids, ro.attention_mask, P, 0.7, chunk_size=11)
+    logp, ent = score_tokens(model, ro.input_ids, ro.attention_mask, P, 0.7, chunk_size=11)
     m = ro.response_mask_BT
     torch.testing.assert_close(logp[m], ro.old_logp_BT[m], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ent[m], ro.entropy_BT[m], atol=1e-4, rtol=1e-4)
@@ -323,9 +324,9 @@ def test_random_student_smoke_two_turns(tok, student, single_thread):
 def test_needs_a_tokenizer_and_refuses_images(tok, env):
     rollout = ToolRollout(env)
     ids, mask = prompts(tok, env, ["x"])
-    with pytest.raises(RuntimeError, match="set_tokenizer"):
+    with pytest.raises(RuntimeError, match="needs a tokenizer"):
         rollout(ScriptedLM(tok, {}), ids, mask, [tok.eos_token_id], tok.pad_token_id)
-    rollout.set_tokenizer(tok)
+    rollout.bind(tok, None)
     with pytest.raises(NotImplementedError, match="images"):
         rollout(ScriptedLM(tok, {}), ids, mask, [tok.eos_token_id], tok.pad_token_id,
                 pixel_values=torch.zeros(4, 3), images_per_row=torch.tensor([1]))
@@ -355,14 +356,15 @@ def test_the_module_trains_on_tool_rollouts(make_cfg, tok, single_thread):
     student = module.student
     student.lm_head.weight.data[tok.eos_token_id] += 0.2 * student.model.norm.weight.data.sign()  # turns end
     ids, mask = prompts(tok, EchoEnvironment(), ["1+2=", "3+4="])
-    ro = module.generate({"input_ids": ids, "attention_mask": mask, "references": ["3", "7"]})
+    batch = {"input_ids": ids, "attention_mask": mask, "references": ["3", "7"]}
+    ro = module.objective.rollout(batch, module.sampler, module.scorer)
     assert ro.references == ["3", "3", "7", "7"] and len(ro.response_texts) == 4
-    module.objective.prepare(ro, module, module.selection)
+    module.objective.prepare(ro, module.scorer, module.selection)
     assert ro.teacher_logp_BT.shape == ro.response_mask_BT.shape
     assert (ro.teacher_logp_BT[~ro.response_mask_BT] == 0).all()
     assert ro.metrics["turns_mean"] > 1  # some episode was answered and went on
     assert {"tools/calls_per_episode", "turns_mean", "reward_mean"} <= set(ro.metrics)
-    loss, _ = module.objective.loss(ro, module)
+    loss, _ = module.objective.loss(ro, module.scorer)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.student.parameters())
 
@@ -385,7 +387,7 @@ def test_prompts_announce_the_tools_through_the_chat_template(tok, env):
 # ---------------------------------------------------------------- reference episodes for the SFT stages
 @pytest.fixture(scope="module")
 def mini_tok():
-    from src.modules.tokenizer import TOOLS_CHATML_TEMPLATE
+    from src.modules.models.tokenizer import TOOLS_CHATML_TEMPLATE
 
     t = build_char_tokenizer()
     t.chat_template = TOOLS_CHATML_TEMPLATE
@@ -407,7 +409,7 @@ def demonstrations(tok, n=2):
 def test_reference_episode_is_the_rollouts_episode_token_by_token(mini_tok, template, env):
     """What the SFT stage trains on is exactly the token stream (and the sampled mask) that ToolRollout
     produces when the policy writes the demonstration's turns."""
-    from src.modules.rollout import reference_rollout
+    from src.modules.rollout.batch import reference_rollout
 
     tok = mini_tok if template == "compact" else globals()["build_char_tokenizer"]()
     if template == "qwen":
@@ -424,8 +426,8 @@ def test_reference_episode_is_the_rollouts_episode_token_by_token(mini_tok, temp
 
 
 def test_reference_loss_mask_covers_only_the_assistants_tokens(mini_tok):
-    from src.modules.objectives import ReferenceSFT
-    from src.modules.rollout import reference_rollout
+    from src.modules.method.objectives import ReferenceSFT
+    from src.modules.rollout.batch import reference_rollout
 
     rows, batch = demonstrations(mini_tok)
     ro = reference_rollout(batch, mini_tok.eos_token_id, mini_tok.pad_token_id)
@@ -475,7 +477,7 @@ def test_validation_logs_tool_episode_metrics_pooled_over_batches(make_cfg, tok,
     cfg = make_cfg("rollout=tools", "rollout.max_turns=3", "rollout.max_new_tokens=200")
     module = hydra.utils.instantiate(cfg.module)
     module.configure_model()
-    module.tokenizer = module.rollout.tokenizer = tok
+    module.tokenizer = module.rollout.tokenizer = module.sampler.tokenizer = tok
     module.student = ScriptedPolicy(tok, SCRIPTS)
     logged = {}
     module.log = lambda name, value, **kw: logged.__setitem__(name, value)

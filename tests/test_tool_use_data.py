@@ -10,9 +10,9 @@ import pytest
 
 from src.datamodules.prompts import DataRowError, PromptDataModule
 from src.datamodules.tool_use import CALCULATOR_SCHEMA, ToolArithmeticTask, ToolPrompts
-from src.modules.tokenizer import build_char_tokenizer
-from src.modules.tool_rollout import TOOL_CHAT_TEMPLATE
-from src.tools.reward import CompositeToolScore
+from src.modules.models.tokenizer import build_char_tokenizer
+from src.tools.episodes import TOOL_CHAT_TEMPLATE
+from src.modules.evaluation.tool_score import CompositeToolScore
 
 BARE = {"name": "calculator", "description": "math", "parameters": {"type": "object", "properties": {}}}
 
@@ -123,7 +123,7 @@ def test_tool_use_miniature_uses_the_trained_stages(make_cfg):
     assert (cfg.model.student.experiment, cfg.model.teacher.experiment) == ("tool_student_mixed", "tool_teacher")
     grpo = make_cfg("experiment=tool_use", "miniature=tools", "algorithm=grpo", "reward=tool_composite", fast=False)
     assert grpo.model.teacher is None and grpo.rollout.num_samples == cfg.rollout.num_samples == 4
-    assert grpo.reward.scorer._target_ == "src.tools.reward.CompositeToolScore"
+    assert grpo.reward.scorer._target_ == "src.modules.evaluation.tool_score.CompositeToolScore"
     # no phase schedule left half-configured (a switch_step without a _target_) once GRPO turns it off
     assert not grpo.callbacks.get("phase_schedule") and cfg.callbacks.phase_schedule._target_
     for stage in ("tool_teacher", "tool_student_init", "tool_student_mixed"):
@@ -135,7 +135,7 @@ def test_tool_use_miniature_uses_the_trained_stages(make_cfg):
     assert make_cfg("experiment=tool_student_init", fast=False).model.student.chat_template == "tools"
     mixed = make_cfg("experiment=tool_student_mixed", fast=False)
     assert mixed.model.student.experiment == "tool_student_init" and mixed.data.train.direct_frac == 0.5
-    assert set(mixed.model.student) == {"_target_", "key", "experiment", "cache_dir", "overrides"}
+    assert set(mixed.model.student) == {"_target_", "key", "experiment", "cache_dir", "overrides", "runner"}
 
 
 def test_tool_use_paper_setting_composes(make_cfg):
@@ -145,7 +145,7 @@ def test_tool_use_paper_setting_composes(make_cfg):
     assert [t._target_.rsplit(".", 1)[-1] for t in cfg.rollout.environment.tools] == [
         "Calculator", "PythonTool", "SearchTool"]
     grpo = make_cfg("experiment=tool_use", "algorithm=grpo", "reward=tool_composite", fast=False)
-    assert grpo.reward.scorer._target_ == "src.tools.reward.CompositeToolScore" and grpo.model.teacher is None
+    assert grpo.reward.scorer._target_ == "src.modules.evaluation.tool_score.CompositeToolScore" and grpo.model.teacher is None
 
 
 def test_tool_arithmetic_rows_carry_a_reference_episode_with_the_real_calculators_reply():
@@ -163,7 +163,7 @@ def test_tool_arithmetic_rows_carry_a_reference_episode_with_the_real_calculator
 
 
 def test_tiny_model_chat_template_option(tmp_path):
-    from src.modules.models import TinyQwen2
+    from src.modules.models.tiny import TinyQwen2
 
     default = TinyQwen2(cache_dir=str(tmp_path), hidden_size=32, num_layers=1)
     tools = TinyQwen2(cache_dir=str(tmp_path), hidden_size=32, num_layers=1, chat_template="tools")

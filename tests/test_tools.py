@@ -238,11 +238,11 @@ def test_schema_is_the_function_definition_format():
 
 
 # A Qwen2.5-style template with a tools section (the project's CHATML_TEMPLATE ignores `tools`).
-from src.modules.tool_rollout import TOOL_CHAT_TEMPLATE as QWEN_TOOLS_TEMPLATE  # noqa: E402
+from src.tools.episodes import TOOL_CHAT_TEMPLATE as QWEN_TOOLS_TEMPLATE  # noqa: E402
 
 
 def test_schemas_and_tool_messages_render_through_a_chat_template():
-    from src.modules.tokenizer import build_char_tokenizer
+    from src.modules.models.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     tok.chat_template = QWEN_TOOLS_TEMPLATE

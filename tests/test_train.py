@@ -293,7 +293,7 @@ def test_sharding_strategies_it_cannot_train_under_are_refused_before_loading(ki
 def test_ddp_and_zero2_pass_the_strategy_check():
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
-    from src.modules.strategies import check_strategy
+    from src.modules.distributed import check_strategy
 
     for strategy in (DDPStrategy(), DeepSpeedStrategy(stage=2), SingleDeviceStrategy("cpu")):
         check_strategy(strategy)
@@ -304,7 +304,7 @@ def test_a_deepspeed_strategy_that_would_not_clip_as_configured_is_refused():
     """Manual optimisation leaves the clip to DeepSpeed's config; a strategy given by name gets 0 there (none)."""
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    from src.modules.strategies import check_strategy
+    from src.modules.distributed import check_strategy
 
     with pytest.raises(ValueError, match="module.grad_clip is 1.0, but DeepSpeed clips at 0.0"):
         check_strategy(DeepSpeedStrategy(stage=2), grad_clip=1.0)

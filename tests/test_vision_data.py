@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from src.datamodules.prompts import DataRowError
-from src.datamodules.vision import (VisionPromptDataModule, VisionPrompts, build_tiny_vl_processor,
-                                    model_inputs, repeat_vision_kwargs, split_vision_kwargs)
+from src.datamodules.vision import VisionPromptDataModule, VisionPrompts
+from src.modules.models.multimodal import model_inputs, repeat_vision_kwargs, split_vision_kwargs
+from src.modules.models.tiny import build_tiny_vl_processor
 from src.datamodules.visual_task import QUESTION, VisualTask, sum_steps
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.modules.multimodal import model_inputs, vision_token_ids
+from src.modules.models.multimodal import model_inputs, vision_token_ids
 from src.train import train
 
 VL = ["experiment=visual_reasoning", "miniature=visual", "model=tiny_vl", "data.batch_size=4", "data.train.n=32", "data.val.n=4",
@@ -41,7 +41,7 @@ def test_visual_reasoning_miniature_trains_end_to_end(vl_run, make_cfg):
 
 def _rollout(module, datamodule):
     batch = next(iter(datamodule.train_dataloader()))
-    return batch, module.generate(batch)
+    return batch, module.sampler(module.student, batch)
 
 
 def test_teacher_scores_the_students_tokens_on_the_same_images(vl_run):
@@ -55,18 +55,18 @@ def test_teacher_scores_the_students_tokens_on_the_same_images(vl_run):
     assert torch.equal(ro.model_kwargs["images_per_row"], n_img.repeat_interleave(G))
     assert ro.model_kwargs["pixel_values"].shape[0] == G * batch["model_kwargs"]["pixel_values"].shape[0]
 
-    logp_BT = module.teacher_logp(ro)
+    logp_BT = module.scorer.teacher_logp(ro)
     # reference: the teacher's full forward on prompt + response with the same pixels, banned ids removed
     with torch.no_grad():
         logits = module.teacher(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
                                 **model_inputs(ro.model_kwargs, seq_len=ro.input_ids.shape[1])).logits
-    logits = logits[:, ro.response_start - 1:-1].float() / module.temperature
-    logits[..., module.banned_ids] = -1e30
+    logits = logits[:, ro.response_start - 1:-1].float() / module.scorer.temperature
+    logits[..., module.scorer.banned_ids] = -1e30
     want = torch.log_softmax(logits, -1).gather(-1, ro.response_ids_BT[..., None]).squeeze(-1)
     torch.testing.assert_close(logp_BT, want * ro.response_mask_BT, atol=1e-4, rtol=1e-4)
     # and the images matter: other pixels, other log-probs
     ro.model_kwargs = {**ro.model_kwargs, "pixel_values": torch.randn_like(ro.model_kwargs["pixel_values"])}
-    assert not torch.allclose(module.teacher_logp(ro), logp_BT, atol=1e-4)
+    assert not torch.allclose(module.scorer.teacher_logp(ro), logp_BT, atol=1e-4)
 
 
 def test_image_tokens_and_prompt_never_enter_the_loss(vl_run):
@@ -78,19 +78,19 @@ def test_image_tokens_and_prompt_never_enter_the_loss(vl_run):
     assert torch.isin(prompt, vision_ids).any(), "the prompts carry image tokens"
     # the policy never samples a vision token, and the loss only ever sees response columns
     assert not torch.isin(ro.response_ids_BT[ro.response_mask_BT], vision_ids).any()
-    module.objective.prepare(ro, module, module.selection)
+    module.objective.prepare(ro, module.scorer, module.selection)
     assert ro.loss_mask_BT.shape == ro.response_mask_BT.shape == (ro.input_ids.shape[0],
                                                                   ro.input_ids.shape[1] - ro.response_start)
     assert not (ro.loss_mask_BT & ~ro.response_mask_BT).any()
     # a minibatch split keeps each row with its own images
     idx = torch.tensor([1, 0])
     sub = ro.select_rows(idx)
-    torch.testing.assert_close(module.teacher_logp(sub), module.teacher_logp(ro)[idx])
+    torch.testing.assert_close(module.scorer.teacher_logp(sub), module.scorer.teacher_logp(ro)[idx])
 
 
 def test_preflight_rejects_a_teacher_with_other_image_settings():
-    from src.datamodules.vision import build_tiny_vl_processor
-    from src.modules.multimodal import preflight_processors
+    from src.modules.models.tiny import build_tiny_vl_processor
+    from src.modules.models.multimodal import preflight_processors
 
     a, b = build_tiny_vl_processor(), build_tiny_vl_processor(max_pixels=224 * 224)
     preflight_processors(a, build_tiny_vl_processor())
@@ -128,10 +128,10 @@ def test_scorer_refuses_image_placeholders_without_pixels(vl_run):
     _, _, obj = vl_run
     module, dm = obj["module"], obj["datamodule"]
     batch, ro = _rollout(module, dm)
-    from src.modules.scoring import response_hidden
+    from src.modules.scoring import hf_backbone
 
     with pytest.raises(ValueError, match="no pixel_values"):
-        response_hidden(module.student, ro.input_ids, ro.attention_mask, ro.response_start)
+        hf_backbone(module.student, ro.input_ids, ro.attention_mask, ro.response_start)
 
 
 def test_miniature_override_swaps_in_the_trained_stages(make_cfg):
@@ -141,7 +141,7 @@ def test_miniature_override_swaps_in_the_trained_stages(make_cfg):
     assert cfg.model.student.experiment == "visual_student_init"
     assert cfg.trainer.accelerator == "cpu" and "strategy" not in cfg.trainer
     assert cfg.data.train._target_.endswith("VisualTask") and cfg.callbacks.report.split == "test"
-    from src.modules.stages import compose_stage
+    from src.modules.models.stages import compose_stage
 
     teacher, student = compose_stage("visual_teacher"), compose_stage("visual_student_init")
     assert teacher.objective._target_.endswith("ReferenceSFT") and teacher.model.teacher is None
@@ -154,7 +154,7 @@ def test_miniature_override_swaps_in_the_trained_stages(make_cfg):
 
 
 def test_freeze_keeps_the_vision_tower_fixed_and_names_a_wrong_prefix(cache_dir):
-    from src.modules.models import TinyQwen2VL
+    from src.modules.models.tiny import TinyQwen2VL
 
     spec = TinyQwen2VL(cache_dir=str(cache_dir), hidden_size=32, num_layers=1, vision_hidden_size=16,
                        freeze=["model.visual"])
@@ -188,7 +188,7 @@ def _mrope_section(model) -> list[int]:
 
 
 def test_mrope_section_lets_a_tiny_decoder_tell_image_columns_apart(cache_dir):
-    from src.modules.models import TinyQwen2VL
+    from src.modules.models.tiny import TinyQwen2VL
 
     arch = dict(cache_dir=str(cache_dir), hidden_size=64, num_layers=1, vision_hidden_size=16)
     default = TinyQwen2VL(**arch).load_model()

@@ -14,10 +14,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from src.modules.models import TinyQwen2
-from src.modules.rollout import HFGenerateRollout
-from src.modules.scoring import score_response
-from src.modules.vllm_rollout import VLLMRollout
+from src.modules.models.tiny import TinyQwen2
+from src.modules.rollout.hf import HFGenerateRollout
+from src.modules.scoring import score_tokens
+from src.modules.rollout.vllm import VLLMRollout
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_engine_outputs_become_a_rollout_with_the_policys_logps(tiny, fake_vllm)
     assert torch.equal(ro.attention_mask[:, :P], mask.repeat_interleave(2, 0))
     assert torch.equal(ro.attention_mask[:, P:].bool(), ro.response_mask_BT)
 
-    logp, ent = score_response(model, ro.input_ids, ro.attention_mask, P, 0.7)
+    logp, ent = score_tokens(model, ro.input_ids, ro.attention_mask, P, 0.7)
     m = ro.response_mask_BT
     torch.testing.assert_close(ro.old_logp_BT[m], logp[m])
     torch.testing.assert_close(ro.entropy_BT[m], ent[m])
@@ -161,7 +161,7 @@ def test_weights_are_copied_in_after_each_optimiser_step(tiny, fake_vllm):
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)  # the default optimiser: no version bump
-    logp, _ = score_response(model, ro.input_ids, ro.attention_mask, ro.response_start, 1.0, with_entropy=False)
+    logp, _ = score_tokens(model, ro.input_ids, ro.attention_mask, ro.response_start, 1.0, with_entropy=False)
     (-(logp * ro.response_mask_BT).sum()).backward()
     opt.step()
     ro = vr(model, ids, mask, [eos], tok.pad_token_id)
@@ -239,20 +239,20 @@ def test_under_autocast_the_engine_is_built_in_its_dtype_and_runs_outside_it(tin
     assert llm.kwargs["dtype"] == "bfloat16" and llm.autocast == [False, False]
     assert type(llm.kwargs["compilation_config"]) is dict  # not Hydra's DictConfig
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the log-probs are the student's as the loss sees it
-        logp, _ = score_response(model, ro.input_ids, ro.attention_mask, ro.response_start, 1.0)
+        logp, _ = score_tokens(model, ro.input_ids, ro.attention_mask, ro.response_start, 1.0)
     torch.testing.assert_close(ro.old_logp_BT[ro.response_mask_BT], logp[ro.response_mask_BT])
     assert VLLMRollout(dtype="float16").engine_dtype(model) == "float16"
 
 
 def test_the_bound_student_samples_through_the_engine_and_others_through_the_loop(tiny, fake_vllm):
-    """DistillationModule binds its student (with the trainer's compute dtype); the report callback's teacher
+    """The module binds its student (with the trainer's compute dtype); the report callback's teacher
     evaluation and off-policy SFT sample from the teacher, which decodes with HFGenerateRollout's loop."""
     model, tok, ids, mask = tiny
     eos = tok.eos_token_id
     fake_vllm["script"] = _script(eos)
     vr = VLLMRollout(max_new_tokens=6, num_samples=2)
     teacher = type(model)(model.config).eval()
-    vr.bind(model, torch.bfloat16)
+    vr.bind(tok, model, torch.bfloat16)
     torch.manual_seed(0)
     ro = vr(teacher, ids, mask, [eos], tok.pad_token_id)
     assert FakeLLM.built == [] and "vllm_sync_s" not in ro.metrics
@@ -303,7 +303,7 @@ def test_evaluation_composes_with_vllm_rollouts(make_cfg):
 
     cfg = make_cfg("rollout=vllm", config="eval")
     ro = hydra.utils.instantiate(cfg.rollout)
-    assert isinstance(ro, VLLMRollout) and ro.chunk_size == 1024 and ro.fused_scoring
+    assert isinstance(ro, VLLMRollout) and ro.chunk_size == 1024
 
 
 @pytest.mark.parametrize("experiment, samples", [("reopold_tiny", 8), ("math_qwen3", 4)])

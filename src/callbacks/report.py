@@ -16,7 +16,7 @@ import torch
 from lightning import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
-from src.modules.tool_rollout import episode_totals
+from src.modules.rollout.tools import episode_totals
 
 # a tool-use evaluation's extra columns: (row key, header, format)
 TOOL_COLUMNS = (("calls_per_episode", "tool calls/episode", "{:.2f}"), ("malformed_rate", "malformed", "{:.1%}"),
@@ -33,9 +33,9 @@ def greedy_eval(pl_module, dataloader, policy) -> dict[str, float]:
     for batch in dataloader:
         batch = {k: v.to(pl_module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         start = time.perf_counter()
-        ro = pl_module.generate(batch, greedy=True, policy=policy)
+        ro = pl_module.sampler(policy, batch, greedy=True)
         seconds += time.perf_counter() - start
-        correct += sum(bool(pl_module.grader(r, ref)) for r, ref in zip(ro.response_texts, ro.references))
+        correct += int(pl_module.evaluator.grade(ro).sum())
         n += len(ro.references)
         tokens += int(ro.response_mask_BT.sum())
         truncated += int(ro.truncated_B.sum())

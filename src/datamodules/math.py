@@ -3,7 +3,7 @@
 ``MathBenchmark`` reads one split from a JSONL, JSON (a list of rows, or an object holding one such as
 ``{"data": [...]}``) or Parquet file, or from a Hugging Face ``datasets`` name, and returns rows
 ``{"id", "prompt", "answer"[, "solution"]}``. ``answer`` is the reference as the data set gives it;
-``src.modules.grading.is_correct`` reads its last ``\\boxed{}``, a GSM8K ``#### N`` or a bare value.
+``src.modules.evaluation.grading.is_correct`` reads its last ``\\boxed{}``, a GSM8K ``#### N`` or a bare value.
 
 Formats (``format=``; ``auto`` picks one from the first row's keys):
 

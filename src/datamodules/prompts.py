@@ -6,7 +6,7 @@ A *source* is any callable returning the rows of one split (``list[dict]``): the
 
 A row may carry a reference ``solution`` for the SFT stage: a string (the whole response), or a
 multi-turn tool-use episode ``[assistant, tool, ..., assistant]`` rendered as ``ToolRollout`` renders one
-(``tool_rollout.render_episode``); batches then carry ``target_mask``, 1 on the assistant's tokens only. The tokenizer reaches the datamodule through
+(``src.tools.episodes.render_episode``); batches then carry ``target_mask``, 1 on the assistant's tokens only. The tokenizer reaches the datamodule through
 ``set_tokenizer`` (it belongs to the student, which the LightningModule loads).
 """
 
@@ -150,7 +150,7 @@ class PromptDataModule(LightningDataModule):
         if isinstance(solution, str):
             ids = self.tokenizer(solution, add_special_tokens=False)["input_ids"]
             return ids, [True] * len(ids)
-        from src.modules.tool_rollout import render_episode
+        from src.tools.episodes import render_episode
 
         ids, mask = render_episode(self.tokenizer, list(solution), self.tokenizer.eos_token_id,
                                    row.get("tools") or self.tools)

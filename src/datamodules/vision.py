@@ -36,10 +36,10 @@ padded. ``batch["model_kwargs"]`` holds what the model needs beside ``input_ids`
     pixel_values       [sum of patches over the batch's images, C * temporal_patch * patch**2]  (flat!)
     image_grid_thw     [images in the batch, 3]; image i has prod(image_grid_thw[i]) patches
     mm_token_type_ids  [B, P]; 1 on image tokens (Qwen2.5-VL's 3-D RoPE needs it)
-    images_per_row     [B]; bookkeeping, not a model input: strip it with ``model_inputs``
+    images_per_row     [B]; bookkeeping, not a model input (``src.modules.models.multimodal.model_inputs`` strips it)
 
 ``pixel_values`` is not batched by row, so ``t[idx]`` / ``repeat_interleave`` on it is wrong: select rows with
-``split_vision_kwargs`` and expand groups with ``repeat_vision_kwargs``.
+``split_vision_kwargs`` and expand groups with ``repeat_vision_kwargs`` (``src.modules.models.multimodal``).
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ from PIL import Image
 
 from src.datamodules.math import ID_FIELDS, MathBenchmark, _BadRow, checked_rows, reference_text
 from src.datamodules.prompts import PromptDataModule
-from src.modules.multimodal import model_inputs, repeat_vision_kwargs, split_vision_kwargs  # noqa: F401
 
 PLACEHOLDER = "<image>"
 PROMPT_FIELDS = ("problem", "question", "query", "prompt")
@@ -348,36 +347,3 @@ class VisionPromptDataModule(PromptDataModule):
         if targets[0] is not None:
             batch["target_ids"] = list(targets)
         return batch
-
-
-# ----------------------------------------------------------------------------------------- tiny processor
-
-VL_PROCESSOR_VERSION = 1  # for a tiny VL model's cache key: bump when the tokens or the template change
-VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-VL_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' or 'image' in item %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def build_tiny_vl_processor(min_pixels: int = 56 * 56, max_pixels: int = 112 * 112, patch_size: int = 14,
-                            merge_size: int = 2, temporal_patch_size: int = 2):
-    """A ``Qwen2_5_VLProcessor`` built offline: the character tokenizer plus Qwen's vision tokens (appended,
-    so the character ids are unchanged; ``len(processor.tokenizer)`` is the vocabulary a model needs) and a
-    ChatML template that renders an image item as ``<|vision_start|><|image_pad|><|vision_end|>``.
-    ``save_pretrained`` / ``AutoProcessor.from_pretrained`` round-trip it."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
-    from src.modules.tokenizer import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    tok.add_tokens(VL_TOKENS, special_tokens=True)
-    vision = dict(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size)
-    images = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, **vision)
-    videos = Qwen2VLVideoProcessor(**vision)  # unused, but the processor requires one
-    return Qwen2_5_VLProcessor(image_processor=images, tokenizer=tok, video_processor=videos,
-                               chat_template=VL_CHAT_TEMPLATE)

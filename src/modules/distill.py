@@ -1,13 +1,15 @@
 """The LightningModule: a trainable student, a frozen teacher, and injected components.
 
-One training step (paper Sec. 5):
-    1. rollout   - the rollout policy (the student; the teacher for SFT) samples G responses per prompt;
-    2. prepare   - the objective scores the batch without gradient (teacher log-probs, reward, clip,
-                   token selection) and fills the batch metrics;
-    3. update    - ``epochs * minibatches`` optimiser steps on the surrogate loss (manual optimisation,
-                   so several steps can follow one rollout).
-The token selection in force is ``self.selection``; the phase callback swaps it (exploration ->
-refinement). Nothing in the step branches on a mode string: every choice is a component.
+One training step (paper Sec. 5), top to bottom:
+    1. rollout  - ``objective.rollout``: the sampler runs the rollout backend for a policy (the student; the
+                  teacher for off-policy SFT; the data's solutions for the SFT stages), G responses per prompt;
+    2. prepare  - ``objective.prepare``, no gradient: the teacher's and the student's scores of the sampled tokens
+                  (the scorer), then reward, clip and token selection, and the batch metrics;
+    3. update   - ``epochs * minibatches`` optimiser steps on ``objective.loss`` (manual optimisation, so several
+                  steps can follow one rollout), each clipped to ``grad_clip``.
+The token selection in force is ``self.selection``; the phase callback swaps it (exploration -> refinement).
+Nothing in the step branches on a mode string: every choice is a component, and how the backbone and the decode
+loop compute is behind their seams (``module.backbone``, ``rollout.decoder``).
 
 The teacher runs under ``torch.no_grad`` in eval mode with ``requires_grad=False``, in its own dtype,
 and is left out of checkpoints (it is reloaded from its spec).
@@ -15,21 +17,18 @@ and is left out of checkpoints (it is reloaded from its spec).
 
 from __future__ import annotations
 
-import inspect
 import time
 
 import torch
 from lightning import LightningModule
-from torchmetrics import MeanMetric
 
-from src.modules.fast_score import FusedScorer
-from src.modules.metrics import AvgAtK, MajAtK, PassAtK, Ratio, default_ks
-from src.modules.models import preflight
-from src.modules.multimodal import preflight_processors, vision_token_ids
-from src.modules.sampling import AllTokens
-from src.modules.scoring import response_hidden, score_response
-from src.modules.strategies import check_strategy, over_ranks
-from src.modules.tool_rollout import TOOL_STATS, episode_totals
+from src.modules.distributed import check_strategy, over_ranks
+from src.modules.evaluation.evaluator import Evaluator
+from src.modules.method.selection import AllTokens
+from src.modules.models.multimodal import preflight_processors, vision_token_ids
+from src.modules.models.preflight import preflight
+from src.modules.rollout.sampler import Sampler
+from src.modules.scoring import Scorer, hf_backbone
 from src.utils.sharding import count_params
 
 
@@ -38,8 +37,8 @@ class DistillationModule(LightningModule):
     Args:
         student: spec with ``load_model()`` / ``load_tokenizer()`` (``PretrainedLM``, ``TinyQwen2``).
         teacher: spec of the frozen teacher, or None when the objective needs none (GRPO).
-        rollout: rollout backend (``HFGenerateRollout``).
-        objective: ``PolicyGradient``, ``GeneralizedJSD`` or ``SupervisedDistillation``.
+        rollout: a ``RolloutBackend`` (``HFGenerateRollout``, ``ToolRollout``, ``VLLMRollout``).
+        objective: an ``Objective`` (``PolicyGradient``, ``GeneralizedJSD``, ``SupervisedDistillation``, ...).
         optimizer: partial ``torch.optim`` constructor taking the parameters.
         scheduler: optional partial LR scheduler constructor taking the optimizer (stepped per update).
         selection: token selection in force at the start (the phase callback may replace it).
@@ -47,22 +46,17 @@ class DistillationModule(LightningModule):
         answer_fn: ``response -> str | None``, the final answer a majority vote counts.
         task: name used in validation metric keys (``val/<task>/acc``).
         eval_samples: k responses sampled per prompt (at the rollout temperature and the validation token
-            budget) besides the greedy one, for ``avg@k``, ``pass@k`` (k = 1, 2, 4, ..., k) and ``maj@k``;
-            0 evaluates greedy decoding only.
-        record_samples: keep every evaluated response's result in ``self.records`` (``src/eval.py`` writes
-            them out for the test-time-scaling analysis).
+            budget) besides the greedy one, for ``avg@k``, ``pass@k`` and ``maj@k``; 0 evaluates greedy only.
+        record_samples: keep every evaluated response's result (``src/eval.py`` writes them out).
         chunk_size: tokens per head application in the scorer.
-        fused_scoring: score Qwen2 / Llama backbones with ``FusedScorer`` (``src.modules.fast_score``: the same
-            hidden states with less work); False runs the Hugging Face forward; ``onednn``: the fused scorer,
-            with the frozen teacher's weights reordered once for oneDNN's matmul (``FrozenLinear``: about 10%
-            faster teacher scoring on the CPU benchmark, the same log-probs to float rounding).
+        backbone: the scorer's ``Backbone`` (default: the Hugging Face forward; the ``accel`` group sets another).
         grad_clip: max gradient norm (None disables).
     """
 
     def __init__(self, student, teacher, rollout, objective, optimizer, scheduler=None, selection=None,
                  grader=None, answer_fn=None, task: str = "math", chunk_size: int = 1024,
                  grad_clip: float | None = 1.0, seed: int = 0, eval_samples: int = 0, record_samples: bool = False,
-                 fused_scoring: bool | str = True):
+                 backbone=None):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # the teacher is not in checkpoints
@@ -73,29 +67,17 @@ class DistillationModule(LightningModule):
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.selection = selection or AllTokens()
         if grader is None:
-            from src.modules.grading import is_correct as grader
+            from src.modules.evaluation.grading import is_correct as grader
         if answer_fn is None:
-            from src.modules.grading import final_answer as answer_fn
-        self.grader, self.answer_fn, self.task = grader, answer_fn, task
-        if eval_samples < 0:
-            raise ValueError(f"module.eval_samples must be >= 0, got {eval_samples}")
-        self.eval_samples, self.record_samples, self.records = eval_samples, record_samples, []
+            from src.modules.evaluation.grading import final_answer as answer_fn
+        self.task = task
+        self.evaluator = Evaluator(grader, answer_fn, eval_samples, record_samples)
         self.chunk_size, self.grad_clip, self.seed = chunk_size, grad_clip, seed
-        if fused_scoring not in (True, False, "onednn"):
-            raise ValueError(f"module.fused_scoring must be true, false or onednn, got {fused_scoring!r}")
-        self.fused_scoring = fused_scoring
-        self.temperature = rollout.temperature
-        self.student = self.teacher = self.tokenizer = self.processor = self.banned_ids = None
-        self.student_n_params = None  # set by configure_model
-        self.val_acc = MeanMetric()
-        self.val_len = MeanMetric()
-        self.val_trunc = MeanMetric()
-        # a tool-use rollout's episode statistics, pooled over the evaluation (unused by other rollouts)
-        self.val_tools = torch.nn.ModuleDict({name.replace("/", "_"): Ratio() for name, _, _ in TOOL_STATS})
-        if eval_samples:
-            self.val_avg = AvgAtK()
-            self.val_pass = torch.nn.ModuleDict({str(k): PassAtK(k) for k in default_ks(eval_samples)})
-            self.val_maj = MajAtK(eval_samples)
+        self.backbone = backbone or hf_backbone
+        self.student = self.teacher = self.tokenizer = self.processor = None
+        self.scorer: Scorer | None = None  # set by configure_model
+        self.sampler: Sampler | None = None
+        self.student_n_params = None
 
     # ---------------------------------------------------------------- models
     def configure_model(self) -> None:
@@ -106,16 +88,10 @@ class DistillationModule(LightningModule):
             return
         self.tokenizer = self.student_spec.load_tokenizer()
         self.processor = self.student_spec.load_processor()  # the tokenizer itself for text-only models
-        if hasattr(self.rollout, "set_tokenizer"):  # a multi-turn rollout decodes turns and encodes replies
-            self.rollout.set_tokenizer(self.tokenizer)
         self.student = self.student_spec.load_model()
         # counted now, before a sharding strategy flattens or partitions the weights (meta.json, FLOP counts)
         self.student_n_params = count_params(self.student)
-        banned = vision_token_ids(self.processor)
-        self.banned_ids = torch.tensor(banned, dtype=torch.long) if banned else None
         self.student.train()  # from_pretrained returns eval mode
-        if hasattr(self.rollout, "bind"):  # an engine that mirrors the student (vLLM), in the dtype it computes in
-            self.rollout.bind(self.student, self._compute_dtype())
         if self.teacher_spec is not None and self.objective.needs_teacher:
             teacher = self.teacher_spec.load_model()
             teacher.requires_grad_(False)
@@ -125,6 +101,12 @@ class DistillationModule(LightningModule):
             preflight_processors(self.processor, self.teacher_spec.load_processor(), self.student_spec.key,
                                  self.teacher_spec.key)
             self.teacher = teacher
+        banned = vision_token_ids(self.processor)
+        banned_ids = torch.tensor(banned, dtype=torch.long) if banned else None
+        self.rollout.bind(self.tokenizer, self.student, self._compute_dtype())
+        self.sampler = Sampler(self.rollout, self.tokenizer, self.eos_token_ids(), banned_ids, self.step_seed)
+        self.scorer = Scorer(self.student, self.teacher, self.rollout.temperature, self.chunk_size, self.backbone,
+                             banned_ids)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -144,44 +126,12 @@ class DistillationModule(LightningModule):
         for k in [k for k in sd if k.startswith("teacher.")]:
             del sd[k]
 
-    @property
     def eos_token_ids(self) -> list[int]:
+        """The tokenizer's EOS and the student's generation config's (a list or one id)."""
         ids = {self.tokenizer.eos_token_id}
         gen_eos = getattr(self.student.generation_config, "eos_token_id", None)
         ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         return sorted(i for i in ids if i is not None)
-
-    # ---------------------------------------------------------------- scoring (used by objectives)
-    def teacher_logp(self, ro) -> torch.Tensor:
-        with torch.no_grad():
-            logp_BT, _ = score_response(self.teacher, ro.input_ids, ro.attention_mask, ro.response_start,
-                                        self.temperature, self.chunk_size, with_entropy=False,
-                                        banned_ids=self.banned_ids, fused=self.fused_scoring, **ro.model_kwargs)
-        return logp_BT * ro.response_mask_BT
-
-    @staticmethod
-    def _take_prompt_state(ro):
-        """The rollout's prefill graph, handed out once (a backward frees it); the scorer checks that it still
-        matches the prompts and the weights, and runs the whole sequence where it does not."""
-        state, ro.prompt_state = ro.prompt_state, None
-        return state
-
-    def student_scores(self, ro, with_entropy: bool = False, temperature: float | None = None):
-        """Student log-probs (and entropies) of the response; at the rollout temperature unless given."""
-        return score_response(self.student, ro.input_ids, ro.attention_mask, ro.response_start,
-                              temperature or self.temperature, self.chunk_size, with_entropy=with_entropy,
-                              banned_ids=self.banned_ids, fused=self.fused_scoring,
-                              prompt_state=self._take_prompt_state(ro), **ro.model_kwargs)
-
-    def student_hidden(self, ro):
-        h = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.response_start, self.fused_scoring,
-                            prompt_state=self._take_prompt_state(ro), **ro.model_kwargs)
-        return h, self.student.get_output_embeddings()
-
-    def teacher_hidden(self, ro):
-        h = response_hidden(self.teacher, ro.input_ids, ro.attention_mask, ro.response_start, self.fused_scoring,
-                            **ro.model_kwargs)
-        return h, self.teacher.get_output_embeddings()
 
     @property
     def updates_per_rollout(self) -> int:
@@ -195,53 +145,26 @@ class DistillationModule(LightningModule):
         salt = 0 if eval_batch is None else 7_919 * (eval_batch + 1)
         return (self.seed * 1_000_003 + step * 1_009 + rank + salt) % (2**63)
 
-    # ---------------------------------------------------------------- steps
-    def _keeps_prompt_graph(self, policy, greedy: bool) -> bool:
-        """Whether a training rollout should keep its prefill's graph for the student's scoring (the prompt's
-        forward then runs once, not twice): the student samples, the first update scores the whole batch with
-        the fused scorer, and the rollout backend offers it."""
-        if not (policy is self.student and not greedy and self.fused_scoring and torch.is_grad_enabled()
-                and self.objective.minibatches == 1
-                and "keep_prompt_graph" in inspect.signature(self.rollout.__call__).parameters):
-            return False
-        scorer = FusedScorer.for_model(policy)  # None where the fused scorer does not apply
-        return scorer is not None and scorer.static_rope()
-
-    def generate(self, batch, greedy: bool = False, policy=None, eval_batch: int | None = None,
-                 keep_prompt_graph: bool = False, **rollout_kwargs):
-        """A rollout of ``batch`` by ``policy`` (the student by default). ``keep_prompt_graph``: where it pays
-        (``_keeps_prompt_graph``), the rollout keeps its prefill's graph for the student's scoring."""
-        policy = policy or self.student
-        if keep_prompt_graph and self._keeps_prompt_graph(policy, greedy):
-            rollout_kwargs["keep_prompt_graph"] = True  # decided before policy.eval(): supports() reads train mode
-        was_training = policy.training
-        policy.eval()
-        devices = [self.device] if self.device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.step_seed(eval_batch))
-                ro = self.rollout(policy, batch["input_ids"], batch["attention_mask"], self.eos_token_ids,
-                                  self.tokenizer.pad_token_id, greedy=greedy, banned_ids=self.banned_ids,
-                                  **rollout_kwargs,
-                                  **batch.get("model_kwargs", {}))
-        finally:
-            policy.train(was_training)
-        ro.references = [r for r in batch["references"] for _ in range(ro.group_size)]
-        ro.response_texts = self.tokenizer.batch_decode(
-            torch.where(ro.response_mask_BT, ro.response_ids_BT, self.tokenizer.pad_token_id),
-            skip_special_tokens=True)
-        return ro
-
+    # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
-        ro = self.objective.make_rollout(self, batch)
-        self.objective.prepare(ro, self, self.selection)
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
-        start, n_updates, logs = time.perf_counter(), 0, {}
+        ro = self.objective.rollout(batch, self.sampler, self.scorer)
+        self.objective.prepare(ro, self.scorer, self.selection)
+        start = time.perf_counter()
+        logs, n_updates = self._update(ro)
+        logs.update(self._step_metrics(ro, n_updates, time.perf_counter() - start))
+        logs = over_ranks(logs, summed=("samples", "rollout_tok_per_s", "train_tok_per_s"))
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=ro.input_ids.shape[0])
+        self.log("train/loss_step", logs["loss"], prog_bar=True, logger=False)
+        return logs["loss"]
+
+    def _update(self, ro) -> tuple[dict, int]:
+        """``epochs * minibatches`` optimiser steps on the objective's loss; the last one's loss and metrics."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
         shuffle = torch.Generator().manual_seed(self.step_seed())
+        logs, n_updates = {}, 0
         for _ in range(self.objective.epochs):
             for mb in ro.minibatches(self.objective.minibatches, shuffle):
-                loss, metrics = self.objective.loss(mb, self)
+                loss, metrics = self.objective.loss(mb, self.scorer)
                 opt.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
                 grads = [p.grad for p in self.student.parameters() if p.grad is not None]
@@ -256,11 +179,14 @@ class DistillationModule(LightningModule):
                     sched.step()
                 n_updates += 1
                 logs.update({"loss": loss.detach(), **metrics})
-                ro.prompt_state = None  # the first update's (an objective that scores otherwise leaves it)
-        train_seconds = time.perf_counter() - start
-        n_tok = ro.num_response_tokens
+        logs["lr"] = opt.param_groups[0]["lr"]
+        return logs, n_updates
+
+    @staticmethod
+    def _step_metrics(ro, n_updates: int, train_seconds: float) -> dict:
         valid = ro.response_mask_BT
-        logs.update(ro.metrics)
+        n_tok = ro.num_response_tokens
+        logs = dict(ro.metrics)
         if ro.entropy_BT is not None:
             logs["entropy"] = (ro.entropy_BT * valid).sum() / valid.sum().clamp(min=1)
         logs.update({
@@ -268,80 +194,30 @@ class DistillationModule(LightningModule):
             "truncation_rate": ro.truncated_B.float().mean(),
             "rollout_tok_per_s": n_tok / ro.seconds if ro.seconds > 0 else float("nan"),
             "train_tok_per_s": n_tok * n_updates / max(train_seconds, 1e-9),
-            "lr": opt.param_groups[0]["lr"],
             "samples": float(valid.shape[0]),
         })
-        logs = over_ranks(logs, summed=("samples", "rollout_tok_per_s", "train_tok_per_s"))
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=valid.shape[0])
-        self.log("train/loss_step", logs["loss"], prog_bar=True, logger=False)
-        return logs["loss"]
+        return logs
 
-    def _evaluate(self, batch, stage: str, batch_idx: int = 0):
-        """Greedy decoding (and ``eval_samples`` samples) graded against the references; metrics
-        aggregate across DDP ranks."""
-        ro = self.generate(batch, greedy=True)
-        correct = torch.tensor([float(self.grader(r, ref)) for r, ref in zip(ro.response_texts, ro.references)])
-        self.val_acc.update(correct)
-        self.val_len.update(ro.response_mask_BT.sum(-1).float())
-        self.val_trunc.update(ro.truncated_B.float())
-        n = len(correct)
-        key = f"{stage}/{self.task}"
-        self.log(f"{key}/acc", self.val_acc, prog_bar=True, batch_size=n)
-        self.log(f"{key}/response_len", self.val_len, batch_size=n)
-        self.log(f"{key}/truncation_rate", self.val_trunc, batch_size=n)
-        totals = episode_totals(ro)
-        if totals is not None:
-            for name, num, den in TOOL_STATS:
-                metric = self.val_tools[name.replace("/", "_")]
-                metric.update(totals[num], totals[den])
-                self.log(f"{key}/{name}", metric, batch_size=n)
-        self._record(batch, ro, correct, sample=None)
-        if self.eval_samples:
-            k = self.eval_samples
-            sro = self.generate(batch, num_samples=k, max_new_tokens=self.rollout.val_max_new_tokens,
-                                eval_batch=batch_idx)
-            correct_PG = torch.tensor([bool(self.grader(r, ref)) for r, ref in zip(sro.response_texts, sro.references)])
-            correct_PG = correct_PG.view(n, k)
-            answers = [self.answer_fn(r) for r in sro.response_texts]
-            answers_PG = [answers[i * k:(i + 1) * k] for i in range(n)]
-            self.val_avg.update(correct_PG)
-            self.log(f"{key}/avg@{k}", self.val_avg, batch_size=n)
-            for kk, metric in self.val_pass.items():
-                metric.update(correct_PG)
-                self.log(f"{key}/pass@{kk}", metric, batch_size=n)
-            self.val_maj.update(answers_PG, correct_PG)
-            self.log(f"{key}/maj@{k}", self.val_maj, batch_size=n)
-            self._record(batch, sro, correct_PG.flatten().float(), sample=k, answers=answers)
-        return correct
-
-    def _record(self, batch, ro, correct, sample: int | None, answers=None) -> None:
-        """Per-response results for the offline test-time-scaling analysis (one row per response)."""
-        if not self.record_samples:
-            return
-        G = ro.group_size
-        ids = batch["ids"]
-        tokens = ro.response_mask_BT.sum(-1).tolist()
-        seconds = ro.seconds / max(len(tokens), 1)
-        for b, text in enumerate(ro.response_texts):
-            self.records.append({
-                "prompt_id": ids[b // G], "sample": -1 if sample is None else b % G,
-                "answer": answers[b] if answers is not None else self.answer_fn(text),
-                "correct": bool(correct[b]), "tokens": int(tokens[b]), "seconds": seconds,
-                "truncated": bool(ro.truncated_B[b]), "response": text, "reference": ro.references[b],
-            })
+    # ---------------------------------------------------------------- evaluation
+    def _evaluate(self, batch, stage: str, batch_idx: int = 0) -> None:
+        logged = self.evaluator.step(self.sampler, self.student, batch, batch_idx)
+        n = len(batch["references"])
+        for name, metric in logged.items():
+            self.log(f"{stage}/{self.task}/{name}", metric, prog_bar=name == "acc", batch_size=n)
 
     def validation_step(self, batch, batch_idx):
-        return self._evaluate(batch, "val", batch_idx)
+        self._evaluate(batch, "val", batch_idx)
 
     def test_step(self, batch, batch_idx):
-        return self._evaluate(batch, "test", batch_idx)
+        self._evaluate(batch, "test", batch_idx)
 
     def on_validation_epoch_start(self) -> None:
-        self.records = []  # the records of the latest evaluation only
+        self.evaluator.records = []  # the records of the latest evaluation only
 
     def on_test_epoch_start(self) -> None:
-        self.records = []
+        self.evaluator.records = []
 
+    # ---------------------------------------------------------------- optimisation
     def _compute_dtype(self) -> torch.dtype | None:
         """The dtype the trainer's precision computes in under autocast (None: the weights' own)."""
         precision = str(self.trainer.precision) if self._trainer is not None else ""

@@ -1,5 +1,11 @@
 """Scoring sampled tokens: log-probs and predictive entropy, chunked along the sequence.
 
+Scoring a rollout is two steps: a *backbone* turns the sequences into the final hidden states that predict the
+response tokens, and the chunked *head* turns those into log-probs and entropies. The backbone is the seam where
+accelerations plug in (``Backbone``; the default runs the Hugging Face model's own forward, ``hf_backbone``; the
+``accel`` config group can choose another). ``Scorer`` bundles what an objective scores with: the student, the
+teacher, the sampling temperature, the chunk size and the backbone.
+
 For a causal LM with final hidden states ``h`` [B, T, H] and output head ``W`` [V, H]::
 
     z      = (h @ W.T) / temperature                  # logits at temperature, [B, T, V]
@@ -18,11 +24,13 @@ score the teacher at T=1 against a T=0.6 rollout).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 
-from src.modules.fast_score import FusedScorer
-from src.modules.multimodal import is_multimodal, model_inputs
+from src.modules.models.multimodal import is_multimodal, model_inputs
 
 
 BANNED_LOGIT = -1e30  # finite, so a banned token's p * z is 0 rather than nan in the entropy
@@ -119,16 +127,20 @@ def position_ids_from_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:
     return (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def response_hidden(model, input_ids_BT, attention_mask_BT, response_start: int, fused: bool = True,
-                    prompt_state=None, **model_kwargs):
-    """Final hidden states that predict the response tokens ``input_ids_BT[:, response_start:]``.
+class Backbone(Protocol):
+    """Final hidden states [B, T - response_start, H] (after the model's final norm) that predict the response
+    tokens ``input_ids_BT[:, response_start:]``: ``hidden_BTH[:, t]`` predicts ``input_ids_BT[:, response_start + t]``.
+    ``model_kwargs`` carry a vision-language batch's images. With gradient where gradient is on."""
 
-    Runs the backbone only (no head), so no logits are formed here. Text-only Qwen2 / Llama models go
-    through ``FusedScorer`` (``src.modules.fast_score``: the same states with less work) unless ``fused`` is
-    False; the fused scorer continues from a decode loop's ``prompt_state`` where it still applies (see
-    ``FusedScorer.__call__``). Vision-language models get their
-    images through ``model_kwargs`` (``pixel_values``, ``image_grid_thw``): the teacher scores the student's
-    tokens conditioned on the very pixels the student saw.
+    def __call__(self, model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, response_start: int,
+                 **model_kwargs) -> torch.Tensor: ...
+
+
+def hf_backbone(model, input_ids_BT, attention_mask_BT, response_start: int, **model_kwargs) -> torch.Tensor:
+    """``Backbone`` through the Hugging Face model's own backbone (no head, so no logits are formed here).
+
+    Vision-language models get their images through ``model_kwargs`` (``pixel_values``, ``image_grid_thw``): the
+    teacher scores the student's tokens conditioned on the very pixels the student saw.
     """
     if is_multimodal(model):
         # the text decoder alone would drop pixel_values silently; the multimodal backbone (no head) merges
@@ -141,11 +153,6 @@ def response_hidden(model, input_ids_BT, attention_mask_BT, response_start: int,
             raise ValueError("the sequences hold image placeholder tokens but no pixel_values came with them: "
                              "pass the batch's model_kwargs through to the scorer")
     else:
-        scorer = FusedScorer.for_model(model) if fused and not model_kwargs else None
-        if scorer is not None:
-            return scorer(input_ids_BT, attention_mask_BT, response_start, prompt_state, onednn=fused == "onednn")
-        # the whole sequence, its last column included (which the fused scorer leaves out): the stages' SFT runs
-        # on this path, and their documented results depend on its exact rounding
         backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         model_kwargs = dict(model_kwargs)
         model_kwargs.setdefault("position_ids", position_ids_from_mask(attention_mask_BT))
@@ -153,7 +160,7 @@ def response_hidden(model, input_ids_BT, attention_mask_BT, response_start: int,
     return out.last_hidden_state[:, response_start - 1 : -1]
 
 
-def score_response(
+def score_tokens(
     model,
     input_ids_BT: torch.Tensor,
     attention_mask_BT: torch.Tensor,
@@ -162,18 +169,54 @@ def score_response(
     chunk_size: int = 1024,
     with_entropy: bool = True,
     banned_ids: torch.Tensor | None = None,
-    fused: bool = True,
-    prompt_state=None,
+    backbone: Backbone = hf_backbone,
     **model_kwargs,
 ):
-    """Log-probs (and entropies) of the response tokens under ``model`` at ``temperature`` (``fused``: see
-    ``response_hidden``).
-
-    Returns tensors of shape [B, T_resp] with ``T_resp = input_ids_BT.shape[1] - response_start``.
+    """Log-probs (and entropies) of the response tokens under ``model`` at ``temperature``: ``backbone``, then the
+    chunked head. Returns tensors of shape [B, T_resp] with ``T_resp = input_ids_BT.shape[1] - response_start``.
     """
-    hidden_BTH = response_hidden(model, input_ids_BT, attention_mask_BT, response_start, fused, prompt_state,
-                                 **model_kwargs)
+    hidden_BTH = backbone(model, input_ids_BT, attention_mask_BT, response_start, **model_kwargs)
     return token_logp_entropy(
         hidden_BTH, model.get_output_embeddings(), input_ids_BT[:, response_start:],
         temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy, banned_ids=banned_ids,
     )
+
+
+@dataclasses.dataclass
+class Scorer:
+    """What an objective scores a rollout with (``ro``: a ``src.modules.rollout.batch.Rollout``).
+
+    The teacher runs under ``torch.no_grad``; the student with gradient where gradient is on. Both are scored at
+    the rollout's sampling temperature (peers that forget this score the teacher at T=1 against a T=0.6 rollout)
+    unless a call says otherwise. ``banned_ids`` (a vision-language model's image placeholders) are left out of
+    every distribution, as the rollout never samples them.
+    """
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    temperature: float
+    chunk_size: int = 1024
+    backbone: Backbone = hf_backbone
+    banned_ids: torch.Tensor | None = None
+
+    def logp(self, model, ro, with_entropy: bool = False, temperature: float | None = None):
+        """(logp_BT, entropy_BT or None) of ``ro``'s response tokens under ``model``."""
+        return score_tokens(model, ro.input_ids, ro.attention_mask, ro.response_start,
+                            temperature or self.temperature, self.chunk_size, with_entropy=with_entropy,
+                            banned_ids=self.banned_ids, backbone=self.backbone, **ro.model_kwargs)
+
+    def student_logp(self, ro, with_entropy: bool = False, temperature: float | None = None):
+        """The student's (logp_BT, entropy_BT or None), with gradient where gradient is on."""
+        return self.logp(self.student, ro, with_entropy, temperature)
+
+    def teacher_logp(self, ro) -> torch.Tensor:
+        """The teacher's logp_BT of the sampled tokens (0 outside the response mask), without gradient."""
+        with torch.no_grad():
+            logp_BT, _ = self.logp(self.teacher, ro)
+        return logp_BT * ro.response_mask_BT
+
+    def hidden(self, model, ro) -> tuple[torch.Tensor, torch.nn.Module]:
+        """``model``'s final hidden states over the response (``Backbone``) and its output head, for objectives that
+        need the full distributions (GKD)."""
+        h = self.backbone(model, ro.input_ids, ro.attention_mask, ro.response_start, **ro.model_kwargs)
+        return h, model.get_output_embeddings()

@@ -1,1 +1,0 @@
-"""Offline analyses over stored evaluation results (no model, no GPU)."""

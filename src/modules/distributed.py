@@ -1,0 +1,68 @@
+"""How the module runs across processes: the Lightning strategies it trains under, and the step's metrics taken
+over every data-parallel rank."""
+
+from __future__ import annotations
+
+import torch
+
+from src.modules.method.losses import data_parallel_ranks
+
+
+def check_strategy(strategy, grad_clip: float | None = None) -> None:
+    """Refuses the strategies this module cannot train or evaluate under yet. ``src/train.py`` and ``src/eval.py``
+    call it as soon as the Trainer exists (before any model, stage or dataset is built), ``configure_model`` again.
+
+    - FSDP (``FSDPStrategy``): Lightning runs ``training_step`` inside the root FSDP module's forward, and the
+      manual optimisation here calls backward there, which FSDP's hooks reject ("Expects BACKWARD_PRE or
+      BACKWARD_POST state but got HandleTrainingState.FORWARD", seen on an H100; Lightning-AI/pytorch-lightning
+      #19626 and #19685). The scorer and the decode loop also read weights outside their modules' forwards,
+      where FSDP keeps them sharded across GPUs.
+    - DeepSpeed ZeRO-3: ``transformers`` initialises weights that Lightning's ``zero.Init`` has already
+      partitioned (an IndexError while loading, seen on an H100), and the chunked head reads ``lm_head.weight``
+      outside the head's forward, where ZeRO-3 keeps it empty.
+    - ``ModelParallelStrategy``: it leaves all parallelism to the module's ``configure_model``, and this module
+      applies none, so the ranks would never synchronise their gradients.
+    - DeepSpeed clipping at another norm than ``grad_clip``: manual optimisation leaves the clip to DeepSpeed's
+      ``gradient_clipping``, which Lightning sets to 0 (none) for a strategy given by name (``deepspeed_stage_2``).
+    DDP and DeepSpeed ZeRO-2 (optimiser states and gradients sharded, weights whole on every rank) train."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    name = type(strategy).__name__
+    use = "use trainer=ddp or trainer=deepspeed_zero2 (every GPU holds whole weights)"
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError(f"trainer.strategy: {name} (FSDP) is not supported: Lightning runs training_step inside "
+                         "the root FSDP module's forward, where this module's manual optimisation cannot call "
+                         "backward (Lightning-AI/pytorch-lightning#19626), and the scorer and decode loop read "
+                         f"weights FSDP keeps sharded; {use}")
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        raise ValueError(f"trainer.strategy: {name} with zero_optimization.stage=3 is not supported yet: ZeRO-3 "
+                         f"partitions the weights that the model loading and the chunked head read whole; {use}")
+    if isinstance(strategy, ModelParallelStrategy):
+        raise ValueError(f"trainer.strategy: {name} is not supported: this module applies no parallelism in "
+                         f"configure_model, so the ranks would not synchronise their gradients; {use}")
+    if isinstance(strategy, DeepSpeedStrategy) and grad_clip is not None:
+        clip = float((strategy.config or {}).get("gradient_clipping") or 0.0)
+        if clip != float(grad_clip or 0.0):
+            raise ValueError(f"module.grad_clip is {grad_clip}, but DeepSpeed clips at {clip} "
+                             "(trainer.strategy.config.gradient_clipping; Lightning sets 0 for a strategy given by "
+                             "name): set them alike, as configs/trainer/deepspeed_zero2.yaml does")
+
+
+def over_ranks(logs: dict, summed: tuple[str, ...] = ()) -> dict:
+    """The step's metrics over every data-parallel rank (one all-reduce): the mean over the ranks, or the sum for
+    the keys in ``summed`` (counts and rates). The loss each rank holds is its share of the batch's loss
+    (``src.modules.method.losses._per_rank``), so the mean is the batch's loss. Per-rank means (entropy, rewards) and
+    quantiles become means of the ranks' values: exact for means where the ranks hold as many tokens, close
+    otherwise. One process: ``logs`` unchanged."""
+    ranks = data_parallel_ranks()
+    if ranks == 1 or not logs:
+        return logs
+    keys = list(logs)
+    device = next((v.device for v in logs.values() if isinstance(v, torch.Tensor)), None)
+    values = torch.stack([torch.as_tensor(logs[k], dtype=torch.float32, device=device).detach().reshape(())
+                          for k in keys])
+    if device is None and torch.distributed.get_backend() == "nccl":
+        values = values.cuda()
+    torch.distributed.all_reduce(values)
+    values = values.cpu()
+    return {k: values[i] / (1 if k in summed else ranks) for i, k in enumerate(keys)}

@@ -1,0 +1,1 @@
+"""Evaluation: grading responses, the validation metrics, and test-time scaling over stored samples."""

@@ -1,0 +1,181 @@
+"""Objectives: what a rollout batch is turned into (one per algorithm family), behind one contract (``Objective``):
+
+- ``needs_teacher``: whether the frozen teacher is loaded at all; ``epochs * minibatches`` optimiser steps follow
+  each rollout;
+- ``rollout(batch, sampler, scorer)``: where the batch's responses come from: the student (on-policy), the teacher
+  (off-policy SFT) or the data set's reference solutions (the SFT stages);
+- ``prepare(ro, scorer, selection)``: once per rollout batch, no gradient: rewards, advantages, the token mask and
+  the batch metrics;
+- ``loss(ro, scorer)``: on a (mini)batch, with gradient: ``(loss, metrics)``.
+
+``scorer`` is a ``src.modules.scoring.Scorer`` (student and teacher scoring at the rollout temperature),
+``sampler`` a ``src.modules.rollout.sampler.Sampler``.
+
+- ``PolicyGradient``: REOPOLD, vanilla OPD and GRPO (paper Eq. 4 with a reward, a clip and a mask).
+- ``GeneralizedJSD``: GKD's full-vocabulary divergence on student samples, chunked.
+- ``SupervisedDistillation``: cross-entropy on responses the teacher generated.
+- ``ReferenceSFT``: cross-entropy on the data set's reference solutions (how the miniature's teacher
+  and the student's warm start are trained).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from src.modules.method.clipping import NoClip
+from src.modules.method.losses import AGGREGATIONS, aggregate, generalized_jsd, policy_loss, token_nll
+from src.modules.method.selection import AllTokens
+
+
+class Objective(Protocol):
+    """What the LightningModule's training step asks of an objective (see the module docstring)."""
+
+    needs_teacher: bool
+    epochs: int
+    minibatches: int
+
+    def rollout(self, batch: dict, sampler, scorer): ...
+
+    def prepare(self, ro, scorer, selection) -> None: ...
+
+    def loss(self, ro, scorer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class OnPolicy:
+    """The student samples the responses (the on-policy objectives' rollout)."""
+
+    def rollout(self, batch, sampler, scorer):
+        return sampler(scorer.student, batch)
+
+
+def _quantiles(x: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+    if x.numel() == 0:
+        return {}
+    q = torch.quantile(x.float()[:100_000], torch.tensor([0.1, 0.5, 0.9], device=x.device))
+    return {f"{prefix}_mean": x.float().mean(), f"{prefix}_q10": q[0], f"{prefix}_q50": q[1], f"{prefix}_q90": q[2]}
+
+
+class PolicyGradient(OnPolicy):
+    """Policy-gradient surrogate with a token reward, a reward clip and a token selection.
+
+    Args:
+        reward: ``(ro) -> reward_BT`` (``LogRatioReward`` or ``OutcomeReward``).
+        clipping: ``(reward_BT) -> clipped_BT`` (``NoClip`` or ``MixtureClip``).
+        eps_low, eps_high: PPO ratio clip; None disables.
+        agg: token aggregation (see ``losses.aggregate``).
+        epochs, minibatches: optimiser steps per rollout batch = epochs * minibatches.
+    """
+
+    def __init__(self, reward, clipping=None, eps_low: float | None = None, eps_high: float | None = None,
+                 agg: str = "token_mean", epochs: int = 1, minibatches: int = 1):
+        self.reward, self.clipping = reward, clipping or NoClip()
+        self.eps_low, self.eps_high, self.agg = eps_low, eps_high, agg
+        if agg not in AGGREGATIONS:  # now, not at step 0
+            raise ValueError(f"objective.agg must be one of {AGGREGATIONS}, got {agg!r}")
+        if epochs < 1 or minibatches < 1:
+            raise ValueError(f"objective.epochs and objective.minibatches must be >= 1, got {epochs}, {minibatches}")
+        self.epochs, self.minibatches = epochs, minibatches
+
+    @property
+    def needs_teacher(self) -> bool:
+        return getattr(self.reward, "needs_teacher", False)
+
+    @torch.no_grad()
+    def prepare(self, ro, scorer, selection=None) -> None:
+        selection = selection or AllTokens()
+        valid_BT = ro.response_mask_BT
+        if self.needs_teacher:
+            ro.teacher_logp_BT = scorer.teacher_logp(ro)
+        reward_BT = self.reward(ro)
+        ro.reward_BT = reward_BT
+        ro.advantage_BT = self.clipping(reward_BT)
+        ro.loss_mask_BT = selection.select(reward_BT, ro.entropy_BT, valid_BT) & valid_BT
+        n_valid = valid_BT.sum().clamp(min=1)
+        m = ro.metrics
+        m.update(_quantiles(reward_BT[valid_BT], "reward"))
+        m["clip_frac"] = ((reward_BT < self.clipping.floor) & valid_BT).sum() / n_valid
+        m["kept_frac"] = ro.loss_mask_BT.sum() / n_valid
+        if ro.teacher_logp_BT is not None:
+            # sampled-token estimate of KL(student || teacher) per token
+            m["rev_kl"] = ((ro.old_logp_BT - ro.teacher_logp_BT) * valid_BT).sum() / n_valid
+
+    def loss(self, ro, scorer):
+        logp_BT, _ = scorer.student_logp(ro)
+        return policy_loss(logp_BT, ro.old_logp_BT, ro.advantage_BT, ro.loss_mask_BT,
+                           self.eps_low, self.eps_high, self.agg)
+
+
+class SupervisedDistillation:
+    """Off-policy distillation: the teacher generates, the student fits it with cross-entropy."""
+
+    needs_teacher = True
+    epochs = minibatches = 1
+
+    def __init__(self, agg: str = "token_mean"):
+        self.agg = agg
+
+    def rollout(self, batch, sampler, scorer):
+        ro = sampler(scorer.teacher, batch)
+        ro.entropy_BT = None  # the teacher's; train/entropy is the student's
+        return ro
+
+    @torch.no_grad()
+    def prepare(self, ro, scorer, selection=None) -> None:
+        ro.loss_mask_BT = ro.response_mask_BT
+
+    def loss(self, ro, scorer):
+        # maximum likelihood of the demonstrations: the model's own distribution, not a tempered one
+        logp_BT, _ = scorer.student_logp(ro, temperature=1.0)
+        return token_nll(logp_BT, ro.loss_mask_BT, self.agg), {}
+
+
+class GeneralizedJSD(OnPolicy):
+    """GKD: full-vocabulary generalized JSD (``beta``) between student and teacher on student samples.
+
+    The teacher's and the student's logits are formed ``chunk_size`` positions at a time inside a
+    checkpoint, so neither full ``[B, T, V]`` tensor is ever held.
+    """
+
+    needs_teacher = True
+
+    def __init__(self, beta: float = 0.5, agg: str = "token_mean", chunk_size: int = 1024,
+                 epochs: int = 1, minibatches: int = 1):
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"objective.beta must lie in [0, 1], got {beta!r}")
+        self.beta, self.agg, self.chunk_size = beta, agg, chunk_size
+        self.epochs, self.minibatches = epochs, minibatches
+
+    @torch.no_grad()
+    def prepare(self, ro, scorer, selection=None) -> None:
+        ro.loss_mask_BT = ro.response_mask_BT
+
+    def _chunk(self, hs_NH, ws, ht_NH, wt, inv_temp):
+        s = torch.log_softmax(torch.nn.functional.linear(hs_NH, ws).float() * inv_temp, -1)
+        t = torch.log_softmax(torch.nn.functional.linear(ht_NH, wt).float() * inv_temp, -1)
+        return generalized_jsd(s, t, self.beta)
+
+    def loss(self, ro, scorer):
+        hs_BTH, head_s = scorer.hidden(scorer.student, ro)
+        with torch.no_grad():
+            ht_BTH, head_t = scorer.hidden(scorer.teacher, ro)
+        B, T, _ = hs_BTH.shape
+        hs, ht = hs_BTH.reshape(B * T, -1), ht_BTH.reshape(B * T, -1).to(hs_BTH.dtype)
+        wt = head_t.weight.to(hs_BTH.dtype)
+        inv_temp = 1.0 / scorer.temperature
+        parts = [checkpoint(self._chunk, hs[i : i + self.chunk_size], head_s.weight, ht[i : i + self.chunk_size],
+                            wt, inv_temp, use_reentrant=False)
+                 for i in range(0, B * T, self.chunk_size)]
+        jsd_BT = torch.cat(parts).view(B, T)
+        return aggregate(jsd_BT, ro.loss_mask_BT, self.agg), {}
+
+
+class ReferenceSFT(SupervisedDistillation):
+    """Cross-entropy on the data set's reference solutions (teacher-forced, no generation, no teacher)."""
+
+    needs_teacher = False
+
+    def rollout(self, batch, sampler, scorer):
+        return sampler.reference(batch)

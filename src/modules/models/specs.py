@@ -1,0 +1,177 @@
+"""Model specs: how the student and the teacher are loaded.
+
+A spec is cheap to build (composing a config loads nothing); ``load_model()`` and ``load_tokenizer()``
+do the heavy work, called from the LightningModule's ``configure_model``.
+
+- ``PretrainedLM(path=...)``: a Hugging Face hub id or a local directory (``from_pretrained``).
+- ``BuiltOnFirstUse``: a ``PretrainedLM`` whose folder the project writes itself, then loads through exactly the
+  path a real checkpoint takes (``tiny.py``: random-weight models; ``stages.py``: models trained by an earlier
+  stage).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _dtype(name: str, key: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"{key}.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+class PretrainedLM:
+    """A causal LM from a hub id or a local directory.
+
+    Args:
+        path: hub id (``Qwen/Qwen2.5-1.5B-Instruct``) or local directory with ``config.json``.
+        dtype: weights dtype (``float32``, ``bfloat16``, ``float16``).
+        tokenizer: tokenizer location if not ``path``.
+        key: the config key of this spec, named in error messages.
+        freeze: parameter-name prefixes kept fixed in training (e.g. ``[model.visual]``: a vision-language
+            model's vision tower and merger, as LLaVA- and Qwen-VL-style fine-tunes often do).
+        kwargs: passed to ``from_pretrained`` (``attn_implementation``, ``revision``, ...).
+    """
+
+    def __init__(self, path: str, dtype: str = "float32", tokenizer: str | None = None, key: str = "model",
+                 trust_remote_code: bool = False, freeze: list[str] | None = None, **kwargs):
+        if not path:
+            raise ValueError(f"{key}.path is empty: give a hub id or a local model directory")
+        self.path, self.key = str(path), key
+        self.dtype = _dtype(dtype, key)
+        self.tokenizer_path = str(tokenizer) if tokenizer else None
+        self.trust_remote_code = trust_remote_code
+        self.freeze = [str(f) for f in (freeze or [])]
+        self.kwargs = kwargs
+
+    def _resolve(self, path: str, what: str) -> str:
+        looks_local = path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1] \
+            or Path(path).expanduser().exists()
+        if looks_local and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"{self.key}: {what} path {path!r} does not exist")
+        return str(Path(path).expanduser()) if looks_local else path
+
+    def load_model(self):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+        path = self._resolve(self.path, "model")
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+            auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) else AutoModelForCausalLM
+            model = auto.from_pretrained(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                                         **self.kwargs)
+        except OSError as e:
+            raise OSError(f"{self.key}: could not load model {path!r} ({e}). Offline? Set {self.key}.path to a "
+                          "local directory.") from e
+        return self._frozen(model)
+
+    def _frozen(self, model):
+        """``model`` with the parameters under ``freeze`` set to ``requires_grad=False`` (the optimiser skips them)."""
+        for prefix in self.freeze:
+            params = [p for name, p in model.named_parameters() if name == prefix or name.startswith(prefix + ".")]
+            if not params:
+                roots = sorted({name.split(".")[0] + "." + name.split(".")[1] for name, _ in model.named_parameters()
+                                if name.count(".") >= 1})
+                raise ValueError(f"{self.key}.freeze: no parameter of {self.path!r} is under {prefix!r} "
+                                 f"(top-level modules: {roots[:12]})")
+            for p in params:
+                p.requires_grad_(False)
+        return model
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        path = self._resolve(self.tokenizer_path or self.path, "tokenizer" if self.tokenizer_path else "model")
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        except OSError as e:
+            raise OSError(f"{self.key}: could not load tokenizer {path!r} ({e})") from e
+        if not round_trips(tok) and (Path(path) / "tokenizer.json").exists():
+            # transformers 5 maps a qwen2 config.json to Qwen2Tokenizer whatever tokenizer_config.json says,
+            # and that class re-imposes Qwen's byte-level pre-tokenizer: a character vocabulary then loses
+            # every space and newline. tokenizer.json itself is faithful.
+            from transformers import PreTrainedTokenizerFast
+
+            fast = PreTrainedTokenizerFast.from_pretrained(path)
+            if round_trips(fast):
+                tok = fast
+        tok.padding_side = "left"  # prompts are left-padded so every response starts in the same column
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def is_multimodal(self) -> bool:
+        """Whether the model takes images (its config has a ``vision_config``)."""
+        from transformers import AutoConfig
+
+        path = self._resolve(self.path, "model")
+        config = AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        return getattr(config, "vision_config", None) is not None
+
+    def load_processor(self):
+        """What prompts are encoded with: a vision-language model's processor (images and text, with the
+        faithful tokenizer of ``load_tokenizer`` inside), else the tokenizer itself."""
+        tok = self.load_tokenizer()
+        if not self.is_multimodal():
+            return tok
+        from transformers import AutoProcessor
+
+        path = self._resolve(self.tokenizer_path or self.path, "model")
+        try:
+            proc = AutoProcessor.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        except OSError as e:
+            raise OSError(f"{self.key}: could not load the processor of {path!r} ({e})") from e
+        proc.tokenizer = tok
+        return proc
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path={self.path!r}, dtype={self.dtype})"
+
+
+class BuiltOnFirstUse(PretrainedLM):
+    """A ``PretrainedLM`` whose folder the project writes itself: ``build()`` runs before each load."""
+
+    def build(self) -> str:
+        raise NotImplementedError
+
+    def load_model(self):
+        self.build()
+        return super().load_model()
+
+    def load_tokenizer(self):
+        self.build()
+        return super().load_tokenizer()
+
+    def load_processor(self):
+        self.build()
+        return super().load_processor()
+
+
+def save_atomically(path: Path, *objects) -> str:
+    """``save_pretrained`` every object into ``path`` via a temporary folder (DDP ranks may race)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".build-"))
+    for obj in objects:
+        obj.save_pretrained(tmp)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another rank finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
+PROBE = "Step 1: 12 + 34 = 46.\n  Answer:\t#### 46"
+
+
+def round_trips(tokenizer, text: str = PROBE) -> bool:
+    """Whether ``decode(encode(text)) == text``: spaces, newlines and digits survive the tokenizer."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids, clean_up_tokenization_spaces=False) == text

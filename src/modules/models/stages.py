@@ -1,0 +1,148 @@
+"""Models produced by an earlier training stage, built on first use and cached by their config.
+
+``StageModel(experiment="mini_math_teacher", runner=train)`` composes that experiment's config, hashes it, and
+loads the student it trained from ``<cache_dir>/stages/<experiment>-<hash>/``. If nothing is cached there, it
+runs the stage first (``runner(cfg)``: the training entry point, ``src.train.train``, given by the config) and
+stores the exported Hugging Face model. Any change to
+the stage's config (architecture, data, steps, learning rate, seed) gives a new hash and a rebuild; an
+unchanged config is reused, across runs and across processes. A stage that starts from another stage's
+model hashes that stage's digest too, so a change upstream rebuilds every stage built on it. Code is not
+hashed: a change to what a stage computes that its config does not show (the task's text format, a model
+default, the tokenizer, a library's kernels) must bump ``STAGE_VERSION``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from typing import Callable
+
+from src.modules.models.specs import BuiltOnFirstUse
+from src.modules.models.tokenizer import TOKENIZER_VERSION
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
+# Where a stage writes, how it shows progress and how the process allocates memory: not what it computes.
+VOLATILE = ("paths", "logger", "hydra", "task_name", "ckpt_path", "keep_freed_memory")
+EVAL_ONLY = ("eval_samples", "record_samples")
+STAGE_TARGET = "src.modules.models.stages.StageModel"
+STAGE_VERSION = 3  # bump when stage outputs change in ways the config does not show
+
+
+def compose_stage(experiment: str, overrides: list[str] | tuple[str, ...] = ()):
+    """The config ``python src/train.py experiment=<experiment> <overrides>`` would run."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    args = [f"experiment={experiment}", *overrides]
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=args)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=args)
+
+
+def _upstream_digests(node):
+    """The config tree with each ``StageModel`` node given the digest of the stage it loads."""
+    if isinstance(node, dict):
+        out = {k: _upstream_digests(v) for k, v in node.items() if k != "runner"}  # how a stage is built, not what
+        if node.get("_target_") == STAGE_TARGET:
+            upstream = compose_stage(node["experiment"], list(node.get("overrides") or []))
+            out["_stage_digest"] = stage_digest(upstream)
+        return out
+    if isinstance(node, list):
+        return [_upstream_digests(v) for v in node]
+    return node
+
+
+def stage_digest(cfg) -> str:
+    container = _upstream_digests(OmegaConf.to_container(cfg, resolve=False))
+    for key in VOLATILE:
+        container.pop(key, None)
+    container.get("callbacks", {}).pop("progress_bar", None)
+    for key in EVAL_ONLY:  # how a run is evaluated does not change what it trains
+        container.get("module", {}).pop(key, None)
+    for key in ("enable_progress_bar", "enable_model_summary"):
+        container.get("trainer", {}).pop(key, None)
+    container["_versions"] = {"stage": STAGE_VERSION, "tokenizer": TOKENIZER_VERSION}
+    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class StageModel(BuiltOnFirstUse):
+    """The student trained by ``experiment`` (plus ``overrides``), built once and cached.
+
+    Args:
+        experiment: name of a ``configs/experiment`` file whose run produces the model.
+        cache_dir: root of the cache.
+        overrides: extra overrides for that run (e.g. a shorter schedule).
+        runner: ``(cfg) -> (metrics, objects)``, what runs a stage (the training entry point, ``src.train.train``);
+            needed only when the stage is not cached yet.
+    """
+
+    def __init__(self, experiment: str, cache_dir: str, overrides: list[str] | None = None,
+                 runner: Callable | None = None, dtype: str = "float32", key: str = "model", **kwargs):
+        self.experiment, self.overrides, self.runner = experiment, list(overrides or []), runner
+        self.cache_root = Path(cache_dir).expanduser()
+        self._cfg = None
+        self._digest = None
+        super().__init__(path=str(self.cache_root / "stages" / experiment), dtype=dtype, key=key, **kwargs)
+
+    @property
+    def stage_cfg(self):
+        if self._cfg is None:
+            self._cfg = compose_stage(self.experiment, self.overrides)
+            self._digest = stage_digest(self._cfg)
+            self.path = str(self.cache_root / "stages" / f"{self.experiment}-{self._digest}")
+        return self._cfg
+
+    def build(self) -> str:
+        cfg = self.stage_cfg
+        path = Path(self.path)
+        if (path / "config.json").exists():
+            return str(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One builder per stage: concurrent runs (a sweep, DDP ranks) wait for it instead of each training
+        # the same model on the same cores.
+        with open(path.parent / f".{path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (path / "config.json").exists():
+                return str(path)
+            return self._build(cfg, path)
+
+    def _build(self, cfg, path: Path) -> str:
+        if self.runner is None:
+            raise ValueError(f"{self.key}: stage {self.experiment!r} is not cached under {path.parent} and no "
+                             f"runner was given to build it ({self.key}.runner: the training entry point)")
+        work = path.parent / f".build-{path.name}-{os.getpid()}"
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(work)
+            cfg.paths.cache_dir = str(self.cache_root)
+            cfg.task_name = self.experiment
+        print(f"[stage] building {self.experiment} -> {path}")
+        # the stage must not disturb the calling run's random state
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            metrics, _ = self.runner(cfg)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        export = work / "checkpoints" / "hf" / "final"
+        (export / "stage.json").write_text(json.dumps(
+            {"experiment": self.experiment, "overrides": self.overrides, "digest": self._digest,
+             "metrics": metrics, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1, default=str))
+        try:
+            os.rename(export, path)
+            os.rename(work, path.parent / f"{path.name}.run")  # the stage's logs and checkpoints
+        except OSError:  # another process finished the same stage first
+            shutil.rmtree(work, ignore_errors=True)
+        return str(path)
+
+    def __repr__(self) -> str:
+        return f"StageModel(experiment={self.experiment!r}, overrides={self.overrides})"

@@ -1,0 +1,108 @@
+"""The rollout batch: prompts (left-padded) followed by the responses a policy sampled, and what the objective
+adds to it (teacher log-probs, reward, advantage, token mask, metrics).
+
+``reference_rollout`` builds one from a data set's reference solutions instead of sampling (the SFT stages).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from src.modules.models.multimodal import has_images, split_vision_kwargs
+
+
+@dataclasses.dataclass
+class Rollout:
+    """Prompts (left-padded, P columns) followed by responses (right-padded, T columns).
+
+    ``*_BT`` tensors cover the response columns only; ``input_ids``/``attention_mask`` cover P + T.
+    """
+
+    input_ids: torch.Tensor  # [B, P + T]
+    attention_mask: torch.Tensor  # [B, P + T]; prompt padding and post-EOS padding are 0
+    response_start: int  # P
+    response_mask_BT: torch.Tensor  # [B, T] bool: tokens the policy sampled, up to and including EOS
+    old_logp_BT: torch.Tensor | None  # [B, T] rollout-time log-probs at the sampling temperature
+    entropy_BT: torch.Tensor | None  # [B, T] rollout-time full-vocabulary entropy
+    truncated_B: torch.Tensor  # [B] bool: no EOS within the token budget
+    group_size: int = 1  # G samples per prompt; rows [g*G:(g+1)*G] share a prompt
+    seconds: float = 0.0  # wall time of generation
+    references: list[str] = dataclasses.field(default_factory=list)
+    response_texts: list[str] = dataclasses.field(default_factory=list)
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. pixel values
+    tool_counts_BK: torch.Tensor | None = None  # tool rollouts: per episode, rollout.tools.TOOL_COUNTS
+    # filled by the objective
+    teacher_logp_BT: torch.Tensor | None = None
+    reward_BT: torch.Tensor | None = None
+    advantage_BT: torch.Tensor | None = None
+    loss_mask_BT: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def response_ids_BT(self) -> torch.Tensor:
+        return self.input_ids[:, self.response_start :]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask_BT.sum())
+
+    def minibatches(self, n: int, generator: torch.Generator | None = None):
+        """Split rows into ``n`` shuffled minibatches (views of the same rollout)."""
+        B = self.input_ids.shape[0]
+        if n <= 1:
+            yield self
+            return
+        order = torch.randperm(B, generator=generator).to(self.input_ids.device)
+        for idx in order.chunk(n):
+            yield self.select_rows(idx)
+
+    def select_rows(self, idx: torch.Tensor) -> "Rollout":
+        out = {}
+        vision = split_vision_kwargs(self.model_kwargs, idx) if has_images(self.model_kwargs) else None
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.input_ids.shape[0]:
+                v = v[idx]
+            elif isinstance(v, list) and len(v) == self.input_ids.shape[0]:
+                v = [v[i] for i in idx.tolist()]
+            elif f.name == "model_kwargs" and vision is not None:
+                v = vision
+            elif f.name == "model_kwargs":
+                v = {k: (t[idx] if isinstance(t, torch.Tensor) and t.shape[:1] == (self.input_ids.shape[0],) else t)
+                     for k, t in v.items()}
+            out[f.name] = v
+        out["metrics"] = {}
+        return Rollout(**out)
+
+
+def reference_rollout(batch: dict, eos_token_id: int, pad_token_id: int) -> Rollout:
+    """A Rollout whose responses are the batch's reference solutions (``target_ids``) followed by EOS.
+
+    With ``target_mask`` (multi-turn tool-use demonstrations) only the masked tokens and the final EOS are the
+    model's (``response_mask_BT``, the SFT loss); the rest (tool responses, template glue) is attended only.
+    """
+    prompt_ids_BP, prompt_mask_BP = batch["input_ids"], batch["attention_mask"]
+    device = prompt_ids_BP.device
+    targets = [list(t) + [eos_token_id] for t in batch["target_ids"]]
+    masks = [list(m) + [True] for m in batch.get("target_mask", [[True] * (len(t) - 1) for t in targets])]
+    T = max(len(t) for t in targets)
+    response_BT = torch.full((len(targets), T), pad_token_id, dtype=prompt_ids_BP.dtype)
+    written_BT = torch.zeros((len(targets), T), dtype=torch.bool)
+    for i, (t, m) in enumerate(zip(targets, masks)):
+        if len(m) != len(t):
+            raise ValueError(f"row {i}: target_mask has {len(m) - 1} entries for {len(t) - 1} target tokens")
+        response_BT[i, : len(t)] = torch.tensor(t, dtype=prompt_ids_BP.dtype)
+        written_BT[i, : len(t)] = torch.tensor(m, dtype=torch.bool)
+    response_BT, response_mask_BT = response_BT.to(device), written_BT.to(device)
+    real_BT = torch.arange(T, device=device)[None, :] < torch.tensor([len(t) for t in targets], device=device)[:, None]
+    return Rollout(
+        input_ids=torch.cat([prompt_ids_BP, response_BT], dim=1),
+        attention_mask=torch.cat([prompt_mask_BP, real_BT.to(prompt_mask_BP.dtype)], dim=1),
+        response_start=prompt_ids_BP.shape[1], response_mask_BT=response_mask_BT, old_logp_BT=None,
+        entropy_BT=None, truncated_B=torch.zeros(len(targets), dtype=torch.bool, device=device),
+        references=list(batch["references"]),
+        model_kwargs=batch.get("model_kwargs", {}),  # the images a vision-language row is about
+    )
