@@ -12,7 +12,7 @@ import hydra
 import pytest
 
 from src.datamodules.math import MathBenchmark, detect_format
-from src.datamodules.prompts import DataRowError
+from src.datamodules.rows import DataRowError
 from src.modules.evaluation.grading import is_correct
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_malformed_rows_are_listed_in_one_error(tmp_path):
 
 def test_skip_mode_warns_for_each_bad_row(tmp_path, caplog):
     path = malformed(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="src.datamodules.math"):
+    with caplog.at_level(logging.WARNING, logger="src.datamodules.rows"):
         rows = MathBenchmark(str(path), format="gsm8k", on_error="skip")()
     assert [r["id"] for r in rows] == [1, 2, 4]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -266,3 +266,15 @@ def test_generic_math_config_composes(make_cfg, tmp_path):
     dm = hydra.utils.instantiate(cfg.data)
     assert [r["answer"] for r in dm.sources["train"]()] == ["0", "1"]
     assert dm.sources["val"]() == dm.sources["test"]() == [{"id": 1, "prompt": "q", "answer": "3"}]
+
+
+def test_plain_jsonl_prompts_name_every_bad_line(tmp_path):
+    from src.datamodules.prompts import JsonlPrompts
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "answer": 1}, "{oops", {"prompt": "b"},
+                                              {"prompt": "c", "answer": "3"}])
+    with pytest.raises(DataRowError) as e:
+        JsonlPrompts(str(path))()
+    assert f"{path}:2: bad JSON" in str(e.value) and f"{path}:3: missing field(s) ['answer']" in str(e.value)
+    assert JsonlPrompts(str(path), on_error="skip")() == [{"prompt": "a", "answer": "1"}, {"prompt": "c", "answer": "3"}]
+    assert JsonlPrompts(str(path), on_error="skip", limit=1)() == [{"prompt": "a", "answer": "1"}]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from src.datamodules.prompts import DataRowError, PromptDataModule
+from src.datamodules.prompts import PromptDataModule
+from src.datamodules.rows import DataRowError
 from src.datamodules.tool_use import CALCULATOR_SCHEMA, ToolArithmeticTask, ToolPrompts
 from src.modules.models.tokenizer import build_char_tokenizer
 from src.tools.episodes import TOOL_CHAT_TEMPLATE

@@ -362,11 +362,13 @@ def test_bm25_matches_the_closed_form():
     got = BM25(corpus, k1=k1, b=b).scores(["a", "c", "zzz"])
     avgdl, N = 2.0, 3
 
-    def term(f, dl, n):
-        return math.log(1 + (N - n + 0.5) / (n + 0.5)) * f * (k1 + 1) / (f + k1 * (1 - b + b * dl / avgdl))
+    def term(f, dl, n):  # Lucene's form: the classic formula without its constant (k1 + 1) factor
+        return math.log(1 + (N - n + 0.5) / (n + 0.5)) * f / (f + k1 * (1 - b + b * dl / avgdl))
 
     want = [term(1, 2, 2), term(2, 3, 2) + term(1, 3, 1), 0.0]
-    assert got == pytest.approx(want)
+    assert got == pytest.approx(want, rel=1e-6)  # bm25s scores in float32
+    assert BM25(corpus, k1=k1, b=b).scores(["c", "c", "a"]) == pytest.approx(got, rel=1e-6)  # a repeat counts once
+    assert BM25([[], []]).scores(["a"]) == [0.0, 0.0] and BM25([]).scores(["a"]) == []
 
 
 def test_search_tool_over_a_jsonl_file(tmp_path):

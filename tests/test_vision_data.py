@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from src.datamodules.prompts import DataRowError
+from src.datamodules.rows import DataRowError
 from src.datamodules.vision import VisionPromptDataModule, VisionPrompts
 from src.modules.models.multimodal import model_inputs, repeat_vision_kwargs, split_vision_kwargs
 from src.modules.models.tiny import build_tiny_vl_processor
@@ -183,7 +183,7 @@ def test_bad_images_are_listed_by_file_line_and_path(tmp_path):
     with pytest.raises(DataRowError) as err:
         VisionPrompts(str(path))()
     msg = str(err.value)
-    assert "4 bad rows" in msg
+    assert "4 of 6 rows are malformed" in msg
     assert f"{path}:2: image 'missing.png' ({tmp_path / 'missing.png'}): no such file" in msg
     assert f"{path}:4: image 'truncated.png'" in msg and "'text.png'" in msg and "unreadable" in msg
     assert f"{path}:5: 2 image placeholders but 1 images" in msg
@@ -193,13 +193,13 @@ def test_bad_images_are_listed_by_file_line_and_path(tmp_path):
 
 def test_skip_mode_warns_for_each_bad_row(tmp_path, caplog):
     path = broken_images(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="src.datamodules.vision"):
+    with caplog.at_level(logging.WARNING, logger="src.datamodules.rows"):
         rows = VisionPrompts(str(path), on_error="skip")()
     assert [r["answer"] for r in rows] == ["1", "3"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     for line in (2, 4, 5, 6):
         assert sum(f"{path}:{line}:" in w for w in warnings) == 1
-    assert "skipped 4 rows" in warnings[-1]
+    assert "skipped 4 of 6 rows" in warnings[-1]
 
 
 # ------------------------------------------------------------------------------------------ synthetic task

@@ -12,48 +12,35 @@ multi-turn tool-use episode ``[assistant, tool, ..., assistant]`` rendered as ``
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 from typing import Callable
 
 import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
-
-class DataRowError(ValueError):
-    """A malformed data row; the message names the file and line."""
+from src.datamodules.rows import BadRow, DataRowError, RowReader, check_on_error, checked_rows
 
 
 class JsonlPrompts:
-    """Rows from a JSONL file; ``prompt_field`` / ``answer_field`` name the columns.
+    """Rows from a JSONL file; ``prompt_field`` / ``answer_field`` name the columns. Every malformed line (bad JSON,
+    missing field) is named by file and line in one ``DataRowError`` (``src.datamodules.rows``)."""
 
-    A malformed line (bad JSON, missing field) raises ``DataRowError`` naming the file and line.
-    """
-
-    def __init__(self, path: str, prompt_field: str = "prompt", answer_field: str = "answer", limit: int | None = None):
-        self.path, self.prompt_field, self.answer_field, self.limit = Path(path), prompt_field, answer_field, limit
+    def __init__(self, path: str, prompt_field: str = "prompt", answer_field: str = "answer", limit: int | None = None,
+                 on_error: str = "raise"):
+        self.reader = RowReader(path)
+        self.prompt_field, self.answer_field, self.limit = prompt_field, answer_field, limit
+        self.on_error = check_on_error(on_error)
 
     def __call__(self) -> list[dict]:
-        if not self.path.exists():
-            raise FileNotFoundError(f"data file {self.path} does not exist")
-        rows = []
-        with self.path.open() as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataRowError(f"{self.path}:{lineno}: bad JSON ({e.msg})") from e
-                missing = [k for k in (self.prompt_field, self.answer_field) if k not in row]
-                if missing:
-                    raise DataRowError(f"{self.path}:{lineno}: missing field(s) {missing}; has {sorted(row)}")
-                rows.append({"prompt": row[self.prompt_field], "answer": str(row[self.answer_field])})
-                if self.limit and len(rows) >= self.limit:
-                    break
-        return rows
+        records, by_line = self.reader.records()
+        return checked_rows(self.reader.name, records, by_line, self._row, self.on_error, self.limit)
+
+    def _row(self, pos: int, record: dict) -> dict:
+        missing = [k for k in (self.prompt_field, self.answer_field) if k not in record]
+        if missing:
+            raise BadRow(f"missing field(s) {missing}; has {sorted(record)}")
+        return {"prompt": record[self.prompt_field], "answer": str(record[self.answer_field])}
 
 
 class _Tokenized(torch.utils.data.Dataset):

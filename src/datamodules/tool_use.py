@@ -27,26 +27,26 @@ import json
 import random
 from typing import Any
 
-from src.datamodules.math import ID_FIELDS, MathBenchmark, _BadRow, checked_rows, reference_text
+from src.datamodules.rows import BadRow, RowReader, check_on_error, checked_rows, reference_text, row_id
 
 PROMPT_FIELDS = ("messages", "question", "prompt", "query", "problem")
 
 
 def function_schema(tool: Any) -> dict:
-    """A tool definition in the ``{"type": "function", "function": {...}}`` form (raises _BadRow)."""
+    """A tool definition in the ``{"type": "function", "function": {...}}`` form (raises BadRow)."""
     if isinstance(tool, str):
         try:
             tool = json.loads(tool)
         except json.JSONDecodeError as e:
-            raise _BadRow(f"tool definition is not JSON ({e.msg})") from e
+            raise BadRow(f"tool definition is not JSON ({e.msg})") from e
     if not isinstance(tool, dict):
-        raise _BadRow(f"tool definition is a {type(tool).__name__}, not an object")
+        raise BadRow(f"tool definition is a {type(tool).__name__}, not an object")
     fn = tool.get("function", tool) if tool.get("type", "function") == "function" else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-        raise _BadRow(f"tool definition without a name: {json.dumps(tool)[:80]}")
+        raise BadRow(f"tool definition without a name: {json.dumps(tool)[:80]}")
     params = fn.get("parameters", {"type": "object", "properties": {}})
     if not isinstance(params, dict) or params.get("type", "object") != "object":
-        raise _BadRow(f"tool {fn['name']!r}: parameters must be a JSON Schema object")
+        raise BadRow(f"tool {fn['name']!r}: parameters must be a JSON Schema object")
     return {"type": "function", "function": {"name": fn["name"], "description": fn.get("description", ""),
                                              "parameters": params}}
 
@@ -66,15 +66,14 @@ class ToolPrompts:
     def __init__(self, path: str | None = None, prompt_field: str | None = None, answer_field: str = "answer",
                  tools_field: str = "tools", on_error: str = "raise", limit: int | None = None,
                  dataset: str | None = None, subset: str | None = None, split: str = "test"):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-        self.reader = MathBenchmark(path=path, dataset=dataset, subset=subset, split=split)
+        check_on_error(on_error)
+        self.reader = RowReader(path, dataset, subset, split)
         self.name = self.reader.name
         self.prompt_field, self.answer_field, self.tools_field = prompt_field, answer_field, tools_field
         self.on_error, self.limit = on_error, limit
 
     def __call__(self) -> list[dict]:
-        records, by_line = self.reader._read()
+        records, by_line = self.reader.records()
         rows = checked_rows(self.name, records, by_line, self._row, self.on_error)
         return rows[: self.limit] if self.limit is not None else rows
 
@@ -82,19 +81,18 @@ class ToolPrompts:
         fields = (self.prompt_field,) if self.prompt_field else PROMPT_FIELDS
         field = next((f for f in fields if record.get(f)), None)
         if field is None:
-            raise _BadRow(f"missing or empty prompt: none of {list(fields)} (has {sorted(record)})")
+            raise BadRow(f"missing or empty prompt: none of {list(fields)} (has {sorted(record)})")
         if record.get(self.answer_field) is None:
-            raise _BadRow(f"missing field {self.answer_field!r} (has {sorted(record)})")
+            raise BadRow(f"missing field {self.answer_field!r} (has {sorted(record)})")
         tools = record.get(self.tools_field)
         if isinstance(tools, str):
             try:
                 tools = json.loads(tools)
             except json.JSONDecodeError as e:
-                raise _BadRow(f"field {self.tools_field!r} is not JSON ({e.msg})") from e
+                raise BadRow(f"field {self.tools_field!r} is not JSON ({e.msg})") from e
         if not isinstance(tools, list) or not tools:
-            raise _BadRow(f"field {self.tools_field!r} must be a non-empty list of function definitions")
-        row_id = next((record[k] for k in ID_FIELDS if record.get(k) is not None), pos)
-        return {"id": row_id, "prompt": record[field], "answer": reference_text(record[self.answer_field]),
+            raise BadRow(f"field {self.tools_field!r} must be a non-empty list of function definitions")
+        return {"id": row_id(record, pos), "prompt": record[field], "answer": reference_text(record[self.answer_field]),
                 "tools": [function_schema(t) for t in tools]}
 
 

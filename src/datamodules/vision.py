@@ -54,8 +54,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from src.datamodules.math import ID_FIELDS, MathBenchmark, _BadRow, checked_rows, reference_text
 from src.datamodules.prompts import PromptDataModule
+from src.datamodules.rows import ID_FIELDS, BadRow, RowReader, check_on_error, checked_rows, reference_text, row_id
 
 PLACEHOLDER = "<image>"
 PROMPT_FIELDS = ("problem", "question", "query", "prompt")
@@ -66,7 +66,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 # ----------------------------------------------------------------------------------------------- images
 
 def open_image(ref: Any, base: Path) -> Image.Image | str:
-    """``ref`` decoded and checked: an absolute path for a file, else a loaded PIL image (raises _BadRow)."""
+    """``ref`` decoded and checked: an absolute path for a file, else a loaded PIL image (raises BadRow)."""
     if isinstance(ref, Image.Image):
         return _decoded(lambda: ref, "given as a PIL image")
     if isinstance(ref, dict):  # Parquet / datasets: {"bytes", "path"}; OpenAI style: {"url"}
@@ -75,19 +75,19 @@ def open_image(ref: Any, base: Path) -> Image.Image | str:
         data = bytes(ref)
         return _decoded(lambda: Image.open(io.BytesIO(data)), f"of {len(data)} bytes")
     if not isinstance(ref, str) or not ref:
-        raise _BadRow(f"image is {type(ref).__name__} {ref!r}, not a path, URI, bytes or PIL image")
+        raise BadRow(f"image is {type(ref).__name__} {ref!r}, not a path, URI, bytes or PIL image")
     if ref.startswith("data:"):
         try:
             data = base64.b64decode(ref.split("base64,", 1)[1], validate=True)
         except (IndexError, binascii.Error) as e:
-            raise _BadRow(f"image {ref[:40]!r}...: not a base64 data URI") from e
+            raise BadRow(f"image {ref[:40]!r}...: not a base64 data URI") from e
         return _decoded(lambda: Image.open(io.BytesIO(data)), f"{ref[:30]!r}...")
     if ref.startswith(("http://", "https://")):
-        raise _BadRow(f"image {ref!r}: remote images are not fetched at load; download them and give paths")
+        raise BadRow(f"image {ref!r}: remote images are not fetched at load; download them and give paths")
     path = Path(ref.removeprefix("file://")).expanduser()
     path = (path if path.is_absolute() else base / path).resolve()
     if not path.is_file():
-        raise _BadRow(f"image {ref!r} ({path}): no such file")
+        raise BadRow(f"image {ref!r} ({path}): no such file")
     with _decoded(lambda: Image.open(path), f"{ref!r} ({path})"):
         pass
     return str(path)
@@ -99,7 +99,7 @@ def _decoded(opener, shown: str) -> Image.Image:
         image.load()
         return image
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
-        raise _BadRow(f"image {shown}: unreadable ({type(e).__name__}: {e})") from e
+        raise BadRow(f"image {shown}: unreadable ({type(e).__name__}: {e})") from e
 
 
 # ------------------------------------------------------------------------------------------------- rows
@@ -122,9 +122,8 @@ class VisionPrompts:
                  image_field: str | None = None, choices_field: str = "choices", on_error: str = "raise",
                  limit: int | None = None, dataset: str | None = None, subset: str | None = None,
                  split: str = "test"):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-        self.reader = MathBenchmark(path=path, dataset=dataset, subset=subset, split=split)
+        check_on_error(on_error)
+        self.reader = RowReader(path, dataset, subset, split)
         self.name = self.reader.name
         root = image_root or (Path(path).parent if path is not None else ".")
         self.image_root = Path(root).expanduser()
@@ -132,7 +131,7 @@ class VisionPrompts:
         self.choices_field, self.on_error, self.limit = choices_field, on_error, limit
 
     def __call__(self) -> list[dict]:
-        records, by_line = self.reader._read()
+        records, by_line = self.reader.records()
         return checked_rows(self.name, records, by_line, self._row, self.on_error, self.limit)
 
     def _row(self, pos: int, record: dict) -> dict:
@@ -143,7 +142,7 @@ class VisionPrompts:
         fields = (self.prompt_field,) if self.prompt_field else ("messages", "conversations", *PROMPT_FIELDS)
         prompt_field = next((f for f in fields if record.get(f)), None)
         if prompt_field is None:
-            raise _BadRow(f"missing or empty prompt: none of {list(fields)} (has {sorted(record)})")
+            raise BadRow(f"missing or empty prompt: none of {list(fields)} (has {sorted(record)})")
         prompt = record[prompt_field]
         if isinstance(prompt, str):
             text, answer = self._choices(prompt, answer, record.get(self.choices_field))
@@ -152,16 +151,16 @@ class VisionPrompts:
             messages = [{"role": ROLES.get(m.get("role", m.get("from")), m.get("role", m.get("from"))),
                          "content": m.get("content", m.get("value"))} for m in prompt]
         else:
-            raise _BadRow(f"prompt {prompt_field!r} is a {type(prompt).__name__}, not text or chat messages")
+            raise BadRow(f"prompt {prompt_field!r} is a {type(prompt).__name__}, not text or chat messages")
         if messages and messages[-1]["role"] == "assistant":  # a training chat: its reply is the answer
             reply = messages.pop()["content"]
             answer = answer or (reply if isinstance(reply, str) else " ".join(
                 i.get("text", "") for i in reply if isinstance(i, dict))).strip()
         if not messages or messages[-1]["role"] != "user":
-            raise _BadRow("the chat does not end with a user turn")
+            raise BadRow("the chat does not end with a user turn")
         if not answer:
-            raise _BadRow(f"missing or empty answer (field {self.answer_field!r})")
-        row = {"id": next((record[k] for k in (*ID_FIELDS, "pid") if record.get(k) is not None), pos),
+            raise BadRow(f"missing or empty answer (field {self.answer_field!r})")
+        row = {"id": row_id(record, pos, (*ID_FIELDS, "pid")),
                "prompt": self._place_images(messages, images), "answer": answer}
         if isinstance(record.get("solution"), str) and record["solution"].strip():
             row["solution"] = record["solution"].strip()
@@ -179,7 +178,7 @@ class VisionPrompts:
             return text, letters[choices.index(answer)]
         if len(answer) == 1 and answer.upper() in letters:
             return text, answer.upper()
-        raise _BadRow(f"answer {answer!r} is none of the choices {choices}")
+        raise BadRow(f"answer {answer!r} is none of the choices {choices}")
 
     def _place_images(self, messages: list[dict], images: list) -> list[dict]:
         """Messages whose content is a list of items, every image decoded and placed (module docstring)."""
@@ -188,7 +187,7 @@ class VisionPrompts:
         def image_item(ref, extra: dict) -> dict | None:
             try:
                 return {**extra, "type": "image", "image": open_image(ref, self.image_root)}
-            except _BadRow as e:
+            except BadRow as e:
                 errors.append(str(e))
 
         def next_image(extra: dict) -> dict | None:  # an <image> placeholder or a bare image item
@@ -206,24 +205,24 @@ class VisionPrompts:
             elif isinstance(content, list):
                 for item in content:
                     if not isinstance(item, dict):
-                        raise _BadRow(f"content item {item!r} is not an object")
+                        raise BadRow(f"content item {item!r} is not an object")
                     kind = item.get("type", "image" if "image" in item else "text")
                     extra = {k: v for k, v in item.items() if k in ("min_pixels", "max_pixels")}
                     if kind not in ("image", "image_url", "text"):
-                        raise _BadRow(f"content item of type {kind!r}: only text and image are supported")
+                        raise BadRow(f"content item of type {kind!r}: only text and image are supported")
                     ref = item.get("image", item.get("image_url"))
                     items.append({"type": "text", "text": item.get("text", "")} if kind == "text" else
                                  image_item(ref, extra) if ref is not None else next_image(extra))
             else:
-                raise _BadRow(f"{m['role']} message content is a {type(content).__name__}")
+                raise BadRow(f"{m['role']} message content is a {type(content).__name__}")
             out.append({"role": m["role"], "content": items})
         if slots == 0 and pending:  # no placeholders: the images lead the first user turn
             first = next(m for m in out if m["role"] == "user")
             first["content"][:0] = [image_item(ref, {}) for ref in pending]
         elif slots != len(images):
-            raise _BadRow(f"{slots} image placeholders but {len(images)} images in the row")
+            raise BadRow(f"{slots} image placeholders but {len(images)} images in the row")
         if errors:
-            raise _BadRow("; ".join(errors))
+            raise BadRow("; ".join(errors))
         return out
 
 

@@ -1,20 +1,20 @@
-"""Search over a local document collection, ranked by Okapi BM25 (Robertson & Zaragoza 2009):
+"""Search over a local document collection, ranked by Okapi BM25 in Lucene's form (Robertson & Zaragoza 2009;
+the index is ``bm25s``'s sparse matrices, a maintained library, rather than one written here):
 
-    score(D, Q) = sum_{distinct q in Q} idf(q) * f(q,D) (k1 + 1) / (f(q,D) + k1 (1 - b + b |D| / avgdl))
+    score(D, Q) = sum_{distinct q in Q} idf(q) * f(q,D) / (f(q,D) + k1 (1 - b + b |D| / avgdl))
     idf(q)      = ln(1 + (N - n(q) + 0.5) / (n(q) + 0.5))
 
-with the Lucene ``1 +`` inside the log so idf never goes negative for a term in most documents, and a
-repeated query word counted once. Terms are lowercased ``\\w+`` runs of title and text. A document is a
-dict with ``text`` and optional ``title``; the collection comes from a list or a JSONL file and is indexed
-at construction (a bad file is a config error, raised there, not an observation shown to the model).
+with the ``1 +`` inside the log so idf never goes negative for a term in most documents, Lucene's omission of the
+constant ``(k1 + 1)`` factor (the ranking is the classic formula's), and a repeated query word counted once.
+Terms are lowercased ``\\w+`` runs of title and text. A document is a dict with ``text`` and optional ``title``;
+the collection comes from a list or a JSONL file and is indexed at construction (a bad file is a config error,
+raised there, not an observation shown to the model).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections import Counter
 from pathlib import Path
 
 from src.tools.base import Tool, ToolError
@@ -27,29 +27,20 @@ def tokenize(text: str) -> list[str]:
 
 
 class BM25:
-    """Okapi BM25 over tokenised documents; an inverted index means a query touches only its postings."""
+    """BM25 scores (the module docstring's formula) of every document for a query, over tokenised documents."""
 
     def __init__(self, corpus: list[list[str]], k1: float = 1.5, b: float = 0.75):
-        self.k1, self.b = k1, b
-        self.tf = [Counter(doc) for doc in corpus]
-        self.length = [len(doc) for doc in corpus]
-        self.avgdl = sum(self.length) / max(len(corpus), 1) or 1.0
-        self.postings: dict[str, list[int]] = {}
-        for d, tf in enumerate(self.tf):
-            for term in tf:
-                self.postings.setdefault(term, []).append(d)
-        n_docs = len(corpus)
-        self.idf = {t: math.log(1 + (n_docs - len(p) + 0.5) / (len(p) + 0.5))
-                    for t, p in self.postings.items()}
+        import bm25s
+
+        self.n_docs, self.index = len(corpus), None
+        if any(corpus):  # bm25s cannot index a collection without a single term
+            self.index = bm25s.BM25(k1=k1, b=b, method="lucene")
+            self.index.index([list(doc) for doc in corpus], show_progress=False)
 
     def scores(self, query: list[str]) -> list[float]:
-        out = [0.0] * len(self.tf)
-        for term in set(query):
-            for d in self.postings.get(term, ()):
-                f = self.tf[d][term]
-                norm = self.k1 * (1 - self.b + self.b * self.length[d] / self.avgdl)
-                out[d] += self.idf[term] * f * (self.k1 + 1) / (f + norm)
-        return out
+        if self.index is None:
+            return [0.0] * self.n_docs
+        return self.index.get_scores(sorted(set(query))).tolist()
 
 
 def load_documents(path: str | Path) -> list[dict]:

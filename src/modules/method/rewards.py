@@ -10,7 +10,7 @@ so maximising it minimises KL(pi_s || pi_t).
 The GRPO baseline replaces it with a verifiable outcome reward, normalised within each group of
 ``G`` samples of the same prompt and broadcast to every response token.
 
-Every reward component is a callable ``(batch: ScoredRollout) -> reward_BT`` (no gradient).
+Every reward component is a callable ``(ro: Rollout) -> reward_BT`` (no gradient).
 """
 
 from __future__ import annotations
@@ -57,16 +57,14 @@ class OutcomeReward:
     """Verifiable task reward for the GRPO baseline, group-normalised per prompt.
 
     Args:
-        scorer: ``(response: str, reference: str) -> float`` (e.g. 1.0 when the answer is right).
-            Default: ``src.modules.evaluation.grading.is_correct``.
+        scorer: ``(response: str, reference: str) -> float`` (e.g. 1.0 when the answer is right:
+            ``src.modules.evaluation.grading.is_correct``, as ``configs/reward/outcome.yaml`` sets).
         scale: divide by the group's standard deviation (GRPO); False gives Dr. GRPO's mean-only centring.
     """
 
     needs_teacher = False
 
-    def __init__(self, scorer: Callable[[str, str], float] | None = None, scale: bool = True):
-        if scorer is None:
-            from src.modules.evaluation.grading import is_correct as scorer
+    def __init__(self, scorer: Callable[[str, str], float], scale: bool = True):
         self.scorer = scorer
         self.scale = scale
 
