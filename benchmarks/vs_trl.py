@@ -1,6 +1,7 @@
 """This framework against TRL's DistillationTrainer (and the plain PyTorch floor), interleaved.
 
     python benchmarks/vs_trl.py FIXTURES --trl-python /path/to/trl-venv/bin/python [--rounds 3]
+    python benchmarks/vs_trl.py REAL_FIXTURES --trl-python ... --batch 8 --max-new-tokens 64 --steps 3 --warmup 1
 
 Each round runs ``trl`` (``../shared/peers/trl_opd_bench.py`` in the TRL venv), ``plain``
 (``plain_opd_bench.py``) and ``reopold`` (``benchmarks/throughput.py``) once, in that order, on the same
@@ -55,6 +56,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64, help="prompts per step (the peers' default: 64)")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="tokens per response (the peers' default: 32)")
     ap.add_argument("--max-others", type=float, default=10.0)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDE[,OVERRIDE...]",
@@ -64,7 +67,8 @@ def main(argv=None) -> dict:
     fx = Path(args.fixtures)
     if not (fx / "prompts.jsonl").exists():
         subprocess.run([sys.executable, str(PEERS / "tiny_setup.py"), str(fx)], check=True, capture_output=True)
-    common = [str(fx), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    common = [str(fx), "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+              "--max-new-tokens", str(args.max_new_tokens)]
     variants = {
         "trl": [args.trl_python, str(PEERS / "trl_opd_bench.py"), *common],
         "plain": [sys.executable, str(PEERS / "plain_opd_bench.py"), *common],
@@ -100,6 +104,9 @@ def main(argv=None) -> dict:
         names = list(results)
         rates = " | ".join(f"{summary[f'{n}_samples_per_s']:.1f}" for n in names)
         flag = "".join(f" --variant {v}" for v in args.variant)
+        if (args.batch, args.max_new_tokens, args.steps, args.warmup) != (64, 32, 20, 2):
+            flag = (f" --batch {args.batch} --max-new-tokens {args.max_new_tokens} --steps {args.steps} "
+                    f"--warmup {args.warmup}") + flag
         heads = " | ".join(f"{v} / trl" for v in ours)
         ratios = " | ".join(f"{summary[f'ratio_{v}_trl']:.2f}x" for v in ours)
         args.out.write_text(

@@ -318,7 +318,7 @@ def test_a_prefill_leaves_no_packing_behind_on_a_frozen_model(single_thread):
     assert kept is not None and scorer._packed is kept  # the scorer's cached packing is reused, not replaced
 
 
-def test_the_fused_decoder_steps_aside_where_it_would_not_be_the_models_forward():
+def test_the_fused_decoder_steps_aside_where_it_would_not_be_the_models_forward(monkeypatch):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     def decoder_for(model):
@@ -328,6 +328,9 @@ def test_the_fused_decoder_steps_aside_where_it_would_not_be_the_models_forward(
     assert isinstance(decoder_for(model), FusedForward)
     assert isinstance(decoder_for(model.train()), ModelForward)  # dropout could be active
     model.eval()
+    with monkeypatch.context() as m:  # the CPU wing: a GPU keeps the model's own forward
+        m.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+        assert isinstance(decoder_for(model), ModelForward)
     handle = model.model.layers[1].mlp.register_forward_pre_hook(lambda *a: None)  # sharding / offload wrappers
     assert isinstance(decoder_for(model), ModelForward)
     handle.remove()
@@ -368,3 +371,154 @@ def test_the_accel_group_sets_both_seams_for_every_rollout(make_cfg):
         assert isinstance(hydra.utils.instantiate(cfg.module).backbone, FusedBackbone)
         plain = hydra.utils.instantiate(make_cfg(f"rollout={rollout}", "accel=none").rollout)
         assert (plain.turn if rollout == "tools" else plain).decoder is ModelForward
+
+
+# ---------------------------------------------------------------- a training rollout's prefill, kept for the scoring
+def _gate_up_rows(monkeypatch, model):
+    """Records the rows [b, t] each packed gate/up projection of ``model`` sees."""
+    rows, linear, I = [], torch.nn.functional.linear, model.config.intermediate_size
+
+    def spy(x, w, b=None):
+        if w.shape[0] == 2 * I:
+            rows.append(tuple(x.shape[:2]))
+        return linear(x, w, b)
+
+    monkeypatch.setattr(fused_backbone.F, "linear", spy)
+    return rows
+
+
+def _keep_prefill(model, ids, mask, P):
+    """As the decode loop runs it for a training rollout: without gradient, the graph kept all the same."""
+    with torch.no_grad():
+        FusedScorer.for_model(model).prefill(ids[:, :P], mask[:, :P], kv_cache(model, ids.shape[1]), keep_graph=True)
+    return fused_backbone._PREFILLS.get(model)
+
+
+@pytest.mark.parametrize("kind,layout,sdpa", [("qwen2", layout, False) for layout in LAYOUTS]
+                         + [("llama_bias_yarn", "left_padded", False), ("qwen2", "left_padded", True)])
+def test_scoring_continues_from_a_kept_prefill_with_the_same_gradients(monkeypatch, kind, layout, sdpa,
+                                                                        single_thread):
+    """The response columns alone, attending to the prefill's keys and values, give the full forward's hidden
+    states and every parameter's gradient (through both graphs), the first response token's included."""
+    model = random_lm(kind).train()
+    ids, mask, P = scored_batch(layout=layout)
+    B, T = ids.shape
+    if sdpa:
+        monkeypatch.setattr(fused_backbone, "EAGER_MAX_SCORES", 0)
+    g = torch.randn(B, T - P, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    g[:, 1:] *= 0.01  # the first response token's hidden state (the prefill's own) dominates the loss
+    grads = {}
+    for continued in (True, False):
+        model.zero_grad()
+        if continued:
+            assert _keep_prefill(model, ids, mask, P) is not None
+        rows = _gate_up_rows(monkeypatch, model)
+        h = FUSED(model, ids, mask, P)
+        monkeypatch.undo()
+        if continued:  # every layer ran the response columns only (the last one is never run)
+            assert rows == [(B, T - 1 - P)] * model.config.num_hidden_layers
+        assert model not in fused_backbone._PREFILLS  # a kept prefill serves one scoring
+        (h * g).sum().backward()
+        grads[continued] = h.detach(), [p.grad for p in model.parameters() if p is not model.lm_head.weight]
+    torch.testing.assert_close(grads[True][0], grads[False][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[True][1], grads[False][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_kept_prefill_that_no_longer_applies_is_not_continued(monkeypatch, single_thread):
+    model = random_lm("qwen2").train()
+    ids, mask, P = scored_batch(layout="left_padded")
+    B, T = ids.shape
+    with torch.no_grad():
+        ref = hf_backbone(model, ids, mask, P)
+
+    def continued(ids=ids, mask=mask, prepare=None):
+        _keep_prefill(model, ids if prepare is None else prepare, mask, P)
+        rows = _gate_up_rows(monkeypatch, model)
+        h = FUSED(model, ids, mask, P)
+        monkeypatch.undo()
+        return rows[0][1] == T - 1 - P, h
+
+    ok, h = continued()
+    assert ok
+    torch.testing.assert_close(h, ref, atol=1e-5, rtol=1e-5)
+    other = ids.clone()
+    other[0, P - 1] = (other[0, P - 1] + 1) % 50
+    assert not continued(prepare=other)[0]  # other prompts
+    _keep_prefill(model, ids, mask, P)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.0)  # an in-place change (an optimiser step)
+    rows = _gate_up_rows(monkeypatch, model)
+    FUSED(model, ids, mask, P)
+    monkeypatch.undo()
+    assert rows[0][1] == T - 1  # the whole sequence ran again
+    # a fused optimiser step writes the weights without moving their version counters
+    _keep_prefill(model, ids, mask, P)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    versions = [p._version for p in model.parameters()]
+    torch.optim.AdamW(model.parameters(), lr=0.0, fused=True).step()
+    model.zero_grad(set_to_none=True)
+    assert [p._version for p in model.parameters()] == versions
+    rows = _gate_up_rows(monkeypatch, model)
+    FUSED(model, ids, mask, P)
+    monkeypatch.undo()
+    assert rows[0][1] == T - 1
+    # a one-token response is the prefill's last column alone, gradient included
+    grads = []
+    for keep in (True, False):
+        if keep:
+            _keep_prefill(model, ids, mask, P)
+        model.zero_grad()
+        h1 = FUSED(model, ids[:, : P + 1], mask[:, : P + 1], P)
+        torch.testing.assert_close(h1, ref[:, :1], atol=1e-5, rtol=1e-5)
+        h1.pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert grads[0][0].abs().sum() > 0
+
+
+def test_rotary_frequencies_that_depend_on_the_length_keep_no_prefill(single_thread):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500.0}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8,
+                                         rope_parameters=rope))
+    ids, mask, P = scored_batch(layout="unpadded")
+    assert _keep_prefill(model, ids, mask, P) is None
+
+
+def test_a_training_rollout_keeps_its_prefill_for_the_next_scoring_only(make_cfg, single_thread):
+    """Through the module: the student's rollout with gradient on keeps its prefill, the first scoring continues
+    from it (same loss and gradients as scoring from scratch); rollouts without gradient (evaluation), of the
+    frozen teacher, or scored in other rows (minibatches) keep none or drop it."""
+    cfg = make_cfg("rollout.max_new_tokens=10", "rollout.num_samples=2", "accel=cpu")
+    module = hydra.utils.instantiate(cfg.module)
+    module.configure_model()
+    module.student.train()
+    batch = {**encode(module.tokenizer, ["12+34=", "5+678=", "9="]), "references": ["46", "683", "9"]}
+    out = []
+    for keep in (True, False):
+        ro = module.objective.rollout(batch, module.sampler, module.scorer)
+        assert (module.student in fused_backbone._PREFILLS) is True
+        if not keep:
+            fused_backbone._PREFILLS.pop(module.student)
+        module.objective.prepare(ro, module.scorer, module.selection)
+        assert module.student in fused_backbone._PREFILLS or not keep  # the teacher's scoring leaves it alone
+        module.student.zero_grad()
+        loss, _ = module.objective.loss(ro, module.scorer)
+        assert module.student not in fused_backbone._PREFILLS
+        loss.backward()
+        out.append((ro, loss.detach(), [p.grad.clone() for p in module.student.parameters()]))
+    assert torch.equal(out[0][0].input_ids, out[1][0].input_ids)  # the same step seed: the same rollout
+    torch.testing.assert_close(out[0][1], out[1][1], atol=1e-6, rtol=1e-5)
+    for a, b in zip(out[0][2], out[1][2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        module.sampler(module.student, batch, greedy=True)
+    assert module.student not in fused_backbone._PREFILLS  # an evaluation rollout keeps nothing
+    module.sampler(module.teacher, batch)
+    assert module.teacher not in fused_backbone._PREFILLS  # nor does a frozen model's

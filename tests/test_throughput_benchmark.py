@@ -61,7 +61,7 @@ def test_vs_trl_interleaves_the_variants_and_writes_each(tmp_path, monkeypatch):
     out = tmp_path / "results.md"
     summary = vs_trl.main([str(tmp_path), "--trl-python", "trl-python", "--rounds", "2",
                            "--variant", "hf=accel=none,seed=3", "--out", str(out)])
-    assert len(calls) == 8 and calls[0][0] == "trl-python"
+    assert len(calls) == 8 and calls[0][0] == "trl-python" and calls[0][-4:] == ["--batch", "64", "--max-new-tokens", "32"]
     assert calls[3][-2:] == ["accel=none", "seed=3"] and summary["hf_samples_per_s"] == 90.0
     assert summary["ratio_reopold_trl"] == pytest.approx(1.25) and summary["ratio_hf_trl"] == pytest.approx(1.125)
     text = out.read_text()

@@ -28,8 +28,14 @@ backwards (``src.accel.cpu.ops``): each writes its input's gradient in one piece
 backwards zero-fill and add up a packed projection's gradient slice by slice.
 
 ``FusedScorer.prefill`` runs the same layers over a prompt for the decode loop (``src.accel.cpu.decode_step``): it
-fills the loop's KV cache and returns the last column's hidden state. Where the rotary frequencies depend on the
-call's length (``dynamic``, ``longrope``), the last column is computed too, as the model's forward would.
+fills the loop's KV cache and returns the last column's hidden state. **A training rollout's prefill is kept**:
+where the rollout was asked for with gradient on (the decoder is built in the caller's grad mode) and the policy
+has trainable weights, the prefill runs with gradient and keeps a ``PromptState`` (keys, values, the last hidden
+state, the packed weights, with their graph) for that model. The next scoring of the model continues from it if
+it still applies (the same prompts, the same weights, gradient on), running only the response columns, so the
+prompt's forward runs once a step instead of twice; the state is dropped at that call either way. Where the
+rotary frequencies depend on the call's length (``dynamic``, ``longrope``), nothing is continued and the last
+column is computed too, as the model's forward would.
 
 Attention is the eager kind (scores, fp32 softmax, values) while the score tensor is small: on the CPU, forward
 and backward together, it beats ``scaled_dot_product_attention``'s flash kernel at a miniature's sizes. Above
@@ -47,6 +53,7 @@ parameter gradients and a training step's loss against the Hugging Face forward.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import torch
@@ -54,6 +61,7 @@ import torch.nn.functional as F
 
 from src.accel.cpu.decode_step import fusable
 from src.accel.cpu.ops import rms_norm, rope_heads, swiglu
+from src.modules.rollout.weights_version import weights_key
 from src.modules.scoring import hf_backbone
 
 # B * heads * T * T score elements up to which attention is eager: 64 MiB of fp32 probabilities per layer,
@@ -61,6 +69,25 @@ from src.modules.scoring import hf_backbone
 # tensor per call holds the mask in the scores' layout
 EAGER_MAX_SCORES = 1 << 24
 _SCORERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its FusedScorer
+_PREFILLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its kept PromptState
+
+
+@dataclasses.dataclass
+class PromptState:
+    """What a training rollout's prefill computed, with its autograd graph: every layer's keys and values of the
+    prompt columns and the last prompt column's final hidden state, with the weights key and the packed weights
+    they were computed with."""
+
+    kv: list  # per layer (k, v), [B, n_kv, P, head_dim]
+    h_last: torch.Tensor  # [B, H]: predicts the first response token
+    input_ids: torch.Tensor  # [B, P]
+    attention_mask: torch.Tensor  # [B, P]
+    weights: tuple  # weights_key(model) when computed
+    packed: list  # the packed weights it ran with (in its graph): the continuation reuses them
+
+    @property
+    def width(self) -> int:
+        return self.input_ids.shape[1]
 
 
 class FusedBackbone:
@@ -182,33 +209,66 @@ class FusedScorer:
     def __call__(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, response_start: int) -> torch.Tensor:
         """Final hidden states [B, T - response_start, H] that predict ``input_ids_BT[:, response_start:]``. The
         last column predicts nothing read here and no column before it attends to it: it is left out (unless the
-        rotary frequencies depend on the call's length)."""
+        rotary frequencies depend on the call's length). Continues from the model's kept prefill where it applies
+        (the module docstring), and drops it."""
         T = input_ids_BT.shape[1]
+        state = _PREFILLS.pop(self.model, None)
         if not self.static_rope():  # the whole sequence, which sets the rotary frequencies as the model's forward
             return self._forward(input_ids_BT, attention_mask_BT, response_start - 1, T - 1)
-        return self._forward(input_ids_BT[:, :-1], attention_mask_BT[:, :-1], response_start - 1, T - 1)
+        past = state if self._continues(state, input_ids_BT, attention_mask_BT, response_start) else None
+        return self._forward(input_ids_BT[:, :-1], attention_mask_BT[:, :-1], response_start - 1, T - 1, past=past)
 
-    def prefill(self, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, cache) -> torch.Tensor:
+    def _continues(self, state: PromptState | None, input_ids_BT, attention_mask_BT, response_start: int) -> bool:
+        """Whether ``state`` holds these prompts, computed with the current weights, with a graph where one is
+        needed (else the prompt's share of the gradient would be lost)."""
+        if state is None or state.width != response_start or state.input_ids.shape[0] != input_ids_BT.shape[0]:
+            return False
+        if torch.is_grad_enabled() and state.h_last.grad_fn is None and any(
+                p.requires_grad for p in self.model.parameters()):
+            return False
+        return (state.weights == weights_key(self.model)
+                and torch.equal(state.input_ids, input_ids_BT[:, :response_start])
+                and torch.equal(state.attention_mask, attention_mask_BT[:, :response_start]))
+
+    def prefill(self, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor, cache,
+                keep_graph: bool = False) -> torch.Tensor:
         """A decode loop's prefill: every layer's keys and values go into ``cache`` (``layer.update(k, v)`` per
         layer; the Hugging Face forward's values wherever the prompt is not padding, and padding columns are
-        masked in every later step); returns the last column's final hidden state [B, H]."""
+        masked in every later step); returns the last column's final hidden state [B, H]. ``keep_graph``: run
+        with gradient and keep the ``PromptState`` for the model's next scoring (the cache gets the keys and values
+        without their graph)."""
         P = input_ids_BP.shape[1]
-        return self._forward(input_ids_BP, attention_mask_BP, P - 1, P, cache, keep_packing=False)[:, 0]
+        if not (keep_graph and self.static_rope()):
+            return self._forward(input_ids_BP, attention_mask_BP, P - 1, P, cache, keep_packing=False)[:, 0]
+        kv, packed = [], []
+        weights = weights_key(self.model)  # with the optimiser steps: a fused step leaves the versions alone
+        with torch.enable_grad():
+            h = self._forward(input_ids_BP, attention_mask_BP, P - 1, P, cache, keep_packing=False, kv_out=kv,
+                              packed_out=packed)[:, 0]  # taken inside: a view taken without grad has no graph
+        _PREFILLS[self.model] = PromptState(kv, h, input_ids_BP, attention_mask_BP, weights, packed)
+        return h.detach()
 
     def _forward(self, input_ids_BT, attention_mask_BT, first: int, stop: int, cache=None,
-                 keep_packing: bool = True) -> torch.Tensor:
+                 keep_packing: bool = True, past: PromptState | None = None, kv_out: list | None = None,
+                 packed_out: list | None = None) -> torch.Tensor:
         """Final hidden states of columns ``first:stop``. Two streams through the layers: the ``c`` shared leading
         columns as one row, and the rest of every row, whose attention reads the shared row's keys and values
         expanded over the batch (their gradient is the sum over the rows, as if each row had computed them).
-        ``cache``: every layer's keys and values go into it (``layer.update(k, v)``)."""
+        With ``past``, its columns are not run: every row's stream starts after them and reads their keys and
+        values, and the last of them contributes its final hidden state (its packed weights are reused).
+        ``cache``: every layer's keys and values go into it (``layer.update(k, v)``); ``kv_out`` collects them,
+        ``packed_out`` the packed weights."""
         B, T = input_ids_BT.shape
         nq, nk, d = self.n_heads, self.n_kv, self.head_dim
         Q = nq * d
         inner = self.model.model
-        c = self.shared_prefix(input_ids_BT, attention_mask_BT, first + 1)  # the first column of every row's stream
+        c = 0 if past is not None else self.shared_prefix(input_ids_BT, attention_mask_BT, first + 1)
+        s = past.width if past is not None else c  # the first column of every row's own stream
+        if past is not None and stop <= s:  # a one-token response: the prompt's last column is all there is
+            return past.h_last[:, None]
         pos_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)  # = position_ids_from_mask
         emb = inner.embed_tokens
-        h = F.embedding(input_ids_BT[:, c:], emb.weight, emb.padding_idx)  # padding_idx: no gradient there
+        h = F.embedding(input_ids_BT[:, s:], emb.weight, emb.padding_idx)  # padding_idx: no gradient there
         hp = F.embedding(input_ids_BT[:1, :c], emb.weight, emb.padding_idx)  # the shared columns, once
         cos, sin = inner.rotary_emb(h, pos_BT)  # [B, T, d], attention scaling included
         cos, sin = cos.to(h.dtype)[:, :, None], sin.to(h.dtype)[:, :, None]
@@ -221,7 +281,9 @@ class FusedScorer:
             allowed = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(
                 ~allowed, torch.finfo(h.dtype).min)
         autocast = torch.is_autocast_enabled(h.device.type)
-        packed = self._pack(keep_packing)
+        packed = past.packed if past is not None else self._pack(keep_packing)
+        if packed_out is not None:
+            packed_out.extend(packed)
         G = nq // nk
         score_bias = {}  # the masks in the eager attention's layout, by layer kind
 
@@ -252,10 +314,10 @@ class FusedScorer:
                     qp, kp, vp = rope_heads(F.linear(xp, W, b), cp, sp, qkv, d)
                     op = attend(qp, kp, vp, "prefix", allowed[:1, :, :c, :c])
                     hp = mlp(residual(hp, op.transpose(1, 2).reshape(1, c, Q), Wo, bo), ln2, Wgu, Wd)
-            # every row's own columns c..T-1; in the last layer queries only where the heads read
-            rows = slice(max(first, c) - c, stop - c) if last else slice(None)
+            # every row's own columns s..T-1; in the last layer queries only where the heads read
+            rows = slice(max(first, s) - s, stop - s) if last else slice(None)
             x = rms_norm(h, ln1, self.eps)
-            cc, sc = cos[:, c:], sin[:, c:]
+            cc, sc = cos[:, s:], sin[:, s:]
             if last:
                 h = h[:, rows]
                 q, = rope_heads(F.linear(x[:, rows], W[:Q], bq), cc[:, rows], sc[:, rows], qkv[:1], d)
@@ -266,8 +328,15 @@ class FusedScorer:
             if c:
                 k = torch.cat([kp.expand(B, -1, -1, -1), k], dim=2)
                 v = torch.cat([vp.expand(B, -1, -1, -1), v], dim=2)
+            elif past is not None:
+                k, v = torch.cat([past.kv[i][0], k], dim=2), torch.cat([past.kv[i][1], v], dim=2)
+            if kv_out is not None:
+                kv_out.append((k, v))
             if cache is not None:
                 cache.layers[i].update(k.detach(), v.detach())
-            o = attend(q, k, v, "last" if last else "row", allowed[:, :, c:][:, :, rows])
+            o = attend(q, k, v, "last" if last else "row", allowed[:, :, s:][:, :, rows])
             h = mlp(residual(h, o.transpose(1, 2).reshape(B, Tq, Q), Wo, bo), ln2, Wgu, Wd)
-        return rms_norm(h, inner.norm.weight, self.eps)
+        h = rms_norm(h, inner.norm.weight, self.eps)
+        if past is not None and first < s:  # the prompt's last column, from the prefill
+            h = torch.cat([past.h_last[:, None], h], dim=1)
+        return h

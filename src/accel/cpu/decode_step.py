@@ -122,12 +122,13 @@ class FusedDecodeStep:
 
 class FusedForward:
     """A ``Decoder``: the prompt through ``FusedScorer.prefill`` on the CPU (else the model's forward), every later
-    token through ``FusedDecodeStep``."""
+    token through ``FusedDecodeStep``. ``keep_graph``: the prefill keeps its graph for the model's next scoring
+    (``src.accel.cpu.backbone``)."""
 
-    def __init__(self, model, cache, mask_BL: torch.Tensor | None):
+    def __init__(self, model, cache, mask_BL: torch.Tensor | None, keep_graph: bool = False):
         from src.accel.cpu.backbone import FusedScorer
 
-        self.model, self.cache, self.step_fn = model, cache, FusedDecodeStep(model)
+        self.model, self.cache, self.step_fn, self.keep_graph = model, cache, FusedDecodeStep(model), keep_graph
         self.prefill_scorer = FusedScorer.for_model(model)
         self.fallback = ModelForward(model, cache, mask_BL)
         self.bias_BL = None
@@ -138,7 +139,7 @@ class FusedForward:
     def prefill(self, prompt_ids_BP, prompt_mask_BP):
         if self.prefill_scorer is None:
             return self.fallback.prefill(prompt_ids_BP, prompt_mask_BP)
-        h_BH = self.prefill_scorer.prefill(prompt_ids_BP, prompt_mask_BP, self.cache)
+        h_BH = self.prefill_scorer.prefill(prompt_ids_BP, prompt_mask_BP, self.cache, self.keep_graph)
         return F.linear(h_BH, self.step_fn.head)
 
     def step(self, ids_B, positions_B, n: int):
@@ -146,15 +147,18 @@ class FusedForward:
 
 
 class FusedDecoder:
-    """The ``rollout.decoder`` factory of ``accel=cpu``: ``FusedForward`` where ``fusable`` (and the model is in
-    eval mode, as a rollout puts it: no dropout), the model's own forward elsewhere."""
+    """The ``rollout.decoder`` factory of ``accel=cpu``: ``FusedForward`` where ``fusable``, on the CPU, in eval mode
+    (as a rollout puts the policy: no dropout); the model's own forward elsewhere. Called in the caller's grad
+    mode: a rollout asked for with gradient on, of a policy with trainable weights (a training step's student),
+    keeps its prefill's graph for the scoring that follows."""
 
     def __call__(self, model, cache, mask_BL: torch.Tensor | None):
         layers = getattr(cache, "layers", None)  # the loop's preallocated buffers, which the step writes in place
         in_place = bool(layers) and all(isinstance(layer, InPlaceLayer) for layer in layers)
-        if getattr(model, "training", True) or not in_place or not fusable(model):
+        if getattr(model, "training", True) or not in_place or not fusable(model) or model.device.type != "cpu":
             return ModelForward(model, cache, mask_BL)
-        return FusedForward(model, cache, mask_BL)
+        keep_graph = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+        return FusedForward(model, cache, mask_BL, keep_graph)
 
 
 def fusable(model) -> bool:

@@ -15,8 +15,10 @@ steps (a device sync on GPU), and the all-padding columns decoded past the end a
 
 How the logits are computed is the loop's seam: a ``Decoder`` fills the cache from the prompt (``prefill``) and
 takes one token per row at a time (``step``). The default, ``ModelForward``, is the model's own forward
-(``logits_to_keep=1``); the ``accel`` config group can plug in another (``rollout.decoder``). The cache is a
-``DynamicCache`` whose full-attention layers write into one preallocated buffer (``InPlaceLayer``).
+(``logits_to_keep=1``); the ``accel`` config group can plug in another (``rollout.decoder``). The factory is
+called in the caller's grad mode and the loop then runs without gradient, so a decoder may keep what it computed
+for a backward the caller runs later. The cache is a ``DynamicCache`` whose full-attention layers write into one
+preallocated buffer (``InPlaceLayer``).
 
 Text-only causal LMs only: models with 3-D rotary positions or image inputs (vision-language) keep
 ``generate``.
@@ -140,12 +142,12 @@ class ModelForward:
         return self._logits(ids_B[:, None], positions_B[:, None], n)
 
 
-@torch.no_grad()
 def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos_token_ids, pad_token_id: int,
            max_new_tokens: int, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, banned_ids: torch.Tensor | None = None, sync_every: int = 4,
            decoder: DecoderFactory = ModelForward):
-    """Decode up to ``max_new_tokens`` per row, the logits from ``decoder(model, cache, mask_BL)``.
+    """Decode up to ``max_new_tokens`` per row, the logits from ``decoder(model, cache, mask_BL)`` (built in the
+    caller's grad mode; the loop runs without gradient).
 
     Returns ``(sequences [B, P + T], logp_BT, entropy_BT)``; the last two are ``None`` when greedy, and hold
     garbage (not zeros) after each row's EOS: the caller masks them.
@@ -155,7 +157,6 @@ def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos
     cache = kv_cache(model, P + max_new_tokens)
     eos_E = torch.as_tensor(list(eos_token_ids), device=device)
     banned_K = None if banned_ids is None or not len(banned_ids) else banned_ids.to(device)
-    record = not greedy
     inv_temp = 1.0 / temperature
     warps = [] if greedy else warpers(temperature, top_k, top_p)
     # Without left padding the causal mask alone is right: no 2-D mask, so the model skips building a 4-D one.
@@ -163,7 +164,16 @@ def sample(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos
     if not bool(prompt_mask_BP.all()):
         mask_BL = torch.cat([prompt_mask_BP, prompt_mask_BP.new_ones(B, max_new_tokens)], dim=1)
     forward = decoder(model, cache, mask_BL)
+    with torch.no_grad():
+        return _loop(forward, prompt_ids_BP, prompt_mask_BP, eos_E, pad_token_id, max_new_tokens, greedy, inv_temp,
+                     warps, banned_K, sync_every)
 
+
+def _loop(forward: Decoder, prompt_ids_BP, prompt_mask_BP, eos_E, pad_token_id: int, max_new_tokens: int,
+          greedy: bool, inv_temp: float, warps: list, banned_K, sync_every: int):
+    B, P = prompt_ids_BP.shape
+    device = prompt_ids_BP.device
+    record = not greedy
     tokens_BT = torch.full((B, max_new_tokens), pad_token_id, dtype=prompt_ids_BP.dtype, device=device)
     logp_BT = torch.empty(B, max_new_tokens, device=device) if record else None
     entropy_BT = torch.empty(B, max_new_tokens, device=device) if record else None

@@ -86,7 +86,6 @@ class HFGenerateRollout(RolloutBackend):
         self.use_loop = backend == "loop"
         self.decoder = decoder or decode.ModelForward
 
-    @torch.no_grad()
     def __call__(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
                  num_samples: int | None = None, greedy: bool = False, max_new_tokens: int | None = None,
                  banned_ids: torch.Tensor | None = None, **model_kwargs) -> Rollout:
@@ -125,6 +124,7 @@ class HFGenerateRollout(RolloutBackend):
             truncated_B=truncated_B, group_size=G, seconds=seconds, model_kwargs=model_kwargs,
         )
 
+    @torch.no_grad()
     def _generate(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id, budget, greedy,
                   banned_ids, model_kwargs):
         """``generate`` with our processors: (sequences, raw rollout-time log-probs, entropies)."""
