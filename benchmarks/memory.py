@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "--out" in shown:  # where the file went is not part of what reproduces it
             del shown[shown.index("--out"): shown.index("--out") + 2]
         cmd = " ".join(["python benchmarks/memory.py", *shown])
-        body = (f"`{cmd.strip()}` on {machine()}, {time.strftime('%Y-%m-%d')}; method in the docstring of "
+        body = (f"`{cmd.strip()}` on {machine()}; method in the docstring of "
                 "`benchmarks/memory.py` (fresh process per measurement, resident-set high-water mark)."
                 "\n\n" + table)
         args.out.parent.mkdir(parents=True, exist_ok=True)

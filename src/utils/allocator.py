@@ -2,11 +2,10 @@
 
 By default glibc serves every allocation above 128 KiB-32 MiB (its adaptive mmap threshold) with a fresh
 ``mmap`` and hands it back on ``free``; the next step's tensor of the same size then pays a page fault per
-4 KiB page on first touch. On the CPU the elementwise ops of a scoring pass run at the speed of those faults
-(``aten::silu`` over a [64, 59, 688] fp32 tensor: 3.8 ms, and 1.6-2.0 ms with this setting, in
-``torch.profiler`` on the peer benchmark's teacher). Raising the mmap threshold and the trim threshold keeps
-that memory in the heap, as jemalloc or tcmalloc (the usual ``LD_PRELOAD`` advice for PyTorch on CPUs) would,
-with nothing to install. The cost: freed memory stays resident for reuse (glibc only ever trims the heap's
+4 KiB page on first touch, and on the CPU the elementwise ops of a scoring pass run at the speed of those
+faults. Raising the mmap threshold and the trim threshold keeps that memory in the heap, as jemalloc or tcmalloc
+(the usual ``LD_PRELOAD`` advice for PyTorch on CPUs) would, with nothing to install
+(``tests/test_allocator.py`` checks that freed tensors' pages are reused without faults). The cost: freed memory stays resident for reuse (glibc only ever trims the heap's
 top, beyond ``TRIM_THRESHOLD``), so the resident set stays near the process's high-water mark.
 
 ``keep_freed_memory()`` is called by ``src/train.py`` and ``src/eval.py`` (``keep_freed_memory: false`` in the

