@@ -13,12 +13,13 @@ the last untimed warm-up step and stops at the end of the last timed one. Ends w
     steps=<n> samples=<n> seconds=<s> samples_per_s=<x> gen_tokens_per_s=<y>
 
 and ``peak_rss_mb=<m>``. ``--phases`` adds the wall time per timed step of each phase (rollout, teacher
-scoring, the student's scoring forward, the backward) and the rest of the step. Keep the machine otherwise
-idle (see the peers' README): two busy threads on two cores slow tiny models by several times.
+scoring, the student's scoring forward, the backward) and the rest of the step; with ``accel=cpu`` the student's
+prompt runs in the rollout (its prefill kept for the scoring), which moves time from scoring to the rollout. Keep
+the machine otherwise idle (see the peers' README): two busy threads on two cores slow tiny models several times.
 
 ``--ranks 2`` runs the same global step data-parallel, as ``trainer=ddp_cpu`` does: two processes (gloo),
 32 prompts each, ``threads // ranks`` intra-op threads each, gradients averaged, the loss and the entropy
-quantile taken over both ranks' tokens (``src/modules/losses.py``, ``sampling.py``). Rank 0 prints; tokens
+quantile taken over both ranks' tokens (``src/modules/method/losses.py``, ``selection.py``). Rank 0 prints; tokens
 and the ranks' peak resident memories are summed (an upper bound on the job's peak).
 """
 

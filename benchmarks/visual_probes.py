@@ -104,12 +104,12 @@ def order(paths: list[str], n: int = 40) -> list[dict]:
 
 
 def sharpness(student: str, teacher: str, steps=(0.01, 0.03, 0.1, 0.3)) -> dict:
-    from src.modules.method.clipping import mixture_floor
     from src.modules.evaluation.grading import grade
+    from src.modules.method.clipping import mixture_floor
+    from src.modules.method.selection import RewardFloor
     from src.modules.models.multimodal import vision_token_ids
     from src.modules.rollout.batch import reference_rollout
     from src.modules.rollout.hf import HFGenerateRollout
-    from src.modules.method.selection import RewardFloor
     from src.modules.scoring import score_tokens
 
     torch.manual_seed(0)

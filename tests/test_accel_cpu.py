@@ -522,3 +522,50 @@ def test_a_training_rollout_keeps_its_prefill_for_the_next_scoring_only(make_cfg
     assert module.student not in fused_backbone._PREFILLS  # an evaluation rollout keeps nothing
     module.sampler(module.teacher, batch)
     assert module.teacher not in fused_backbone._PREFILLS  # nor does a frozen model's
+
+
+def test_the_wing_holds_its_models_weakly(single_thread):
+    """A model the run drops is freed, with its scorer and packed weights (the registries hold it weakly)."""
+    import gc
+    import weakref
+
+    model = random_lm("qwen2").requires_grad_(False)
+    ids, mask, P = scored_batch()
+    with torch.no_grad():
+        FUSED(model, ids, mask, P)
+    gone = weakref.ref(model)
+    assert FusedScorer.for_model(model)._packed is not None
+    del model
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_prefill_is_kept_only_where_the_scoring_takes_the_fused_backbone(single_thread):
+    model = random_lm("qwen2").train()
+    ids, mask, P = scored_batch()
+
+    def rollout_keeps():
+        fused_backbone._PREFILLS.pop(model, None)
+        model.eval()  # as the sampler puts it
+        with torch.enable_grad():  # a training step's rollout
+            FusedDecoder()(model, kv_cache(model, ids.shape[1]), None).prefill(ids[:, :P], mask[:, :P])
+        model.train()
+        return model in fused_backbone._PREFILLS
+
+    assert rollout_keeps()
+    model.config.attention_dropout = 0.1  # the training scoring would take the Hugging Face forward
+    assert not rollout_keeps()
+    # and a kept prefill is dropped by the model's next scoring, whichever forward that is
+    model.config.attention_dropout = 0.0
+    assert rollout_keeps()
+    model.config.attention_dropout = 0.1
+    FUSED(model, ids, mask, P)
+    assert model not in fused_backbone._PREFILLS
+
+
+def test_the_decode_steps_packed_weights_carry_no_graph():
+    model = random_lm("qwen2")
+    with torch.enable_grad():  # a training step's rollout builds its decoder with gradient on
+        step = FusedDecodeStep(model)
+    packed = [layer[i] for layer in step.layers for i in (1, 2, 6)]  # q/k/v (+ rotations), their bias, gate/up
+    assert packed and not any(w.requires_grad for w in packed if w is not None)

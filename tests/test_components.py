@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from src.modules.method.clipping import MixtureClip, NoClip, mixture_floor
 from src.modules.method.losses import AGGREGATIONS, aggregate, generalized_jsd, policy_loss, token_nll
 from src.modules.method.rewards import LogRatioReward, OutcomeReward, group_normalise, log_ratio_reward
-from src.modules.rollout.backend import response_mask_from_ids
 from src.modules.method.selection import AllTokens, EntropyTopQuantile, RewardFloor
+from src.modules.rollout.backend import response_mask_from_ids
 from src.modules.scoring import reference_logp_entropy, token_logp_entropy
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -117,7 +116,7 @@ def test_outcome_reward_broadcasts_group_advantage_over_response_tokens():
         group_size=2,
         metrics={},
     )
-    reward = OutcomeReward(scorer=lambda r, ref: float(r == ref), scale=False)(batch)
+    reward = OutcomeReward(grader=lambda r, ref: float(r == ref), scale=False)(batch)
     # groups: [1, 0] -> [+0.5, -0.5]; [1, 1] -> [0, 0]
     expected = torch.tensor([0.5, -0.5, 0.0, 0.0])[:, None] * mask
     torch.testing.assert_close(reward, expected)
@@ -637,3 +636,40 @@ def test_generalized_jsd_ignores_zero_probability_entries():
     for beta in (0.0, 0.3, 1.0):
         v = generalized_jsd(s, t, beta)
         assert torch.isfinite(v).all() and (v >= 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GKD through the Scorer: the full distributions the rollout samples from
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gkd_loss_is_the_generalized_jsd_of_the_sampling_distributions(beta):
+    """At the sampling temperature, with the head's bias and without the banned ids (as the rollout samples):
+    the objective's loss equals the generalized JSD computed from the models' full logits, whatever the chunking."""
+    from lm_fixtures import random_lm, scored_batch
+
+    from src.modules.method.losses import generalized_jsd
+    from src.modules.method.objectives import GeneralizedJSD
+    from src.modules.rollout.batch import Rollout
+    from src.modules.scoring import Scorer
+
+    student, teacher = random_lm("llama"), random_lm("qwen2")
+    student.lm_head.bias = torch.nn.Parameter(torch.randn(50))
+    ids, mask, P = scored_batch()
+    valid = mask[:, P:].bool()
+    ro = Rollout(input_ids=ids, attention_mask=mask, response_start=P, response_mask_BT=valid, old_logp_BT=None,
+                 entropy_BT=None, truncated_B=torch.zeros(4, dtype=torch.bool))
+    banned = torch.tensor([3, 7])
+    objective = GeneralizedJSD(beta=beta)
+    objective.prepare(ro, None)
+    losses = [objective.loss(ro, Scorer(student, teacher, 0.7, chunk, banned_ids=banned))[0] for chunk in (5, 1024)]
+    torch.testing.assert_close(losses[0], losses[1])
+
+    def logp(model):
+        with torch.no_grad():
+            z = model(input_ids=ids, attention_mask=mask).logits[:, P - 1 : -1].float() / 0.7
+        z[..., banned] = -float("inf")
+        return torch.log_softmax(z, -1)
+
+    want = generalized_jsd(logp(student), logp(teacher), beta)
+    want = (want * valid).sum() / valid.sum()
+    torch.testing.assert_close(losses[0].detach(), want, atol=1e-4, rtol=1e-4)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from src.modules.evaluation.test_time_scaling import load_results, scaling_curve
 from src.eval import evaluate
+from src.modules.evaluation.test_time_scaling import load_results, scaling_curve
 from src.train import train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math"

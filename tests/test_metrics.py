@@ -7,8 +7,8 @@ from itertools import combinations
 import pytest
 import torch
 
-from src.modules.evaluation.test_time_scaling import maj_at_k
 from src.modules.evaluation.metrics import AvgAtK, MajAtK, PassAtK, default_ks
+from src.modules.evaluation.test_time_scaling import maj_at_k
 
 
 def _brute_pass(correct: list[bool], k: int) -> float:

@@ -88,3 +88,20 @@ def test_bad_rollout_settings_name_the_key():
         HFGenerateRollout(temperature=0)
     with pytest.raises(ValueError, match="rollout.top_p"):
         HFGenerateRollout(top_p=1.5)
+    for key, value in (("max_new_tokens", 0), ("val_max_new_tokens", 0), ("val_max_new_tokens", -3)):
+        with pytest.raises(ValueError, match=f"rollout.{key} must be >= 1"):
+            HFGenerateRollout(**{key: value})
+    r = HFGenerateRollout(max_new_tokens=8, val_max_new_tokens=None)
+    assert (r.budget(True, None), r.budget(False, None), r.budget(False, 3)) == (8, 8, 3)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        r.budget(False, 0)
+
+
+def test_bad_objective_settings_name_the_key():
+    from src.modules.method.objectives import GeneralizedJSD, ReferenceSFT, SupervisedDistillation
+
+    for make in (GeneralizedJSD, SupervisedDistillation, ReferenceSFT):
+        with pytest.raises(ValueError, match="objective.agg must be one of"):
+            make(agg="nope")
+    with pytest.raises(ValueError, match="objective.epochs and objective.minibatches must be >= 1"):
+        GeneralizedJSD(minibatches=0)

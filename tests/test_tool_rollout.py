@@ -16,12 +16,12 @@ import torch
 from transformers import GenerationConfig
 
 from src.modules.models.tiny import TinyQwen2
-from src.modules.rollout.hf import HFGenerateRollout
-from src.modules.scoring import score_tokens
 from src.modules.models.tokenizer import CHATML_TEMPLATE, build_char_tokenizer
+from src.modules.rollout.hf import HFGenerateRollout
 from src.modules.rollout.tools import ToolRollout
-from src.tools.episodes import TOOL_CHAT_TEMPLATE, tool_glue
+from src.modules.scoring import score_tokens
 from src.tools import Calculator, ToolEnvironment
+from src.tools.episodes import TOOL_CHAT_TEMPLATE, tool_glue
 
 pytestmark = pytest.mark.timeout(120)
 

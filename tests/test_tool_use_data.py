@@ -11,9 +11,9 @@ import pytest
 from src.datamodules.prompts import PromptDataModule
 from src.datamodules.rows import DataRowError
 from src.datamodules.tool_use import CALCULATOR_SCHEMA, ToolArithmeticTask, ToolPrompts
+from src.modules.evaluation.tool_score import CompositeToolScore
 from src.modules.models.tokenizer import build_char_tokenizer
 from src.tools.episodes import TOOL_CHAT_TEMPLATE
-from src.modules.evaluation.tool_score import CompositeToolScore
 
 BARE = {"name": "calculator", "description": "math", "parameters": {"type": "object", "properties": {}}}
 
@@ -124,7 +124,7 @@ def test_tool_use_miniature_uses_the_trained_stages(make_cfg):
     assert (cfg.model.student.experiment, cfg.model.teacher.experiment) == ("tool_student_mixed", "tool_teacher")
     grpo = make_cfg("experiment=tool_use", "miniature=tools", "algorithm=grpo", "reward=tool_composite", fast=False)
     assert grpo.model.teacher is None and grpo.rollout.num_samples == cfg.rollout.num_samples == 4
-    assert grpo.reward.scorer._target_ == "src.modules.evaluation.tool_score.CompositeToolScore"
+    assert grpo.reward.grader._target_ == "src.modules.evaluation.tool_score.CompositeToolScore"
     # no phase schedule left half-configured (a switch_step without a _target_) once GRPO turns it off
     assert not grpo.callbacks.get("phase_schedule") and cfg.callbacks.phase_schedule._target_
     for stage in ("tool_teacher", "tool_student_init", "tool_student_mixed"):
@@ -146,7 +146,7 @@ def test_tool_use_paper_setting_composes(make_cfg):
     assert [t._target_.rsplit(".", 1)[-1] for t in cfg.rollout.environment.tools] == [
         "Calculator", "PythonTool", "SearchTool"]
     grpo = make_cfg("experiment=tool_use", "algorithm=grpo", "reward=tool_composite", fast=False)
-    assert grpo.reward.scorer._target_ == "src.modules.evaluation.tool_score.CompositeToolScore" and grpo.model.teacher is None
+    assert grpo.reward.grader._target_ == "src.modules.evaluation.tool_score.CompositeToolScore" and grpo.model.teacher is None
 
 
 def test_tool_arithmetic_rows_carry_a_reference_episode_with_the_real_calculators_reply():

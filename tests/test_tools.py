@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import time
 from pathlib import Path
@@ -19,8 +18,20 @@ import pytest
 from omegaconf import OmegaConf
 
 from src.tools import (
-    BM25, Calculator, CalculatorError, FunctionTool, PythonTool, SearchTool, ToolArgumentError, ToolCall,
-    ToolCallError, ToolEnvironment, evaluate, has_tool_call, parse_tool_calls, validate_arguments,
+    BM25,
+    Calculator,
+    CalculatorError,
+    FunctionTool,
+    PythonTool,
+    SearchTool,
+    ToolArgumentError,
+    ToolCall,
+    ToolCallError,
+    ToolEnvironment,
+    evaluate,
+    has_tool_call,
+    parse_tool_calls,
+    validate_arguments,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tools"

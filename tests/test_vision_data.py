@@ -20,9 +20,9 @@ from PIL import Image
 
 from src.datamodules.rows import DataRowError
 from src.datamodules.vision import VisionPromptDataModule, VisionPrompts
+from src.datamodules.visual_task import QUESTION, VisualTask, sum_steps
 from src.modules.models.multimodal import model_inputs, repeat_vision_kwargs, split_vision_kwargs
 from src.modules.models.tiny import build_tiny_vl_processor
-from src.datamodules.visual_task import QUESTION, VisualTask, sum_steps
 
 
 def png(path: Path, size=(56, 56), colour=(200, 30, 30)) -> Path:

@@ -89,8 +89,8 @@ def test_image_tokens_and_prompt_never_enter_the_loss(vl_run):
 
 
 def test_preflight_rejects_a_teacher_with_other_image_settings():
-    from src.modules.models.tiny import build_tiny_vl_processor
     from src.modules.models.multimodal import preflight_processors
+    from src.modules.models.tiny import build_tiny_vl_processor
 
     a, b = build_tiny_vl_processor(), build_tiny_vl_processor(max_pixels=224 * 224)
     preflight_processors(a, build_tiny_vl_processor())

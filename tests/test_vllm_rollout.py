@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 
 from src.modules.models.tiny import TinyQwen2
 from src.modules.rollout.hf import HFGenerateRollout
-from src.modules.scoring import score_tokens
 from src.modules.rollout.vllm import VLLMRollout
+from src.modules.scoring import hf_backbone, score_tokens
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +252,7 @@ def test_the_bound_student_samples_through_the_engine_and_others_through_the_loo
     fake_vllm["script"] = _script(eos)
     vr = VLLMRollout(max_new_tokens=6, num_samples=2)
     teacher = type(model)(model.config).eval()
-    vr.bind(tok, model, torch.bfloat16)
+    vr.bind(tok, SimpleNamespace(student=model, chunk_size=1024, backbone=hf_backbone), torch.bfloat16)
     torch.manual_seed(0)
     ro = vr(teacher, ids, mask, [eos], tok.pad_token_id)
     assert FakeLLM.built == [] and "vllm_sync_s" not in ro.metrics
@@ -294,6 +294,7 @@ def test_the_module_binds_its_student(make_cfg, fake_vllm):
     module = hydra.utils.instantiate(cfg.module)
     module.configure_model()  # no trainer yet: the weights' dtype
     assert module.rollout._bound is module.student and module.rollout._bound_dtype is None
+    assert module.rollout._scorer is module.scorer  # its log-probs are scored as the loss scores
     module._trainer = SimpleNamespace(precision="bf16-mixed")
     assert module._compute_dtype() == torch.bfloat16
 
@@ -303,7 +304,7 @@ def test_evaluation_composes_with_vllm_rollouts(make_cfg):
 
     cfg = make_cfg("rollout=vllm", config="eval")
     ro = hydra.utils.instantiate(cfg.rollout)
-    assert isinstance(ro, VLLMRollout) and ro.chunk_size == 1024
+    assert isinstance(ro, VLLMRollout)
 
 
 @pytest.mark.parametrize("experiment, samples", [("reopold_tiny", 8), ("math_qwen3", 4)])
@@ -315,4 +316,4 @@ def test_the_config_group_takes_the_experiments_rollout_keys(make_cfg, experimen
     ro = hydra.utils.instantiate(cfg.rollout)
     assert isinstance(ro, VLLMRollout) and ro.num_samples == samples and ro.llm is None  # built on first use
     if experiment == "math_qwen3":
-        assert ro.max_new_tokens == 8192 and ro.temperature == 0.6 and ro.chunk_size == 2048  # module.chunk_size
+        assert ro.max_new_tokens == 8192 and ro.temperature == 0.6

@@ -29,8 +29,15 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any
 
-from src.datamodules.rows import (BadRow, DataRowError, RowReader, check_on_error, checked_rows, reference_text,
-                                  row_id)
+from src.datamodules.rows import (
+    BadRow,
+    DataRowError,
+    RowReader,
+    check_on_error,
+    checked_rows,
+    reference_text,
+    row_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +127,10 @@ class MathBenchmark:
                  subset: str | None = None, split: str = "test", data_files: str | list | dict | None = None):
         if format != "auto" and format not in FORMATS:
             raise ValueError(f"unknown format {format!r}; one of {['auto', *FORMATS]}")
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be a positive number of rows or None, not {limit}")
         self.reader = RowReader(path, dataset, subset, split, data_files)
         self.name = self.reader.name
         self.format, self.limit, self.shuffle_seed = format, limit, shuffle_seed
-        self.on_error = check_on_error(on_error)
+        self.on_error = check_on_error(on_error, limit)
         self.fields = {"prompt": prompt_field, "answer": answer_field, "solution": solution_field}
 
     def __call__(self) -> list[dict]:

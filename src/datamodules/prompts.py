@@ -6,8 +6,9 @@ A *source* is any callable returning the rows of one split (``list[dict]``): the
 
 A row may carry a reference ``solution`` for the SFT stage: a string (the whole response), or a
 multi-turn tool-use episode ``[assistant, tool, ..., assistant]`` rendered as ``ToolRollout`` renders one
-(``src.tools.episodes.render_episode``); batches then carry ``target_mask``, 1 on the assistant's tokens only. The tokenizer reaches the datamodule through
-``set_tokenizer`` (it belongs to the student, which the LightningModule loads).
+(``src.tools.episodes.render_episode``); batches then carry ``target_mask``, 1 on the assistant's tokens only.
+The tokenizer reaches the datamodule through ``set_tokenizer`` (it belongs to the student, which the
+LightningModule loads).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class JsonlPrompts:
                  on_error: str = "raise"):
         self.reader = RowReader(path)
         self.prompt_field, self.answer_field, self.limit = prompt_field, answer_field, limit
-        self.on_error = check_on_error(on_error)
+        self.on_error = check_on_error(on_error, limit)
 
     def __call__(self) -> list[dict]:
         records, by_line = self.reader.records()

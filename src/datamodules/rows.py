@@ -6,8 +6,9 @@ or an object holding one such list, as ``{"data": [...]}``), Parquet, or ``datas
 record that is not an object, or a line that is not JSON, comes as a ``BadRow`` in its place.
 
 ``checked_rows`` turns the records into rows with a data set's own ``make_row(position, record)``, which raises
-``BadRow`` for a row it cannot use. The whole split is checked before a row is returned, so a bad row fails the
-run at setup, never halfway through: ``on_error="raise"`` raises one ``DataRowError`` listing every bad row as
+``BadRow`` for a row it cannot use. The whole split is checked before a row is returned (up to ``limit`` good
+rows, where a source stops early so as not to decode what it will not use), so a bad row fails the run at setup,
+never halfway through: ``on_error="raise"`` raises one ``DataRowError`` listing every bad row as
 ``file:line: why`` (``file:row i`` outside JSONL), ``on_error="skip"`` drops them with a warning each and a count.
 Every prompt source (math benchmarks, vision-language and tool-use data, plain JSONL) reads its rows this way.
 """
@@ -34,9 +35,12 @@ class BadRow(Exception):
     """Why one record cannot be a row (raised by a ``make_row``; ``checked_rows`` adds the file and line)."""
 
 
-def check_on_error(on_error: str) -> str:
+def check_on_error(on_error: str, limit: int | None = None) -> str:
+    """A source's ``on_error`` and ``limit`` settings (``data.<split>.on_error``, ``data.<split>.limit``)."""
     if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        raise ValueError(f"data.<split>.on_error must be 'raise' or 'skip', not {on_error!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"data.<split>.limit must be a positive number of rows or null, not {limit}")
     return on_error
 
 

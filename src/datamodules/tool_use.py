@@ -66,7 +66,7 @@ class ToolPrompts:
     def __init__(self, path: str | None = None, prompt_field: str | None = None, answer_field: str = "answer",
                  tools_field: str = "tools", on_error: str = "raise", limit: int | None = None,
                  dataset: str | None = None, subset: str | None = None, split: str = "test"):
-        check_on_error(on_error)
+        check_on_error(on_error, limit)
         self.reader = RowReader(path, dataset, subset, split)
         self.name = self.reader.name
         self.prompt_field, self.answer_field, self.tools_field = prompt_field, answer_field, tools_field

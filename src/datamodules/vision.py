@@ -55,7 +55,15 @@ import torch
 from PIL import Image
 
 from src.datamodules.prompts import PromptDataModule
-from src.datamodules.rows import ID_FIELDS, BadRow, RowReader, check_on_error, checked_rows, reference_text, row_id
+from src.datamodules.rows import (
+    ID_FIELDS,
+    BadRow,
+    RowReader,
+    check_on_error,
+    checked_rows,
+    reference_text,
+    row_id,
+)
 
 PLACEHOLDER = "<image>"
 PROMPT_FIELDS = ("problem", "question", "query", "prompt")
@@ -122,7 +130,7 @@ class VisionPrompts:
                  image_field: str | None = None, choices_field: str = "choices", on_error: str = "raise",
                  limit: int | None = None, dataset: str | None = None, subset: str | None = None,
                  split: str = "test"):
-        check_on_error(on_error)
+        check_on_error(on_error, limit)
         self.reader = RowReader(path, dataset, subset, split)
         self.name = self.reader.name
         root = image_root or (Path(path).parent if path is not None else ".")

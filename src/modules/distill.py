@@ -2,9 +2,10 @@
 
 One training step (paper Sec. 5), top to bottom:
     1. rollout  - ``objective.rollout``: the sampler runs the rollout backend for a policy (the student; the
-                  teacher for off-policy SFT; the data's solutions for the SFT stages), G responses per prompt;
-    2. prepare  - ``objective.prepare``, no gradient: the teacher's and the student's scores of the sampled tokens
-                  (the scorer), then reward, clip and token selection, and the batch metrics;
+                  teacher for off-policy SFT; the data's solutions for the SFT stages), G responses per prompt,
+                  with the rollout-time log-probs and entropies of the sampled tokens (``pi_old``);
+    2. prepare  - ``objective.prepare``, no gradient: the teacher's scores of the sampled tokens (the scorer), then
+                  reward, clip and token selection, and the batch metrics;
     3. update   - ``epochs * minibatches`` optimiser steps on ``objective.loss`` (manual optimisation, so several
                   steps can follow one rollout), each clipped to ``grad_clip``.
 The token selection in force is ``self.selection``; the phase callback swaps it (exploration -> refinement).
@@ -103,10 +104,10 @@ class DistillationModule(LightningModule):
             self.teacher = teacher
         banned = vision_token_ids(self.processor)
         banned_ids = torch.tensor(banned, dtype=torch.long) if banned else None
-        self.rollout.bind(self.tokenizer, self.student, self._compute_dtype())
-        self.sampler = Sampler(self.rollout, self.tokenizer, self.eos_token_ids(), banned_ids, self.step_seed)
         self.scorer = Scorer(self.student, self.teacher, self.rollout.temperature, self.chunk_size, self.backbone,
                              banned_ids)
+        self.rollout.bind(self.tokenizer, self.scorer, self._compute_dtype())
+        self.sampler = Sampler(self.rollout, self.tokenizer, self.eos_token_ids(), banned_ids, self.step_seed)
 
     def train(self, mode: bool = True):
         super().train(mode)

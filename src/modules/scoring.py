@@ -18,8 +18,6 @@ recomputes the chunk's logits once and turns them in place into the gradient, so
 kept between forward and backward (``benchmarks/memory.py`` measures it).
 Only the response positions are projected (the prompt's logits are never needed).
 
-The teacher and the student are scored at the same sampling temperature (peers that forget this
-score the teacher at T=1 against a T=0.6 rollout).
 """
 
 from __future__ import annotations
@@ -32,14 +30,15 @@ import torch.nn.functional as F
 
 from src.modules.models.multimodal import is_multimodal, model_inputs
 
-
 BANNED_LOGIT = -1e30  # finite, so a banned token's p * z is 0 rather than nan in the entropy
 
 
 def _logits(h_NH, weight_VH, bias_V, inv_temp: float, banned_K):
-    z_NV = F.linear(h_NH, weight_VH, bias_V).float().mul_(inv_temp)  # no autograd inside the Function
+    """Logits at temperature, banned ids set to ``BANNED_LOGIT``; written in place (one ``[N, V]`` buffer), which
+    autograd allows: the matmul's backward needs its inputs, not its output."""
+    z_NV = F.linear(h_NH, weight_VH, bias_V).float().mul_(inv_temp)
     if banned_K is not None:  # tokens the policy may never sample: renormalise over the rest
-        z_NV.index_fill_(-1, banned_K, BANNED_LOGIT)
+        z_NV.index_fill_(-1, banned_K.to(z_NV.device), BANNED_LOGIT)
     return z_NV
 
 
@@ -220,3 +219,9 @@ class Scorer:
         need the full distributions (GKD)."""
         h = self.backbone(model, ro.input_ids, ro.attention_mask, ro.response_start, **ro.model_kwargs)
         return h, model.get_output_embeddings()
+
+    def vocab_logp(self, hidden_NH: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+        """Full-vocabulary log-probs ``[N, V]`` (fp32) of hidden states under ``head`` at the sampling temperature,
+        over the same distribution as ``logp`` (banned ids renormalised away). Holds ``[N, V]``: call it on chunks."""
+        return torch.log_softmax(_logits(hidden_NH, head.weight, head.bias, 1.0 / self.temperature, self.banned_ids),
+                                 dim=-1)

@@ -54,6 +54,7 @@ parameter gradients and a training step's loss against the Hugging Face forward.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import weakref
 
 import torch
@@ -62,14 +63,18 @@ import torch.nn.functional as F
 from src.accel.cpu.decode_step import fusable
 from src.accel.cpu.ops import rms_norm, rope_heads, swiglu
 from src.modules.rollout.weights_version import weights_key
-from src.modules.scoring import hf_backbone
+from src.modules.scoring import hf_backbone, position_ids_from_mask
+
+log = logging.getLogger(__name__)
 
 # B * heads * T * T score elements up to which attention is eager: 64 MiB of fp32 probabilities per layer,
 # each kept for the backward when gradient is on (layers x 64 MiB at most); with left padding, one more such
 # tensor per call holds the mask in the scores' layout
 EAGER_MAX_SCORES = 1 << 24
+# per model, held weakly (a scorer refers to its model weakly too, so a model that is dropped is freed)
 _SCORERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its FusedScorer
 _PREFILLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its kept PromptState
+_STEPPED_ASIDE: "weakref.WeakSet" = weakref.WeakSet()  # models already logged as taking the Hugging Face forward
 
 
 @dataclasses.dataclass
@@ -95,10 +100,16 @@ class FusedBackbone:
     forward (text-only Qwen2 / Llama on the CPU), the Hugging Face backbone elsewhere."""
 
     def __call__(self, model, input_ids_BT, attention_mask_BT, response_start: int, **model_kwargs) -> torch.Tensor:
+        state = _PREFILLS.pop(model, None)  # a kept prefill serves this call or none
         scorer = None if model_kwargs else FusedScorer.for_model(model)
         if scorer is None:
+            if model not in _STEPPED_ASIDE:
+                _STEPPED_ASIDE.add(model)
+                log.info("accel=cpu: %s scores through the Hugging Face forward (the fused backbone takes text-only "
+                         "Qwen2/Llama models on the CPU, without dropout or gradient checkpointing)",
+                         type(model).__name__)
             return hf_backbone(model, input_ids_BT, attention_mask_BT, response_start, **model_kwargs)
-        return scorer(input_ids_BT, attention_mask_BT, response_start)
+        return scorer(input_ids_BT, attention_mask_BT, response_start, state)
 
 
 class FusedScorer:
@@ -107,22 +118,27 @@ class FusedScorer:
 
     def __init__(self, model):
         cfg = model.config
-        self.model = model
+        self._model = weakref.ref(model)
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         self._packed, self._packed_key = None, None
 
+    @property
+    def model(self):
+        return self._model()
+
     @staticmethod
-    def supports(model) -> bool:
+    def supports(model, training: bool | None = None) -> bool:
         """Whether this forward is ``model``'s own and measured to help (checked on every call: models get
-        wrapped and moved). CPU only: on CUDA, ``scaled_dot_product_attention`` with a mask and grouped-query
-        heads falls back to the math kernel, which holds ``[B, heads, T, T]`` per layer (the Hugging Face
-        forward repeats the key/value heads to avoid that), and nothing here has been timed on a GPU."""
+        wrapped and moved), in ``training`` mode (default: the model's own). CPU only: on CUDA,
+        ``scaled_dot_product_attention`` with a mask and grouped-query heads falls back to the math kernel, which
+        holds ``[B, heads, T, T]`` per layer (the Hugging Face forward repeats the key/value heads to avoid that),
+        and nothing here has been timed on a GPU."""
         if not fusable(model) or next(model.parameters()).device.type != "cpu":
             return False
         # in training mode dropout would be active; gradient checkpointing is a memory choice the user made
-        if not model.training:
+        if not (model.training if training is None else training):
             return True
         checkpointing = getattr(model, "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing")
                                 else "is_gradient_checkpointing", False)
@@ -148,7 +164,8 @@ class FusedScorer:
 
     def _weights_key(self) -> tuple:
         """Changes when a weight is replaced or changed in place by an autograd-visible op (not through ``p.data``).
-        Keys the frozen packing."""
+        Keys the frozen packing: not ``weights_version.weights_key``, which also counts every optimiser step in the
+        process, so the teacher would be packed again after each of the student's steps."""
         return tuple((p.data_ptr(), p._version) for p in self.model.parameters())
 
     def _pack(self, keep: bool = True):
@@ -206,13 +223,13 @@ class FusedScorer:
         p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.bmm(p, v.view(b * nk, Tk, d)).view(b, nq, Tq, d)
 
-    def __call__(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, response_start: int) -> torch.Tensor:
+    def __call__(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, response_start: int,
+                 state: PromptState | None = None) -> torch.Tensor:
         """Final hidden states [B, T - response_start, H] that predict ``input_ids_BT[:, response_start:]``. The
         last column predicts nothing read here and no column before it attends to it: it is left out (unless the
-        rotary frequencies depend on the call's length). Continues from the model's kept prefill where it applies
-        (the module docstring), and drops it."""
+        rotary frequencies depend on the call's length). Continues from ``state``, a kept prefill, where it
+        applies (the module docstring)."""
         T = input_ids_BT.shape[1]
-        state = _PREFILLS.pop(self.model, None)
         if not self.static_rope():  # the whole sequence, which sets the rotary frequencies as the model's forward
             return self._forward(input_ids_BT, attention_mask_BT, response_start - 1, T - 1)
         past = state if self._continues(state, input_ids_BT, attention_mask_BT, response_start) else None
@@ -266,7 +283,7 @@ class FusedScorer:
         s = past.width if past is not None else c  # the first column of every row's own stream
         if past is not None and stop <= s:  # a one-token response: the prompt's last column is all there is
             return past.h_last[:, None]
-        pos_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)  # = position_ids_from_mask
+        pos_BT = position_ids_from_mask(attention_mask_BT)
         emb = inner.embed_tokens
         h = F.embedding(input_ids_BT[:, s:], emb.weight, emb.padding_idx)  # padding_idx: no gradient there
         hp = F.embedding(input_ids_BT[:1, :c], emb.weight, emb.padding_idx)  # the shared columns, once

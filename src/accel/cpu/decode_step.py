@@ -62,6 +62,7 @@ class FusedDecodeStep:
 
     MAX_PARAMS = 500_000_000
 
+    @torch.no_grad()  # packed copies of the weights, for sampling only: no graph to the parameters
     def __init__(self, model):
         cfg = model.config
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -106,9 +107,7 @@ class FusedDecodeStep:
             x = rms_norm_any_dtype(h, ln1, self.eps)
             y = F.linear(x, W, b)
             qk = y[:, :QK].view(B, nq + nk, d) * cos + y[:, QK : 2 * QK].view(B, nq + nk, d) * sin
-            layer._keys[:, :, n - 1] = qk[:, nq:]
-            layer._values[:, :, n - 1] = y[:, 2 * QK :].view(B, nk, d)
-            layer.length, layer.keys, layer.values = n, layer._keys[:, :, :n], layer._values[:, :, :n]
+            layer.put(n - 1, qk[:, nq:], y[:, 2 * QK :].view(B, nk, d))
             q = qk[:, :nq].reshape(B, nk, G, d)
             scores = torch.matmul(q, layer.keys.transpose(-1, -2)).mul_(self.scale)
             if bias is not None:
@@ -157,7 +156,12 @@ class FusedDecoder:
         in_place = bool(layers) and all(isinstance(layer, InPlaceLayer) for layer in layers)
         if getattr(model, "training", True) or not in_place or not fusable(model) or model.device.type != "cpu":
             return ModelForward(model, cache, mask_BL)
-        keep_graph = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+        from src.accel.cpu.backbone import FusedScorer
+
+        # kept only where the training scoring that follows takes the fused backbone too (no dropout, no
+        # checkpointing); with several minibatches per rollout it is dropped unused at the first one
+        keep_graph = (torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+                      and FusedScorer.supports(model, training=True))
         return FusedForward(model, cache, mask_BL, keep_graph)
 
 

@@ -1,8 +1,8 @@
 """Autograd functions with hand-written backwards for the fused backbone's elementwise work.
 
 On the CPU, a small model's scoring forward and backward spend about half their time outside the matmuls
-(``torch.profiler`` shows it), much of it in autograd's generic backwards for elementwise chains: ``F.rms_norm`` decomposed into six ops and their six backwards,
-RoPE's ``rotate_half`` (slices, a negation, a concatenation), and the ``slice_backward`` of every slice
+(``torch.profiler`` shows it), much of it in autograd's generic backwards for elementwise chains: ``F.rms_norm``
+decomposed into six ops and their six backwards, RoPE's ``rotate_half`` (slices, a negation, a concatenation), and the ``slice_backward`` of every slice
 taken from a packed projection (a zero-filled tensor of the packed width per slice, added up). Each function
 here computes the same mathematics as the Hugging Face forward in fewer passes over memory (the same values
 in fp32 up to rounding; RoPE's ``addcmul_`` rounds once where the Hugging Face form rounds twice, so in bf16
@@ -30,7 +30,6 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
 
-
 def rms_norm_any_dtype(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``Qwen2RMSNorm`` / ``LlamaRMSNorm``: normalised in fp32, cast back, then scaled (any dtype, no custom
     backward)."""
@@ -52,20 +51,14 @@ class _RMSNorm(Function):
     @once_differentiable  # no double backward (none is needed): raise rather than differentiate wrongly
     def backward(ctx, g):
         x_hat, w, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(g, x_hat, w, rstd, *ctx.needs_input_grad[:2])
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        dx = dw = None
+        if need_dx:  # dx = rstd * (g w - x_hat * mean(g w x_hat))
+            gw = g * w
+            dx = gw.sub_(x_hat * (gw * x_hat).mean(-1, keepdim=True)).mul_(rstd)
+        if need_dw:
+            dw = (g * x_hat).reshape(-1, x_hat.shape[-1]).sum(0)
         return dx, dw, None
-
-
-def rms_norm_backward(g, x_hat, w, rstd, need_dx: bool = True, need_dw: bool = True):
-    """``(dx, dw)`` of ``w * x_hat`` with ``x_hat = x * rstd`` for the upstream gradient ``g`` (None where not
-    needed)."""
-    dx = dw = None
-    if need_dx:
-        gw = g * w
-        dx = gw.sub_(x_hat * (gw * x_hat).mean(-1, keepdim=True)).mul_(rstd)
-    if need_dw:
-        dw = (g * x_hat).reshape(-1, x_hat.shape[-1]).sum(0)
-    return dx, dw
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

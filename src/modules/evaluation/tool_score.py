@@ -3,7 +3,7 @@
     score = format_weight * [every tool call well formed and a final answer stated]
           + answer_weight * [the final answer is correct]
 
-A hand-designed reward of the kind REOPOLD replaces with the teacher's log-ratio. Used as the scorer of
+A hand-designed reward of the kind REOPOLD replaces with the teacher's log-ratio. Used as the grader of
 ``OutcomeReward`` (``reward=tool_composite``), which group-normalises it.
 """
 

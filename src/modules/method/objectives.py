@@ -58,11 +58,20 @@ def _quantiles(x: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
     return {f"{prefix}_mean": x.float().mean(), f"{prefix}_q10": q[0], f"{prefix}_q50": q[1], f"{prefix}_q90": q[2]}
 
 
+def _checked(agg: str, epochs: int = 1, minibatches: int = 1) -> tuple[str, int, int]:
+    """The settings every objective takes, checked now (not at step 0), each named by its config key."""
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"objective.agg must be one of {AGGREGATIONS}, got {agg!r}")
+    if epochs < 1 or minibatches < 1:
+        raise ValueError(f"objective.epochs and objective.minibatches must be >= 1, got {epochs}, {minibatches}")
+    return agg, epochs, minibatches
+
+
 class PolicyGradient(OnPolicy):
     """Policy-gradient surrogate with a token reward, a reward clip and a token selection.
 
     Args:
-        reward: ``(ro) -> reward_BT`` (``LogRatioReward`` or ``OutcomeReward``).
+        reward: ``(ro) -> reward_BT`` that declares ``needs_teacher`` (``LogRatioReward``, ``OutcomeReward``).
         clipping: ``(reward_BT) -> clipped_BT`` (``NoClip`` or ``MixtureClip``).
         eps_low, eps_high: PPO ratio clip; None disables.
         agg: token aggregation (see ``losses.aggregate``).
@@ -72,16 +81,12 @@ class PolicyGradient(OnPolicy):
     def __init__(self, reward, clipping=None, eps_low: float | None = None, eps_high: float | None = None,
                  agg: str = "token_mean", epochs: int = 1, minibatches: int = 1):
         self.reward, self.clipping = reward, clipping or NoClip()
-        self.eps_low, self.eps_high, self.agg = eps_low, eps_high, agg
-        if agg not in AGGREGATIONS:  # now, not at step 0
-            raise ValueError(f"objective.agg must be one of {AGGREGATIONS}, got {agg!r}")
-        if epochs < 1 or minibatches < 1:
-            raise ValueError(f"objective.epochs and objective.minibatches must be >= 1, got {epochs}, {minibatches}")
-        self.epochs, self.minibatches = epochs, minibatches
+        self.eps_low, self.eps_high = eps_low, eps_high
+        self.agg, self.epochs, self.minibatches = _checked(agg, epochs, minibatches)
 
     @property
     def needs_teacher(self) -> bool:
-        return getattr(self.reward, "needs_teacher", False)
+        return self.reward.needs_teacher
 
     @torch.no_grad()
     def prepare(self, ro, scorer, selection=None) -> None:
@@ -115,7 +120,7 @@ class SupervisedDistillation:
     epochs = minibatches = 1
 
     def __init__(self, agg: str = "token_mean"):
-        self.agg = agg
+        self.agg, _, _ = _checked(agg)
 
     def rollout(self, batch, sampler, scorer):
         ro = sampler(scorer.teacher, batch)
@@ -135,39 +140,35 @@ class SupervisedDistillation:
 class GeneralizedJSD(OnPolicy):
     """GKD: full-vocabulary generalized JSD (``beta``) between student and teacher on student samples.
 
-    The teacher's and the student's logits are formed ``chunk_size`` positions at a time inside a
-    checkpoint, so neither full ``[B, T, V]`` tensor is ever held.
+    The teacher's and the student's log-probs (``Scorer.vocab_logp``: at the sampling temperature, banned ids
+    renormalised away) are formed ``scorer.chunk_size`` positions at a time inside a checkpoint, so neither full
+    ``[B, T, V]`` tensor is ever held.
     """
 
     needs_teacher = True
 
-    def __init__(self, beta: float = 0.5, agg: str = "token_mean", chunk_size: int = 1024,
-                 epochs: int = 1, minibatches: int = 1):
+    def __init__(self, beta: float = 0.5, agg: str = "token_mean", epochs: int = 1, minibatches: int = 1):
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"objective.beta must lie in [0, 1], got {beta!r}")
-        self.beta, self.agg, self.chunk_size = beta, agg, chunk_size
-        self.epochs, self.minibatches = epochs, minibatches
+        self.beta = beta
+        self.agg, self.epochs, self.minibatches = _checked(agg, epochs, minibatches)
 
     @torch.no_grad()
     def prepare(self, ro, scorer, selection=None) -> None:
         ro.loss_mask_BT = ro.response_mask_BT
 
-    def _chunk(self, hs_NH, ws, ht_NH, wt, inv_temp):
-        s = torch.log_softmax(torch.nn.functional.linear(hs_NH, ws).float() * inv_temp, -1)
-        t = torch.log_softmax(torch.nn.functional.linear(ht_NH, wt).float() * inv_temp, -1)
-        return generalized_jsd(s, t, self.beta)
+    def _chunk(self, scorer, head_s, head_t, hs_NH, ht_NH):
+        return generalized_jsd(scorer.vocab_logp(hs_NH, head_s), scorer.vocab_logp(ht_NH, head_t), self.beta)
 
     def loss(self, ro, scorer):
         hs_BTH, head_s = scorer.hidden(scorer.student, ro)
         with torch.no_grad():
             ht_BTH, head_t = scorer.hidden(scorer.teacher, ro)
         B, T, _ = hs_BTH.shape
-        hs, ht = hs_BTH.reshape(B * T, -1), ht_BTH.reshape(B * T, -1).to(hs_BTH.dtype)
-        wt = head_t.weight.to(hs_BTH.dtype)
-        inv_temp = 1.0 / scorer.temperature
-        parts = [checkpoint(self._chunk, hs[i : i + self.chunk_size], head_s.weight, ht[i : i + self.chunk_size],
-                            wt, inv_temp, use_reentrant=False)
-                 for i in range(0, B * T, self.chunk_size)]
+        hs, ht = hs_BTH.reshape(B * T, -1), ht_BTH.reshape(B * T, -1)
+        n = scorer.chunk_size
+        parts = [checkpoint(self._chunk, scorer, head_s, head_t, hs[i : i + n], ht[i : i + n], use_reentrant=False)
+                 for i in range(0, B * T, n)]
         jsd_BT = torch.cat(parts).view(B, T)
         return aggregate(jsd_BT, ro.loss_mask_BT, self.agg), {}
 

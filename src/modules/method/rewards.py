@@ -57,19 +57,19 @@ class OutcomeReward:
     """Verifiable task reward for the GRPO baseline, group-normalised per prompt.
 
     Args:
-        scorer: ``(response: str, reference: str) -> float`` (e.g. 1.0 when the answer is right:
+        grader: ``(response: str, reference: str) -> float`` (e.g. 1.0 when the answer is right:
             ``src.modules.evaluation.grading.is_correct``, as ``configs/reward/outcome.yaml`` sets).
         scale: divide by the group's standard deviation (GRPO); False gives Dr. GRPO's mean-only centring.
     """
 
     needs_teacher = False
 
-    def __init__(self, scorer: Callable[[str, str], float], scale: bool = True):
-        self.scorer = scorer
+    def __init__(self, grader: Callable[[str, str], float], scale: bool = True):
+        self.grader = grader
         self.scale = scale
 
     def scores(self, responses: Sequence[str], references: Sequence[str]) -> torch.Tensor:
-        return torch.tensor([float(self.scorer(r, ref)) for r, ref in zip(responses, references)])
+        return torch.tensor([float(self.grader(r, ref)) for r, ref in zip(responses, references)])
 
     def __call__(self, batch) -> torch.Tensor:
         score_B = self.scores(batch.response_texts, batch.references).to(batch.response_mask_BT.device)

@@ -20,12 +20,11 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf, open_dict
-
-from typing import Callable
 
 from src.modules.models.specs import BuiltOnFirstUse
 from src.modules.models.tokenizer import TOKENIZER_VERSION

@@ -15,7 +15,12 @@ from pathlib import Path
 import torch
 
 from src.modules.models.specs import BuiltOnFirstUse, save_atomically
-from src.modules.models.tokenizer import CHAT_TEMPLATES, CHATML_TEMPLATE, TOKENIZER_VERSION, build_char_tokenizer
+from src.modules.models.tokenizer import (
+    CHAT_TEMPLATES,
+    CHATML_TEMPLATE,
+    TOKENIZER_VERSION,
+    build_char_tokenizer,
+)
 
 
 class TinyQwen2(BuiltOnFirstUse):

@@ -4,7 +4,8 @@ multi-turn tool episodes, vLLM) fulfils, with the sampling settings it declares.
 A backend is given a policy and left-padded prompts and returns a ``Rollout`` whose response columns hold what the
 policy sampled, with the rollout-time log-probs and entropies of the sampled tokens at the sampling temperature
 (what the loss takes as ``pi_old``; None when greedy). ``bind`` is called once the models are loaded, so that a
-backend can keep what it needs (a tokenizer for tool replies, an engine mirroring the student).
+backend can keep what it needs (a tokenizer for tool replies; the student an engine mirrors, and the scorer that
+gives its rollout-time log-probs).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import abc
 
 import torch
 
+from src.modules.models.multimodal import has_images, repeat_vision_kwargs
 from src.modules.rollout.batch import Rollout
 
 
@@ -54,18 +56,40 @@ class RolloutBackend(abc.ABC):
         check_sampling(temperature, top_p, top_k, num_samples)
         if max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens must be >= 1, got {max_new_tokens}")
+        if val_max_new_tokens is not None and val_max_new_tokens < 1:
+            raise ValueError(f"rollout.val_max_new_tokens must be >= 1 or null, got {val_max_new_tokens}")
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.num_samples = num_samples
-        self.val_max_new_tokens = val_max_new_tokens or max_new_tokens
+        self.val_max_new_tokens = max_new_tokens if val_max_new_tokens is None else val_max_new_tokens
 
-    def bind(self, tokenizer, student: torch.nn.Module, compute_dtype: torch.dtype | None) -> None:
-        """Called once the models are loaded: the student's tokenizer, the student, and the dtype it computes in
-        under the trainer's precision (None: its weights' own). Backends that need none of it ignore it."""
+    def bind(self, tokenizer, scorer, compute_dtype: torch.dtype | None) -> None:
+        """Called once the models are loaded: the student's tokenizer, the ``src.modules.scoring.Scorer`` (the
+        student, and how the loss scores it), and the dtype the student computes in under the trainer's precision
+        (None: its weights' own). Backends that need none of it ignore it."""
 
     def budget(self, greedy: bool, max_new_tokens: int | None) -> int:
         """The token budget of a call: ``max_new_tokens`` if given, else the greedy or the sampling budget."""
-        return max_new_tokens or (self.val_max_new_tokens if greedy else self.max_new_tokens)
+        if max_new_tokens is None:
+            return self.val_max_new_tokens if greedy else self.max_new_tokens
+        if max_new_tokens < 1:
+            raise ValueError(f"a rollout's max_new_tokens must be >= 1, got {max_new_tokens}")
+        return max_new_tokens
+
+    def group(self, greedy: bool, num_samples: int | None, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor,
+              model_kwargs: dict) -> tuple[int, torch.Tensor, torch.Tensor, dict]:
+        """``G`` (1 when greedy, else ``num_samples`` or the configured number) and the prompts with their
+        ``model_kwargs`` repeated so that rows ``[b*G:(b+1)*G]`` share prompt b (a vision-language batch's images
+        follow their rows)."""
+        G = 1 if greedy else (num_samples or self.num_samples)
+        if G == 1:
+            return G, prompt_ids_BP, prompt_mask_BP, model_kwargs
+        if has_images(model_kwargs):  # pixel rows belong to images, not to sequences
+            model_kwargs = repeat_vision_kwargs(model_kwargs, G)
+        else:
+            model_kwargs = {k: v.repeat_interleave(G, dim=0) if isinstance(v, torch.Tensor) else v
+                            for k, v in model_kwargs.items()}
+        return G, prompt_ids_BP.repeat_interleave(G, dim=0), prompt_mask_BP.repeat_interleave(G, dim=0), model_kwargs
 
     @abc.abstractmethod
     def __call__(self, model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, eos_token_ids,

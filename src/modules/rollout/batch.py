@@ -65,7 +65,7 @@ class Rollout:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.input_ids.shape[0]:
-                v = v[idx]
+                v = v[idx.to(v.device)]  # per-episode counts stay on the CPU
             elif isinstance(v, list) and len(v) == self.input_ids.shape[0]:
                 v = [v[i] for i in idx.tolist()]
             elif f.name == "model_kwargs" and vision is not None:

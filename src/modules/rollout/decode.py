@@ -40,9 +40,9 @@ from src.modules.scoring import BANNED_LOGIT, position_ids_from_mask
 
 class InPlaceLayer(DynamicLayer):
     """A ``DynamicLayer`` whose keys and values live in one buffer sized for the whole decode: a step writes
-    its column in place, where ``DynamicLayer`` concatenates (copies the whole cache, every layer, every step:
-    the largest op, ~1/3 of self time, in a CPU profile of the tiny benchmark's decode). ``keys``/``values``
-    are views of the filled part."""
+    its column in place (``update`` for the model's forward, ``put`` for a decoder that writes one column), where
+    ``DynamicLayer`` concatenates, copying the whole cache, every layer, every step. ``keys``/``values`` are views
+    of the filled part."""
 
     def __init__(self, capacity: int):
         super().__init__()
@@ -62,6 +62,13 @@ class InPlaceLayer(DynamicLayer):
         self.length = end
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
         return self.keys, self.values
+
+    def put(self, column: int, key_BHD: torch.Tensor, value_BHD: torch.Tensor) -> None:
+        """One token's keys and values ``[B, heads, d]`` written at ``column``, the cache then filled up to it."""
+        self._keys[:, :, column] = key_BHD
+        self._values[:, :, column] = value_BHD
+        self.length = column + 1
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
 
 
 def kv_cache(model, capacity: int) -> DynamicCache:

@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from src.modules.models.multimodal import has_images, model_inputs, repeat_vision_kwargs
+from src.modules.models.multimodal import model_inputs
 from src.modules.rollout import decode
 from src.modules.rollout.backend import RolloutBackend, response_mask_from_ids
 from src.modules.rollout.batch import Rollout
@@ -89,16 +89,9 @@ class HFGenerateRollout(RolloutBackend):
     def __call__(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
                  num_samples: int | None = None, greedy: bool = False, max_new_tokens: int | None = None,
                  banned_ids: torch.Tensor | None = None, **model_kwargs) -> Rollout:
-        G = 1 if greedy else (num_samples or self.num_samples)
         budget = self.budget(greedy, max_new_tokens)
-        if G > 1:
-            prompt_ids_BP = prompt_ids_BP.repeat_interleave(G, dim=0)
-            prompt_mask_BP = prompt_mask_BP.repeat_interleave(G, dim=0)
-            if has_images(model_kwargs):  # pixel rows belong to images, not to sequences
-                model_kwargs = repeat_vision_kwargs(model_kwargs, G)
-            else:
-                model_kwargs = {k: v.repeat_interleave(G, dim=0) if isinstance(v, torch.Tensor) else v
-                                for k, v in model_kwargs.items()}
+        G, prompt_ids_BP, prompt_mask_BP, model_kwargs = self.group(greedy, num_samples, prompt_ids_BP,
+                                                                    prompt_mask_BP, model_kwargs)
         eos_token_ids = list(eos_token_ids)
         start = time.perf_counter()
         if self.use_loop and decode.loop_supports(model, model_inputs(model_kwargs)):

@@ -49,7 +49,6 @@ from src.modules.rollout.hf import HFGenerateRollout
 from src.tools.calls import has_tool_call, parse_tool_calls
 from src.tools.episodes import glue_ids
 
-
 # what a tool rollout counts per episode (the columns of ``Rollout.tool_counts_BK``), and its statistics:
 # (metric, numerator total, denominator total) over ``episode_totals``
 TOOL_COUNTS = ("calls", "malformed", "errors", "turns")
@@ -127,13 +126,12 @@ class ToolRollout(RolloutBackend):
         self.environment, self.tokenizer = environment, tokenizer
         self.max_turns, self.turn_max_new_tokens = max_turns, turn_max_new_tokens
 
-    def bind(self, tokenizer, student, compute_dtype=None) -> None:
+    def bind(self, tokenizer, scorer=None, compute_dtype=None) -> None:
         """Turns are decoded, and the environment's replies encoded, with the student's tokenizer."""
         self.tokenizer = tokenizer
 
     def _glue_ids(self, text: str, messages: list[dict], eos_texts: list[str]) -> list[int]:
-        schemas = self.environment.schemas() if hasattr(self.environment, "schemas") else None
-        return glue_ids(self.tokenizer, text, messages, eos_texts, schemas)
+        return glue_ids(self.tokenizer, text, messages, eos_texts, self.environment.schemas())
 
     @torch.no_grad()
     def __call__(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
@@ -143,14 +141,10 @@ class ToolRollout(RolloutBackend):
             raise RuntimeError("ToolRollout needs a tokenizer: pass tokenizer= or call bind(tokenizer, ...)")
         if has_images(model_kwargs):
             raise NotImplementedError("ToolRollout does not combine images with tool calls yet")
-        G = 1 if greedy else (num_samples or self.num_samples)
         budget = self.budget(greedy, max_new_tokens)
         turn_budget = min(self.turn_max_new_tokens or budget, budget)
-        if G > 1:
-            prompt_ids_BP = prompt_ids_BP.repeat_interleave(G, dim=0)
-            prompt_mask_BP = prompt_mask_BP.repeat_interleave(G, dim=0)
-            model_kwargs = {k: v.repeat_interleave(G, dim=0) if isinstance(v, torch.Tensor) else v
-                            for k, v in model_kwargs.items()}
+        G, prompt_ids_BP, prompt_mask_BP, model_kwargs = self.group(greedy, num_samples, prompt_ids_BP,
+                                                                    prompt_mask_BP, model_kwargs)
         eos_token_ids = list(eos_token_ids)
         eos_texts = [self.tokenizer.decode([i]) for i in eos_token_ids]
         B, device = prompt_ids_BP.shape[0], prompt_ids_BP.device

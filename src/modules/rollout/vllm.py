@@ -16,7 +16,7 @@ The policy samples through a vLLM engine that lives in this process beside it (c
   each sampled token is compared with the policy's as the metric ``vllm_logp_gap`` (mean absolute difference,
   the training/inference mismatch), where the sampling is not truncated (``top_k=0``, ``top_p=1``).
 
-One engine mirrors one model: the student, which ``DistillationModule`` binds to it (``bind``; unbound, the first
+One engine mirrors one model: the student, which the module binds to it (``bind``; unbound, the first
 policy it samples for). Any other policy (the teacher, evaluated by the report callback or sampling for off-policy
 SFT) decodes with the lean loop of ``HFGenerateRollout``. Text prompts only; one process (multi-process strategies
 would need one engine per rank on its own device, which is not built). The engine runs in-process
@@ -41,7 +41,7 @@ from src.modules.rollout.backend import RolloutBackend
 from src.modules.rollout.batch import Rollout
 from src.modules.rollout.hf import HFGenerateRollout
 from src.modules.rollout.weights_version import weights_key
-from src.modules.scoring import score_tokens
+from src.modules.scoring import hf_backbone, score_tokens
 
 
 def _arch_key(model) -> str:
@@ -59,7 +59,6 @@ class VLLMRollout(RolloutBackend):
         max_model_len: the longest prompt + response the engine holds; default the policy's
             ``max_position_embeddings``.
         enforce_eager: no CUDA graphs / compilation (faster start, slower decoding).
-        chunk_size: positions per chunk of the policy's scoring pass.
         engine_kwargs: anything else for ``vllm.LLM`` (e.g. ``{enable_prefix_caching: false}``).
         decoder: the lean loop's ``Decoder`` factory for the policies the engine does not mirror (see
             ``HFGenerateRollout``).
@@ -68,13 +67,12 @@ class VLLMRollout(RolloutBackend):
     def __init__(self, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  num_samples: int = 1, val_max_new_tokens: int | None = None, gpu_memory_utilization: float = 0.3,
                  dtype: str = "auto", max_model_len: int | None = None, enforce_eager: bool = False,
-                 chunk_size: int = 1024, engine_kwargs: dict | None = None, decoder=None):
+                 engine_kwargs: dict | None = None, decoder=None):
         super().__init__(max_new_tokens, temperature, top_p, top_k, num_samples, val_max_new_tokens)
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"rollout.gpu_memory_utilization must lie in (0, 1], got {gpu_memory_utilization}")
         self.gpu_memory_utilization, self.dtype = gpu_memory_utilization, dtype
         self.max_model_len, self.enforce_eager = max_model_len, enforce_eager
-        self.chunk_size = chunk_size
         if engine_kwargs is not None and not isinstance(engine_kwargs, dict):  # Hydra's DictConfig, nested too
             from omegaconf import OmegaConf
 
@@ -85,6 +83,7 @@ class VLLMRollout(RolloutBackend):
         self._synced: tuple | None = None  # the policy weights' (storage, version) at the last copy
         self.syncs = 0  # weight copies so far
         self._bound: torch.nn.Module | None = None  # the model the engine mirrors
+        self._scorer = None  # how the loss scores it (bind): the rollout-time log-probs come the same way
         self._bound_dtype: torch.dtype | None = None  # the dtype that model computes in (the trainer's precision)
         self.fallback = HFGenerateRollout(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                           top_k=top_k, num_samples=num_samples,
@@ -95,10 +94,11 @@ class VLLMRollout(RolloutBackend):
         self.reload_in_place = True
 
     # ------------------------------------------------------------------ engine
-    def bind(self, tokenizer, student, compute_dtype: torch.dtype | None = None) -> None:
-        """The engine will mirror ``student`` (built on its first rollout), in ``compute_dtype`` where the trainer
-        computes in one (bf16-mixed) and ``dtype`` is ``auto``; other models decode with ``fallback``."""
-        self._bound, self._bound_dtype = student, compute_dtype
+    def bind(self, tokenizer, scorer, compute_dtype: torch.dtype | None = None) -> None:
+        """The engine will mirror ``scorer.student`` (built on its first rollout), in ``compute_dtype`` where the
+        trainer computes in one (bf16-mixed) and ``dtype`` is ``auto``; other models decode with ``fallback``. The
+        rollout-time log-probs are scored as the loss scores (``scorer``'s backbone and chunk size)."""
+        self._bound, self._bound_dtype, self._scorer = scorer.student, compute_dtype, scorer
 
     def build_engine(self, model):
         """The ``vllm.LLM`` for ``model``, loaded from a copy of its current weights written to a temporary
@@ -194,7 +194,6 @@ class VLLMRollout(RolloutBackend):
         if self._bound is not None and model is not self._bound:  # the teacher: not what the engine mirrors
             return self.fallback(model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
                                  num_samples=num_samples, greedy=greedy, max_new_tokens=max_new_tokens)
-        G = 1 if greedy else (num_samples or self.num_samples)
         budget = self.budget(greedy, max_new_tokens)
         eos = list(eos_token_ids)
         device, P = prompt_ids_BP.device, prompt_ids_BP.shape[1]
@@ -214,8 +213,7 @@ class VLLMRollout(RolloutBackend):
             sync_seconds = self.sync(model)
         llm = self.llm
 
-        prompt_ids_BP = prompt_ids_BP.repeat_interleave(G, dim=0)
-        prompt_mask_BP = prompt_mask_BP.repeat_interleave(G, dim=0)
+        G, prompt_ids_BP, prompt_mask_BP, _ = self.group(greedy, num_samples, prompt_ids_BP, prompt_mask_BP, {})
         B = prompt_ids_BP.shape[0]
         seeds = torch.randint(0, 2**31 - 1, (B,)).tolist()  # the module seeds torch per step: a rerun replays
         prompts = [{"prompt_token_ids": ids[m.bool()].tolist()}
@@ -251,8 +249,10 @@ class VLLMRollout(RolloutBackend):
         old_logp_BT = entropy_BT = None
         metrics: dict[str, torch.Tensor] = {"vllm_sync_s": torch.tensor(sync_seconds)}
         if not greedy:
-            old_logp_BT, entropy_BT = score_tokens(
-                model, seq, attention_mask, P, self.temperature, self.chunk_size, with_entropy=True)
+            chunk, backbone = ((self._scorer.chunk_size, self._scorer.backbone) if self._scorer is not None
+                               else (1024, hf_backbone))
+            old_logp_BT, entropy_BT = score_tokens(model, seq, attention_mask, P, self.temperature, chunk,
+                                                   with_entropy=True, backbone=backbone)
             zero = torch.zeros((), device=device)
             old_logp_BT = torch.where(response_mask_BT, old_logp_BT.float(), zero)
             entropy_BT = torch.where(response_mask_BT, entropy_BT.float(), zero)
