@@ -318,10 +318,9 @@ def report(args, rows: dict, naive_pts: list[dict], sweep: list[dict]) -> tuple[
         lines += ["", "**Caution:** the resident-set high-water mark could not be reset on this machine, so "
                       "each peak is the process's since it started (model build included), not the phase's."]
     if naive_pts:
-        lines += ["", "Naive path at sizes that fit (measured):", "",
-                  _row("size", "tokens", "naive peak", "backbone peak", "naive overhead"), _rule(5)]
-        lines += [_row(f"{r['batch']} x {r['seq']}", f"{r['batch'] * r['seq']:,}", gb(r["peak"]),
-                       gb(r["backbone_peak"]), gb(r["peak"] - r["backbone_peak"])) for r in naive_pts]
+        measured = ", ".join(f"{r['batch']} x {r['seq']}: {gb(r['peak'] - r['backbone_peak'])} GB over the backbone"
+                             for r in naive_pts)
+        lines += ["", f"The naive path, measured at sizes that fit: {measured}."]
     if sweep:
         lines += ["", f"Chunk size against peak ({B} x {S}):", "",
                   _row("chunk_size", "logits per chunk", "teacher peak", "student peak", "overhead", "target",
