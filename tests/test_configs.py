@@ -52,7 +52,7 @@ def test_trainer_configs_compose(make_cfg, name):
     cfg = make_cfg(f"trainer={name}")
     assert cfg.trainer._target_.endswith("Trainer")
     if "strategy" in cfg.trainer:
-        assert cfg.trainer.strategy._target_.startswith("lightning.pytorch.strategies")
+        assert cfg.trainer.strategy._target_.startswith(("lightning.pytorch.strategies", "src.modules.sharding"))
         # built as the Trainer builds it (DeepSpeed's config must arrive as a plain dict; no GPU needed), and one
         # the module trains under
         strategy = hydra.utils.instantiate(cfg.trainer.strategy)

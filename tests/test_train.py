@@ -268,8 +268,9 @@ def test_fp16_mixed_clips_still_scaled_gradients_at_a_scaled_threshold():
 
 @pytest.mark.parametrize("kind", ["fsdp", "zero3", "model_parallel"])
 def test_sharding_strategies_it_cannot_train_under_are_refused_before_loading(kind):
-    """FSDP fails in backward (manual optimisation inside the root forward) and ZeRO-3 while loading (both seen on
-    an H100); the module stops first, naming the key."""
+    """FSDP1 fails in backward (manual optimisation inside the root forward) and ZeRO-3 while loading (both seen on
+    an H100), a bare ModelParallelStrategy would not shard; the module stops first, naming the key and
+    trainer=fsdp2."""
     from types import SimpleNamespace
 
     from lightning import LightningModule
@@ -286,16 +287,17 @@ def test_sharding_strategies_it_cannot_train_under_are_refused_before_loading(ki
     module.student_spec = SimpleNamespace(load_tokenizer=lambda: pytest.fail("loaded before the check"))
     module.grad_clip = 1.0
     module._trainer.state = SimpleNamespace(fn="fit")
-    with pytest.raises(ValueError, match="trainer.strategy: .*trainer=ddp or trainer=deepspeed_zero2"):
+    with pytest.raises(ValueError, match="trainer.strategy: .*use trainer=fsdp2"):
         module.configure_model()
 
 
-def test_ddp_and_zero2_pass_the_strategy_check():
+def test_ddp_zero2_and_fsdp2_pass_the_strategy_check():
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
     from src.modules.distributed import check_strategy
+    from src.modules.sharding import FSDP2Strategy
 
-    for strategy in (DDPStrategy(), DeepSpeedStrategy(stage=2), SingleDeviceStrategy("cpu")):
+    for strategy in (DDPStrategy(), DeepSpeedStrategy(stage=2), SingleDeviceStrategy("cpu"), FSDP2Strategy()):
         check_strategy(strategy)
 
 

@@ -7,11 +7,11 @@ DeepSpeed ZeRO-3: the partitions gathered around the state dict), and rank 0 wri
 ``save_pretrained`` would write a shard (ZeRO-3: empty tensors) or, under FSDP, wait forever for the other
 ranks' part of the gather. Single-process and DDP runs write the module's own weights, as before.
 
-Costs under sharding: FSDP gathers the whole LightningModule, the frozen teacher included, into rank 0's CPU
-memory (only the student is kept); ZeRO-3 gathers the whole student on every rank at once. Keep
-``on_checkpoint`` off for large models. Not covered: Lightning's ``ModelParallelStrategy`` (DTensor shards).
-``DistillationModule`` itself refuses FSDP and ZeRO-3 for now (``check_strategy``); the gathers here are tested on
-their own (a real FullyShardedDataParallel in one CPU process, and a ZeRO-3 gather mocked).
+Costs under sharding: FSDP2 (``trainer=fsdp2``) gathers the student alone, tensor by tensor, into rank 0's CPU
+memory; FSDP1 gathers the whole LightningModule, the frozen teacher included (only the student is kept); ZeRO-3
+gathers the whole student on every rank at once. Keep ``on_checkpoint`` off for large models.
+``DistillationModule`` refuses FSDP1 and ZeRO-3 (``check_strategy``); their gathers are tested on their own (a real
+FullyShardedDataParallel in one CPU process, and a ZeRO-3 gather mocked), FSDP2's through ``trainer=fsdp2_cpu``.
 """
 
 from __future__ import annotations
@@ -32,12 +32,15 @@ def student_state_dict(trainer, pl_module) -> dict | None:
                 return None
             return _tie({k: v.detach().cpu().clone() for k, v in pl_module.student.state_dict().items()},
                         pl_module.student)
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    gather = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 receives, the others get {}
+    if isinstance(strategy, ModelParallelStrategy):  # FSDP2: the student's shards only, never the teacher's
+        full = get_model_state_dict(pl_module.student, options=gather)
+        return _tie(dict(full), pl_module.student) if trainer.is_global_zero else None
     if isinstance(strategy, FSDPStrategy):  # full, whatever state_dict_type the checkpoints use
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(strategy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(strategy.model, options=gather)
     else:
         full = pl_module.state_dict()
     if not trainer.is_global_zero:

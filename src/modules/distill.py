@@ -30,6 +30,7 @@ from src.modules.models.multimodal import preflight_processors, vision_token_ids
 from src.modules.models.preflight import preflight
 from src.modules.rollout.sampler import Sampler
 from src.modules.scoring import Scorer, hf_backbone
+from src.modules.sharding import FSDP2Strategy, full
 from src.utils.sharding import count_params
 
 
@@ -53,6 +54,8 @@ class DistillationModule(LightningModule):
         backbone: the scorer's ``Backbone`` (default: the Hugging Face forward; the ``accel`` group sets another).
         grad_clip: max gradient norm (None disables).
     """
+
+    not_checkpointed = ("teacher.",)  # reloaded from its spec
 
     def __init__(self, student, teacher, rollout, objective, optimizer, scheduler=None, selection=None,
                  grader=None, answer_fn=None, task: str = "math", chunk_size: int = 1024,
@@ -106,8 +109,23 @@ class DistillationModule(LightningModule):
         banned_ids = torch.tensor(banned, dtype=torch.long) if banned else None
         self.scorer = Scorer(self.student, self.teacher, self.rollout.temperature, self.chunk_size, self.backbone,
                              banned_ids)
+        self._shard()
         self.rollout.bind(self.tokenizer, self.scorer, self._compute_dtype())
-        self.sampler = Sampler(self.rollout, self.tokenizer, self.eos_token_ids(), banned_ids, self.step_seed)
+        self.sampler = Sampler(self.rollout, self.tokenizer, self.eos_token_ids(), banned_ids, self.step_seed,
+                               run=self.scorer.run)
+
+    def _shard(self) -> None:
+        """Under ``trainer=fsdp2``: the student's and the teacher's ``ScoredModel`` sharded by the strategy's plan
+        (``src/modules/sharding.py``); under any other strategy nothing."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, FSDP2Strategy):
+            return
+        if not self.objective.shardable:
+            raise ValueError(f"trainer=fsdp2: {type(self.objective).__name__} reads the models' hidden states and "
+                             "heads outside a module's forward, where FSDP2 keeps them sharded; use trainer=ddp")
+        strategy.shard(self.scorer.scored(self.student), trainable=True)
+        if self.teacher is not None and strategy.plan.teacher_placement == "sharded":
+            strategy.shard(self.scorer.scored(self.teacher), trainable=False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -116,15 +134,16 @@ class DistillationModule(LightningModule):
         return self
 
     def on_load_checkpoint(self, checkpoint) -> None:
-        # strict_loading is off for the teacher's sake; the student must still be complete
-        if self.student is not None:
+        # strict_loading is off for the teacher's sake; the student must still be complete (a distributed checkpoint
+        # is loaded into the module by the strategy itself, which reports missing keys)
+        if self.student is not None and isinstance(checkpoint.get("state_dict"), dict):
             missing = [f"student.{k}" for k in self.student.state_dict() if f"student.{k}" not in checkpoint["state_dict"]]
             if missing:
                 raise KeyError(f"checkpoint lacks {len(missing)} student weights, e.g. {missing[:3]}")
 
     def on_save_checkpoint(self, checkpoint) -> None:
         sd = checkpoint["state_dict"]
-        for k in [k for k in sd if k.startswith("teacher.")]:
+        for k in [k for k in sd if k.startswith(self.not_checkpointed)]:
             del sd[k]
 
     def eos_token_ids(self) -> list[int]:
@@ -170,11 +189,11 @@ class DistillationModule(LightningModule):
                 self.manual_backward(loss)
                 grads = [p.grad for p in self.student.parameters() if p.grad is not None]
                 if grads:  # empty under DeepSpeed, which keeps gradients in its own buffers
-                    logs["grad_norm"] = torch.nn.utils.get_total_norm(grads)
+                    logs["grad_norm"] = full(torch.nn.utils.get_total_norm(grads))  # FSDP2: over every shard
                 if self.grad_clip:
                     norm = self._clip_gradients(opt)
                     if norm is not None:  # the global norm before clipping, unscaled
-                        logs["grad_norm"] = norm
+                        logs["grad_norm"] = full(norm)
                 opt.step()
                 if sched is not None:
                     sched.step()

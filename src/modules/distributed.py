@@ -9,37 +9,38 @@ from src.modules.method.losses import data_parallel_ranks
 
 
 def check_strategy(strategy, grad_clip: float | None = None) -> None:
-    """Refuses the strategies this module cannot train or evaluate under yet. ``src/train.py`` and ``src/eval.py``
+    """Refuses the strategies this module cannot train or evaluate under. ``src/train.py`` and ``src/eval.py``
     call it as soon as the Trainer exists (before any model, stage or dataset is built), ``configure_model`` again.
 
-    - FSDP (``FSDPStrategy``): Lightning runs ``training_step`` inside the root FSDP module's forward, and the
+    - FSDP1 (``FSDPStrategy``): Lightning runs ``training_step`` inside the root FSDP module's forward, and the
       manual optimisation here calls backward there, which FSDP's hooks reject ("Expects BACKWARD_PRE or
       BACKWARD_POST state but got HandleTrainingState.FORWARD", seen on an H100; Lightning-AI/pytorch-lightning
-      #19626 and #19685). The scorer and the decode loop also read weights outside their modules' forwards,
-      where FSDP keeps them sharded across GPUs.
+      #19626 and #19685). ``trainer=fsdp2`` shards with FSDP2 instead.
     - DeepSpeed ZeRO-3: ``transformers`` initialises weights that Lightning's ``zero.Init`` has already
       partitioned (an IndexError while loading, seen on an H100), and the chunked head reads ``lm_head.weight``
       outside the head's forward, where ZeRO-3 keeps it empty.
-    - ``ModelParallelStrategy``: it leaves all parallelism to the module's ``configure_model``, and this module
-      applies none, so the ranks would never synchronise their gradients.
+    - A bare ``ModelParallelStrategy``: it leaves all parallelism to the module's ``configure_model``, which shards
+      only under ``FSDP2Strategy`` (``trainer=fsdp2``: every rank data-parallel and the sharding plan).
     - DeepSpeed clipping at another norm than ``grad_clip``: manual optimisation leaves the clip to DeepSpeed's
       ``gradient_clipping``, which Lightning sets to 0 (none) for a strategy given by name (``deepspeed_stage_2``).
-    DDP and DeepSpeed ZeRO-2 (optimiser states and gradients sharded, weights whole on every rank) train."""
+    DDP, DeepSpeed ZeRO-2 and FSDP2 (``src/modules/sharding.py``) train."""
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
+    from src.modules.sharding import FSDP2Strategy
+
     name = type(strategy).__name__
-    use = "use trainer=ddp or trainer=deepspeed_zero2 (every GPU holds whole weights)"
+    use = "use trainer=fsdp2 (FSDP2: weights, gradients and optimiser states sharded), or trainer=ddp"
     if isinstance(strategy, FSDPStrategy):
-        raise ValueError(f"trainer.strategy: {name} (FSDP) is not supported: Lightning runs training_step inside "
+        raise ValueError(f"trainer.strategy: {name} (FSDP1) is not supported: Lightning runs training_step inside "
                          "the root FSDP module's forward, where this module's manual optimisation cannot call "
-                         "backward (Lightning-AI/pytorch-lightning#19626), and the scorer and decode loop read "
-                         f"weights FSDP keeps sharded; {use}")
+                         f"backward (Lightning-AI/pytorch-lightning#19626); {use}")
     if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-        raise ValueError(f"trainer.strategy: {name} with zero_optimization.stage=3 is not supported yet: ZeRO-3 "
+        raise ValueError(f"trainer.strategy: {name} with zero_optimization.stage=3 is not supported: ZeRO-3 "
                          f"partitions the weights that the model loading and the chunked head read whole; {use}")
-    if isinstance(strategy, ModelParallelStrategy):
-        raise ValueError(f"trainer.strategy: {name} is not supported: this module applies no parallelism in "
-                         f"configure_model, so the ranks would not synchronise their gradients; {use}")
+    if isinstance(strategy, ModelParallelStrategy) and not isinstance(strategy, FSDP2Strategy):
+        raise ValueError(f"trainer.strategy: {name} is not supported as such: this module shards in configure_model "
+                         "only under src.modules.sharding.FSDP2Strategy (every rank data-parallel, the sharding "
+                         "plan); use trainer=fsdp2")
     if isinstance(strategy, DeepSpeedStrategy) and grad_clip is not None:
         clip = float((strategy.config or {}).get("gradient_clipping") or 0.0)
         if clip != float(grad_clip or 0.0):

@@ -6,6 +6,12 @@ accelerations plug in (``Backbone``; the default runs the Hugging Face model's o
 ``accel`` config group can choose another). ``Scorer`` bundles what an objective scores with: the student, the
 teacher, the sampling temperature, the chunk size and the backbone.
 
+Scoring is one module call: ``ScoredModel`` wraps a model so that its forward *is* backbone-then-head. A sharding
+strategy (FSDP2, ``src/modules/sharding.py``) makes that wrapper its root shard, so the head's weights are
+gathered for the forward and their gradients reduced after the backward as for any module's; nothing reads
+``lm_head.weight`` from outside a forward. The rollout of a policy runs through the same wrapper
+(``ScoredModel.run``), with the weights gathered for it.
+
 For a causal LM with final hidden states ``h`` [B, T, H] and output head ``W`` [V, H]::
 
     z      = (h @ W.T) / temperature                  # logits at temperature, [B, T, V]
@@ -22,6 +28,7 @@ Only the response positions are projected (the prompt's logits are never needed)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Protocol
 
@@ -181,6 +188,29 @@ def score_tokens(
     )
 
 
+class ScoredModel(torch.nn.Module):
+    """``model``'s scoring as its forward: ``backbone`` and the chunked head in one call (see the module docstring).
+
+    ``run(fn, *args)`` calls ``fn(model, *args)`` as another forward of this module (a rollout: the sampler runs
+    the backend through it), inside ``around_run`` (a context a sharding plan sets: weights kept gathered for the
+    whole rollout instead of gathered and freed per decoded token)."""
+
+    def __init__(self, model: torch.nn.Module, backbone: Backbone = hf_backbone):
+        super().__init__()
+        self.model, self.backbone = model, backbone
+        self.around_run = contextlib.nullcontext
+
+    def forward(self, input_ids_BT, attention_mask_BT, response_start: int, temperature: float = 1.0,
+                chunk_size: int = 1024, with_entropy: bool = True, banned_ids: torch.Tensor | None = None,
+                **model_kwargs):
+        return score_tokens(self.model, input_ids_BT, attention_mask_BT, response_start, temperature, chunk_size,
+                            with_entropy, banned_ids, self.backbone, **model_kwargs)
+
+    def run(self, fn, *args, **kwargs):
+        with self.around_run():
+            return fn(self.model, *args, **kwargs)
+
+
 @dataclasses.dataclass
 class Scorer:
     """What an objective scores a rollout with (``ro``: a ``src.modules.rollout.batch.Rollout``).
@@ -197,12 +227,23 @@ class Scorer:
     chunk_size: int = 1024
     backbone: Backbone = hf_backbone
     banned_ids: torch.Tensor | None = None
+    _scored: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def scored(self, model) -> ScoredModel:
+        """The ``ScoredModel`` of the student or the teacher (one each, made on first use; a sharding plan shards it
+        in ``DistillationModule.configure_model``)."""
+        if model not in self._scored:
+            self._scored[model] = ScoredModel(model, self.backbone)
+        return self._scored[model]
+
+    def run(self, model, fn, *args, **kwargs):
+        """``fn(model, *args, **kwargs)`` as a forward of ``model``'s ``ScoredModel`` (a rollout, weights gathered)."""
+        return self.scored(model).run(fn, *args, **kwargs)
 
     def logp(self, model, ro, with_entropy: bool = False, temperature: float | None = None):
         """(logp_BT, entropy_BT or None) of ``ro``'s response tokens under ``model``."""
-        return score_tokens(model, ro.input_ids, ro.attention_mask, ro.response_start,
-                            temperature or self.temperature, self.chunk_size, with_entropy=with_entropy,
-                            banned_ids=self.banned_ids, backbone=self.backbone, **ro.model_kwargs)
+        return self.scored(model)(ro.input_ids, ro.attention_mask, ro.response_start, temperature or self.temperature,
+                                  self.chunk_size, with_entropy, self.banned_ids, **ro.model_kwargs)
 
     def student_logp(self, ro, with_entropy: bool = False, temperature: float | None = None):
         """The student's (logp_BT, entropy_BT or None), with gradient where gradient is on."""

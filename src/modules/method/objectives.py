@@ -34,6 +34,7 @@ class Objective(Protocol):
     """What the LightningModule's training step asks of an objective (see the module docstring)."""
 
     needs_teacher: bool
+    shardable: bool  # scores only through the Scorer's module calls (trainer=fsdp2 can shard the models)
     epochs: int
     minibatches: int
 
@@ -46,6 +47,8 @@ class Objective(Protocol):
 
 class OnPolicy:
     """The student samples the responses (the on-policy objectives' rollout)."""
+
+    shardable = True
 
     def rollout(self, batch, sampler, scorer):
         return sampler(scorer.student, batch)
@@ -117,6 +120,7 @@ class SupervisedDistillation:
     """Off-policy distillation: the teacher generates, the student fits it with cross-entropy."""
 
     needs_teacher = True
+    shardable = True
     epochs = minibatches = 1
 
     def __init__(self, agg: str = "token_mean"):
@@ -142,10 +146,12 @@ class GeneralizedJSD(OnPolicy):
 
     The teacher's and the student's log-probs (``Scorer.vocab_logp``: at the sampling temperature, banned ids
     renormalised away) are formed ``scorer.chunk_size`` positions at a time inside a checkpoint, so neither full
-    ``[B, T, V]`` tensor is ever held.
+    ``[B, T, V]`` tensor is ever held. The hidden states and heads are read outside a module's forward, so FSDP2
+    cannot shard the models for it (``shardable``).
     """
 
     needs_teacher = True
+    shardable = False
 
     def __init__(self, beta: float = 0.5, agg: str = "token_mean", epochs: int = 1, minibatches: int = 1):
         if not 0.0 <= beta <= 1.0:

@@ -16,6 +16,10 @@ from src.modules.rollout.backend import RolloutBackend
 from src.modules.rollout.batch import Rollout, reference_rollout
 
 
+def _call(policy, fn, *args, **kwargs):
+    return fn(policy, *args, **kwargs)
+
+
 class Sampler:
     """
     Args:
@@ -25,12 +29,16 @@ class Sampler:
         banned_ids: ids never sampled (a vision-language model's image placeholders), or None.
         seed_of: ``(eval_batch) -> seed`` of the current step and rank (``eval_batch``: an evaluation batch's own
             stream, None in training).
+        run: ``(policy, fn, *args, **kwargs) -> fn(policy, *args, **kwargs)`` as the policy's owner must call it:
+            ``Scorer.run``, which runs it as a forward of the policy's ``ScoredModel`` (under FSDP2, with the
+            sharded weights gathered for the rollout). Default: a plain call.
     """
 
     def __init__(self, backend: RolloutBackend, tokenizer, eos_token_ids: list[int],
-                 banned_ids: torch.Tensor | None, seed_of: Callable[[int | None], int]):
+                 banned_ids: torch.Tensor | None, seed_of: Callable[[int | None], int], run: Callable | None = None):
         self.backend, self.tokenizer = backend, tokenizer
         self.eos_token_ids, self.banned_ids, self.seed_of = list(eos_token_ids), banned_ids, seed_of
+        self.run = run or _call
 
     def __call__(self, policy, batch: dict, greedy: bool = False, eval_batch: int | None = None,
                  **backend_kwargs) -> Rollout:
@@ -42,9 +50,9 @@ class Sampler:
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(self.seed_of(eval_batch))
-                ro = self.backend(policy, batch["input_ids"], batch["attention_mask"], self.eos_token_ids,
-                                  self.tokenizer.pad_token_id, greedy=greedy, banned_ids=self.banned_ids,
-                                  **backend_kwargs, **batch.get("model_kwargs", {}))
+                ro = self.run(policy, self.backend, batch["input_ids"], batch["attention_mask"], self.eos_token_ids,
+                              self.tokenizer.pad_token_id, greedy=greedy, banned_ids=self.banned_ids,
+                              **backend_kwargs, **batch.get("model_kwargs", {}))
         finally:
             policy.train(was_training)
         ro.references = [r for r in batch["references"] for _ in range(ro.group_size)]
