@@ -310,6 +310,45 @@ def test_aggregate_seq_mean_token_mean_skips_empty_rows_and_all_masked_is_zero()
         assert torch.isfinite(out) and float(out) == 0.0
 
 
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+@pytest.mark.parametrize("objective", ["policy_gradient", "sft"])
+def test_micro_batches_accumulate_the_whole_batch_loss_and_gradient(agg, objective):
+    """``accumulate`` over micro-batches of 2 rows (3 of them, the last of 1 row) gives the loss and the gradient
+    of the whole batch at once: every micro-batch divides by the whole batch's count, whatever it holds."""
+    from types import SimpleNamespace
+
+    from src.modules.method.objectives import PolicyGradient, SupervisedDistillation, accumulate
+    from src.modules.rollout.batch import Rollout
+
+    g = torch.Generator().manual_seed(0)
+    B, P, T = 5, 2, 4
+    ids = torch.randint(1, 9, (B, P + T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[1] = False  # a row with nothing in the loss
+    w = torch.ones((), requires_grad=True)
+
+    def student_logp(ro, with_entropy=False, temperature=None):
+        return -(w * ro.response_ids_BT.float()).sin() ** 2 - 0.1, None
+
+    scorer = SimpleNamespace(student_logp=student_logp)
+    results = []
+    for tokens in (None, 2 * (P + T)):
+        ro = Rollout(input_ids=ids, attention_mask=torch.ones_like(ids), response_start=P, response_mask_BT=mask,
+                     old_logp_BT=-torch.rand(B, T, generator=torch.Generator().manual_seed(1)), entropy_BT=None,
+                     truncated_B=torch.zeros(B, dtype=torch.bool))
+        ro.loss_mask_BT = mask
+        ro.advantage_BT = torch.randn(B, T, generator=torch.Generator().manual_seed(2))
+        obj = PolicyGradient(reward=None, eps_low=0.2, eps_high=0.2, agg=agg, micro_batch_tokens=tokens) \
+            if objective == "policy_gradient" else SupervisedDistillation(agg=agg, micro_batch_tokens=tokens)
+        assert len(ro.micro_batches(tokens)) == (1 if tokens is None else 3)
+        w.grad = None
+        loss, _ = accumulate(obj, ro, scorer, torch.Tensor.backward)
+        results.append((float(loss), float(w.grad)))
+    (whole_loss, whole_grad), (micro_loss, micro_grad) = results
+    assert micro_loss == pytest.approx(whole_loss, abs=1e-6) and micro_grad == pytest.approx(whole_grad, abs=1e-6)
+    assert whole_grad != 0.0
+
+
 def test_unknown_agg_raises_naming_agg():
     with pytest.raises(ValueError, match="agg"):
         aggregate(torch.zeros(2, 2), torch.ones(2, 2), "token_median")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-B, P, T, VOCAB = 8, 4, 6, 48
+B, P, T, VOCAB = 12, 4, 6, 48
+SPLIT = 7  # rank 0 holds rows 0-6, rank 1 rows 7-11: uneven, so rank 1 fills in micro-batches
 
 
 def _models(tie: bool):
@@ -36,7 +37,7 @@ def _rollout():
     ids = torch.randint(0, VOCAB, (B, P + T), generator=g)
     mask = torch.ones(B, P + T, dtype=torch.long)
     mask[:3, :2] = 0  # left padding
-    lengths = torch.tensor([6, 2, 5, 6, 1, 4, 6, 3])  # uneven response lengths between the ranks' halves
+    lengths = torch.tensor([6, 2, 5, 6, 1, 4, 6, 3, 2, 6, 5, 1])  # uneven response lengths
     response = torch.arange(T)[None, :] < lengths[:, None]
     mask[:, P:] = response.long()
     return Rollout(input_ids=ids, attention_mask=mask, response_start=P, response_mask_BT=response,
@@ -44,33 +45,35 @@ def _rollout():
                    truncated_B=lengths == T)
 
 
-def _step(student, teacher, ro, shard=None):
-    """One REOPOLD update (reward, clip, entropy selection, PPO-clipped loss, clip to norm 1, AdamW) on ``ro``;
-    ``shard(scored, trainable)`` shards the models first. Returns loss, grad norm, the student's weights after the
-    step (full) and the teacher's log-probs."""
+def _step(student, teacher, ro, shard=None, micro_batch_tokens=None):
+    """One REOPOLD update (reward, clip, entropy selection, PPO-clipped loss, clip to norm 1, AdamW) on ``ro``, in
+    micro-batches of ``micro_batch_tokens``; ``shard(scored, trainable)`` shards the models first. Returns loss,
+    grad norm, the student's weights after the step (full) and the teacher's log-probs."""
     from src.modules.method.clipping import MixtureClip
-    from src.modules.method.objectives import PolicyGradient
+    from src.modules.method.objectives import PolicyGradient, accumulate
     from src.modules.method.rewards import LogRatioReward
     from src.modules.method.selection import EntropyTopQuantile
     from src.modules.scoring import Scorer
     from src.modules.sharding import full
 
-    scorer = Scorer(student, teacher, temperature=0.7, chunk_size=5)
+    scorer = Scorer(student, teacher, temperature=0.7, chunk_size=5, micro_batch_tokens=micro_batch_tokens)
     if shard is not None:
         shard(scorer.scored(student), True)
         shard(scorer.scored(teacher), False)
-    objective = PolicyGradient(LogRatioReward(), MixtureClip(0.1), eps_low=0.2, eps_high=0.28)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-2, foreach=True)
+    objective = PolicyGradient(LogRatioReward(), MixtureClip(0.1), eps_low=0.2, eps_high=0.28,
+                               micro_batch_tokens=micro_batch_tokens)
+    # lr 1e-3: a first Adam step moves every weight by ~lr, so a wrong gradient shows at 1e-6; a larger lr would
+    # also magnify the rounding of gradients near Adam's eps
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, foreach=True)
     objective.prepare(ro, scorer, EntropyTopQuantile(0.5))
-    loss, _ = objective.loss(ro, scorer)
-    loss.backward()
+    loss, _ = accumulate(objective, ro, scorer, torch.Tensor.backward)
     norm = full(torch.nn.utils.clip_grad_norm_(list(student.parameters()), 1.0))
     opt.step()
     weights = {k: full(v).detach().clone() for k, v in student.state_dict().items()}
     return float(loss), float(norm), weights, ro.teacher_logp_BT
 
 
-def _sharded_step(rank: int, world: int, store: str, out: str, tie: bool, placement: str):
+def _sharded_step(rank: int, world: int, store: str, out: str, tie: bool, placement: str, micro: int | None):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -85,8 +88,8 @@ def _sharded_step(rank: int, world: int, store: str, out: str, tie: bool, placem
             plan.shard(scored, mesh, trainable)
 
     student, teacher = _models(tie)
-    mine = torch.arange(rank * B // world, (rank + 1) * B // world)
-    loss, norm, weights, teacher_logp = _step(student, teacher, _rollout().select_rows(mine), shard)
+    mine = torch.arange(B)[:SPLIT] if rank == 0 else torch.arange(B)[SPLIT:]
+    loss, norm, weights, teacher_logp = _step(student, teacher, _rollout().select_rows(mine), shard, micro)
     losses = [None] * world
     dist.all_gather_object(losses, loss)
     dist.destroy_process_group()
@@ -94,14 +97,17 @@ def _sharded_step(rank: int, world: int, store: str, out: str, tie: bool, placem
                 "rows": mine}, f"{out}.{rank}")
 
 
-@pytest.mark.parametrize("tie,placement", [(True, "sharded"), (False, "sharded"), (True, "replicated")])
-def test_a_sharded_step_is_the_one_process_step(tmp_path, tie, placement):
-    """Two ranks, each with half the rows and FSDP2 shards of both models: the loss over the ranks, the gradient
-    norm and every updated weight (head and embeddings, tied or not) are those of one process with every row;
-    a sharded teacher scores as the whole one does."""
+@pytest.mark.parametrize("tie,placement,micro", [(True, "sharded", None), (False, "sharded", None),
+                                                 (True, "replicated", None), (True, "sharded", 3 * (P + T)),
+                                                 (False, "sharded", P + T)])
+def test_a_sharded_step_is_the_one_process_step(tmp_path, tie, placement, micro):
+    """Two ranks, with 7 and 5 of the rows and FSDP2 shards of both models, scoring and updating in micro-batches
+    of ``micro`` tokens (3 rows: 3 and 2 micro-batches, so rank 1 adds a filler; 1 row: 7 each): the loss over the
+    ranks, the gradient norm and every updated weight (head and embeddings, tied or not) are those of one process
+    with every row in one batch; a sharded teacher scores as the whole one does."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_sharded_step, args=(2, str(tmp_path / "store"), str(tmp_path / "out"), tie, placement), nprocs=2)
+    mp.spawn(_sharded_step, args=(2, str(tmp_path / "store"), str(tmp_path / "out"), tie, placement, micro), nprocs=2)
     student, teacher = _models(tie)
     loss, norm, weights, teacher_logp = _step(student, teacher, _rollout())
     for rank in range(2):

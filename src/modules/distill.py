@@ -7,7 +7,8 @@ One training step (paper Sec. 5), top to bottom:
     2. prepare  - ``objective.prepare``, no gradient: the teacher's scores of the sampled tokens (the scorer), then
                   reward, clip and token selection, and the batch metrics;
     3. update   - ``epochs * minibatches`` optimiser steps on ``objective.loss`` (manual optimisation, so several
-                  steps can follow one rollout), each clipped to ``grad_clip``.
+                  steps can follow one rollout), each clipped to ``grad_clip``; each minibatch's gradient accumulated
+                  over micro-batches of at most ``objective.micro_batch_tokens`` tokens (``accumulate``).
 The token selection in force is ``self.selection``; the phase callback swaps it (exploration -> refinement).
 Nothing in the step branches on a mode string: every choice is a component, and how the backbone and the decode
 loop compute is behind their seams (``module.backbone``, ``rollout.decoder``).
@@ -25,6 +26,7 @@ from lightning import LightningModule
 
 from src.modules.distributed import check_strategy, over_ranks
 from src.modules.evaluation.evaluator import Evaluator
+from src.modules.method.objectives import accumulate
 from src.modules.method.selection import AllTokens
 from src.modules.models.multimodal import preflight_processors, vision_token_ids
 from src.modules.models.preflight import preflight
@@ -108,7 +110,7 @@ class DistillationModule(LightningModule):
         banned = vision_token_ids(self.processor)
         banned_ids = torch.tensor(banned, dtype=torch.long) if banned else None
         self.scorer = Scorer(self.student, self.teacher, self.rollout.temperature, self.chunk_size, self.backbone,
-                             banned_ids)
+                             banned_ids, self.objective.micro_batch_tokens)
         self._shard()
         self.rollout.bind(self.tokenizer, self.scorer, self._compute_dtype())
         self.sampler = Sampler(self.rollout, self.tokenizer, self.eos_token_ids(), banned_ids, self.step_seed,
@@ -184,9 +186,8 @@ class DistillationModule(LightningModule):
         logs, n_updates = {}, 0
         for _ in range(self.objective.epochs):
             for mb in ro.minibatches(self.objective.minibatches, shuffle):
-                loss, metrics = self.objective.loss(mb, self.scorer)
                 opt.zero_grad(set_to_none=True)
-                self.manual_backward(loss)
+                loss, metrics = accumulate(self.objective, mb, self.scorer, self.manual_backward)
                 grads = [p.grad for p in self.student.parameters() if p.grad is not None]
                 if grads:  # empty under DeepSpeed, which keeps gradients in its own buffers
                     logs["grad_norm"] = full(torch.nn.utils.get_total_norm(grads))  # FSDP2: over every shard

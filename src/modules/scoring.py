@@ -227,6 +227,7 @@ class Scorer:
     chunk_size: int = 1024
     backbone: Backbone = hf_backbone
     banned_ids: torch.Tensor | None = None
+    micro_batch_tokens: int | None = None  # the teacher scores a rollout this many padded tokens at a time
     _scored: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def scored(self, model) -> ScoredModel:
@@ -250,10 +251,15 @@ class Scorer:
         return self.logp(self.student, ro, with_entropy, temperature)
 
     def teacher_logp(self, ro) -> torch.Tensor:
-        """The teacher's logp_BT of the sampled tokens (0 outside the response mask), without gradient."""
+        """The teacher's logp_BT of the sampled tokens (0 outside the response mask), without gradient, scored
+        ``micro_batch_tokens`` padded tokens at a time (``Rollout.micro_batches``)."""
+        parts = []
         with torch.no_grad():
-            logp_BT, _ = self.logp(self.teacher, ro)
-        return logp_BT * ro.response_mask_BT
+            for part in ro.micro_batches(self.micro_batch_tokens):
+                logp_BT, _ = self.logp(self.teacher, part)  # a filler too: every rank joins every forward's gathers
+                if not part.filler:
+                    parts.append(logp_BT)
+        return torch.cat(parts) * ro.response_mask_BT
 
     def hidden(self, model, ro) -> tuple[torch.Tensor, torch.nn.Module]:
         """``model``'s final hidden states over the response (``Backbone``) and its output head, for objectives that

@@ -46,7 +46,19 @@ def _per_rank(denominator: torch.Tensor) -> torch.Tensor:
     return total.clamp(min=1.0) / ranks
 
 
-def aggregate(x_BT: torch.Tensor, mask_BT: torch.Tensor, agg: str = "token_mean") -> torch.Tensor:
+def loss_count(mask_BT: torch.Tensor, agg: str) -> torch.Tensor:
+    """What ``aggregate`` divides by, over the rows of ``mask_BT``: kept tokens (``token_mean``), sequences with any
+    kept token (``seq_mean_token_mean``) or sequences (``seq_mean_token_sum``)."""
+    mask_BT = mask_BT.bool()
+    if agg == "token_mean":
+        return mask_BT.sum().float()
+    if agg == "seq_mean_token_mean":
+        return mask_BT.any(dim=-1).sum().float()
+    return torch.tensor(float(mask_BT.shape[0]), device=mask_BT.device)
+
+
+def aggregate(x_BT: torch.Tensor, mask_BT: torch.Tensor, agg: str = "token_mean",
+              batch_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Reduce a per-token matrix to a scalar over the tokens where ``mask_BT`` is set.
 
     - ``token_mean``: sum over kept tokens / number of kept tokens in the batch (Eq. 4).
@@ -54,20 +66,23 @@ def aggregate(x_BT: torch.Tensor, mask_BT: torch.Tensor, agg: str = "token_mean"
     - ``seq_mean_token_sum``: sum over each sequence's kept tokens, then mean over sequences.
     Masked positions never contribute, even when ``x_BT`` holds inf or NaN there. Under data parallelism
     "the batch" is every rank's batch together (``_per_rank``): each rank must call it, the same number of times.
+    ``batch_mask_BT``: where ``x_BT`` is one micro-batch of a batch, the batch's mask: the division is by the
+    batch's count (``loss_count``), so the micro-batches' losses sum to the batch's and their gradients accumulate
+    to its gradient, whatever the micro-batch size.
     """
     if agg not in AGGREGATIONS:
         raise ValueError(f"objective.agg must be one of {AGGREGATIONS}, got {agg!r}")
     mask_BT = mask_BT.bool()
     x_BT = torch.where(mask_BT, x_BT, torch.zeros((), dtype=x_BT.dtype, device=x_BT.device))
-    m_BT = mask_BT.to(x_BT.dtype)
+    count = loss_count(mask_BT if batch_mask_BT is None else batch_mask_BT, agg).to(x_BT.dtype)
     if agg == "token_mean":
-        return x_BT.sum() / _per_rank(m_BT.sum())
-    per_seq_B = x_BT.sum(dim=-1)
-    n_B = m_BT.sum(dim=-1)
-    if agg == "seq_mean_token_mean":
-        has_B = n_B > 0
-        return (per_seq_B / n_B.clamp(min=1.0))[has_B].sum() / _per_rank(has_B.sum().to(x_BT.dtype))
-    return per_seq_B.sum() / _per_rank(torch.tensor(float(per_seq_B.numel()), device=x_BT.device))
+        total = x_BT.sum()
+    elif agg == "seq_mean_token_mean":
+        n_B = mask_BT.sum(dim=-1).to(x_BT.dtype)
+        total = (x_BT.sum(dim=-1) / n_B.clamp(min=1.0))[n_B > 0].sum()
+    else:
+        total = x_BT.sum()
+    return total / _per_rank(count)
 
 
 def policy_loss(
@@ -78,6 +93,7 @@ def policy_loss(
     eps_low: float | None = None,
     eps_high: float | None = None,
     agg: str = "token_mean",
+    batch_mask_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Importance-weighted policy-gradient surrogate, optionally PPO-clipped.
 
@@ -87,7 +103,7 @@ def policy_loss(
         advantage_BT: per-token advantage, e.g. the clipped reward ``Rhat`` (no gradient), [B, T].
         mask_BT: tokens that enter the loss, [B, T].
         eps_low, eps_high: PPO ratio clip range ``[1 - eps_low, 1 + eps_high]``; None disables a side.
-        agg: see ``aggregate``.
+        agg, batch_mask_BT: see ``aggregate``.
     Returns:
         (loss, metrics) with metrics ``ratio_mean``, ``ppo_clip_frac`` and ``approx_kl`` (detached).
     """
@@ -103,7 +119,7 @@ def policy_loss(
         clip_loss_BT = -adv_BT * rho_BT.clamp(lo, hi)
         clipped_BT = clip_loss_BT > loss_BT
         loss_BT = torch.maximum(loss_BT, clip_loss_BT)
-    loss = aggregate(loss_BT, mask_BT, agg)
+    loss = aggregate(loss_BT, mask_BT, agg, batch_mask_BT)
     with torch.no_grad():
         n = mask_BT.sum().clamp(min=1)
         metrics = {
@@ -139,6 +155,7 @@ def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     return torch.where(p_log > -math.inf, terms, torch.zeros_like(terms)).sum(-1)
 
 
-def token_nll(logp_BT: torch.Tensor, mask_BT: torch.Tensor, agg: str = "token_mean") -> torch.Tensor:
+def token_nll(logp_BT: torch.Tensor, mask_BT: torch.Tensor, agg: str = "token_mean",
+              batch_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the sampled tokens (SFT on teacher outputs)."""
-    return aggregate(-logp_BT, mask_BT, agg)
+    return aggregate(-logp_BT, mask_BT, agg, batch_mask_BT)

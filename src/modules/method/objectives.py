@@ -6,7 +6,10 @@
   (off-policy SFT) or the data set's reference solutions (the SFT stages);
 - ``prepare(ro, scorer, selection)``: once per rollout batch, no gradient: rewards, advantages, the token mask and
   the batch metrics;
-- ``loss(ro, scorer)``: on a (mini)batch, with gradient: ``(loss, metrics)``.
+- ``loss(ro, scorer)``: on a (mini)batch or one micro-batch of it, with gradient: ``(loss, metrics)``, normalised
+  by the counts of the batch (``ro.batch_loss_mask_BT``), so micro-batch losses sum to the batch's;
+- ``micro_batch_tokens``: the most padded tokens a forward/backward takes at once (teacher scoring and the update;
+  None: the whole batch). ``accumulate`` runs a loss over the micro-batches, gradients accumulating.
 
 ``scorer`` is a ``src.modules.scoring.Scorer`` (student and teacher scoring at the rollout temperature),
 ``sampler`` a ``src.modules.rollout.sampler.Sampler``.
@@ -34,6 +37,7 @@ class Objective(Protocol):
     """What the LightningModule's training step asks of an objective (see the module docstring)."""
 
     needs_teacher: bool
+    micro_batch_tokens: int | None
     shardable: bool  # scores only through the Scorer's module calls (trainer=fsdp2 can shard the models)
     epochs: int
     minibatches: int
@@ -43,6 +47,21 @@ class Objective(Protocol):
     def prepare(self, ro, scorer, selection) -> None: ...
 
     def loss(self, ro, scorer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+def accumulate(objective, ro, scorer, backward) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``objective.loss`` over ``ro``'s micro-batches (at most ``objective.micro_batch_tokens`` padded tokens each),
+    ``backward(loss)`` after each, so the gradients accumulate to the whole batch's and only one micro-batch's
+    activations are alive at a time. Returns the batch's loss (the sum) and the micro-batches' mean metrics."""
+    parts = ro.micro_batches(objective.micro_batch_tokens)
+    total, metrics = None, {}
+    for part in parts:
+        loss, part_metrics = objective.loss(part, scorer)
+        backward(loss)
+        total = loss.detach() if total is None else total + loss.detach()
+        for k, v in part_metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + v.detach() / len(parts)
+    return total, metrics
 
 
 class OnPolicy:
@@ -61,13 +80,15 @@ def _quantiles(x: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
     return {f"{prefix}_mean": x.float().mean(), f"{prefix}_q10": q[0], f"{prefix}_q50": q[1], f"{prefix}_q90": q[2]}
 
 
-def _checked(agg: str, epochs: int = 1, minibatches: int = 1) -> tuple[str, int, int]:
+def _checked(agg: str, epochs: int = 1, minibatches: int = 1, micro_batch_tokens: int | None = None):
     """The settings every objective takes, checked now (not at step 0), each named by its config key."""
     if agg not in AGGREGATIONS:
         raise ValueError(f"objective.agg must be one of {AGGREGATIONS}, got {agg!r}")
     if epochs < 1 or minibatches < 1:
         raise ValueError(f"objective.epochs and objective.minibatches must be >= 1, got {epochs}, {minibatches}")
-    return agg, epochs, minibatches
+    if micro_batch_tokens is not None and micro_batch_tokens < 1:
+        raise ValueError(f"objective.micro_batch_tokens must be >= 1 or null, got {micro_batch_tokens}")
+    return agg, epochs, minibatches, micro_batch_tokens
 
 
 class PolicyGradient(OnPolicy):
@@ -79,13 +100,15 @@ class PolicyGradient(OnPolicy):
         eps_low, eps_high: PPO ratio clip; None disables.
         agg: token aggregation (see ``losses.aggregate``).
         epochs, minibatches: optimiser steps per rollout batch = epochs * minibatches.
+        micro_batch_tokens: see the module docstring.
     """
 
     def __init__(self, reward, clipping=None, eps_low: float | None = None, eps_high: float | None = None,
-                 agg: str = "token_mean", epochs: int = 1, minibatches: int = 1):
+                 agg: str = "token_mean", epochs: int = 1, minibatches: int = 1, micro_batch_tokens: int | None = None):
         self.reward, self.clipping = reward, clipping or NoClip()
         self.eps_low, self.eps_high = eps_low, eps_high
-        self.agg, self.epochs, self.minibatches = _checked(agg, epochs, minibatches)
+        self.agg, self.epochs, self.minibatches, self.micro_batch_tokens = _checked(agg, epochs, minibatches,
+                                                                                    micro_batch_tokens)
 
     @property
     def needs_teacher(self) -> bool:
@@ -113,7 +136,7 @@ class PolicyGradient(OnPolicy):
     def loss(self, ro, scorer):
         logp_BT, _ = scorer.student_logp(ro)
         return policy_loss(logp_BT, ro.old_logp_BT, ro.advantage_BT, ro.loss_mask_BT,
-                           self.eps_low, self.eps_high, self.agg)
+                           self.eps_low, self.eps_high, self.agg, ro.batch_loss_mask_BT)
 
 
 class SupervisedDistillation:
@@ -123,8 +146,8 @@ class SupervisedDistillation:
     shardable = True
     epochs = minibatches = 1
 
-    def __init__(self, agg: str = "token_mean"):
-        self.agg, _, _ = _checked(agg)
+    def __init__(self, agg: str = "token_mean", micro_batch_tokens: int | None = None):
+        self.agg, _, _, self.micro_batch_tokens = _checked(agg, micro_batch_tokens=micro_batch_tokens)
 
     def rollout(self, batch, sampler, scorer):
         ro = sampler(scorer.teacher, batch)
@@ -138,7 +161,7 @@ class SupervisedDistillation:
     def loss(self, ro, scorer):
         # maximum likelihood of the demonstrations: the model's own distribution, not a tempered one
         logp_BT, _ = scorer.student_logp(ro, temperature=1.0)
-        return token_nll(logp_BT, ro.loss_mask_BT, self.agg), {}
+        return token_nll(logp_BT, ro.loss_mask_BT, self.agg, ro.batch_loss_mask_BT), {}
 
 
 class GeneralizedJSD(OnPolicy):
@@ -153,11 +176,13 @@ class GeneralizedJSD(OnPolicy):
     needs_teacher = True
     shardable = False
 
-    def __init__(self, beta: float = 0.5, agg: str = "token_mean", epochs: int = 1, minibatches: int = 1):
+    def __init__(self, beta: float = 0.5, agg: str = "token_mean", epochs: int = 1, minibatches: int = 1,
+                 micro_batch_tokens: int | None = None):
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"objective.beta must lie in [0, 1], got {beta!r}")
         self.beta = beta
-        self.agg, self.epochs, self.minibatches = _checked(agg, epochs, minibatches)
+        self.agg, self.epochs, self.minibatches, self.micro_batch_tokens = _checked(agg, epochs, minibatches,
+                                                                                    micro_batch_tokens)
 
     @torch.no_grad()
     def prepare(self, ro, scorer, selection=None) -> None:
@@ -176,7 +201,7 @@ class GeneralizedJSD(OnPolicy):
         parts = [checkpoint(self._chunk, scorer, head_s, head_t, hs[i : i + n], ht[i : i + n], use_reentrant=False)
                  for i in range(0, B * T, n)]
         jsd_BT = torch.cat(parts).view(B, T)
-        return aggregate(jsd_BT, ro.loss_mask_BT, self.agg), {}
+        return aggregate(jsd_BT, ro.loss_mask_BT, self.agg, ro.batch_loss_mask_BT), {}
 
 
 class ReferenceSFT(SupervisedDistillation):

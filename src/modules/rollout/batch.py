@@ -7,6 +7,7 @@ adds to it (teacher log-probs, reward, advantage, token mask, metrics).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -40,6 +41,11 @@ class Rollout:
     advantage_BT: torch.Tensor | None = None
     loss_mask_BT: torch.Tensor | None = None
     metrics: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # a micro-batch's (``micro_batches``): the loss mask of the whole batch it belongs to, whose counts normalise its
+    # loss, and whether it is a filler (a row of the batch with nothing in the loss, where this rank has fewer rows
+    # than micro-batches)
+    batch_loss_mask_BT: torch.Tensor | None = None
+    filler: bool = False
 
     @property
     def response_ids_BT(self) -> torch.Tensor:
@@ -59,12 +65,36 @@ class Rollout:
         for idx in order.chunk(n):
             yield self.select_rows(idx)
 
+    def micro_batches(self, max_tokens: int | None) -> list["Rollout"]:
+        """The rows in micro-batches of at most ``max_tokens`` padded tokens each (a row is never split; one row
+        over the budget is a micro-batch alone), in order. Every data-parallel rank gets as many as the rank that
+        needs most (sharded models gather weights in every forward, which all ranks must join); a rank with fewer
+        rows than that fills in with ``filler`` micro-batches. Each carries ``batch_loss_mask_BT``.
+        ``max_tokens`` None or 0: ``[self]``."""
+        B, L = self.input_ids.shape
+        if not max_tokens:
+            return [self]
+        n = _max_over_ranks(math.ceil(B / max(1, max_tokens // L)))
+        if n == 1:
+            return [self]
+        parts = []
+        for idx in torch.arange(B).tensor_split(n):
+            part = self.select_rows(idx if idx.numel() else torch.zeros(1, dtype=torch.long))
+            if not idx.numel():
+                part.filler = True
+                part.loss_mask_BT = None if self.loss_mask_BT is None else torch.zeros_like(part.loss_mask_BT)
+            part.batch_loss_mask_BT = self.loss_mask_BT if self.batch_loss_mask_BT is None else self.batch_loss_mask_BT
+            parts.append(part)
+        return parts
+
     def select_rows(self, idx: torch.Tensor) -> "Rollout":
         out = {}
         vision = split_vision_kwargs(self.model_kwargs, idx) if has_images(self.model_kwargs) else None
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.input_ids.shape[0]:
+            if f.name == "batch_loss_mask_BT":
+                v = None  # rows of one batch are a batch of their own (a minibatch), unless micro_batches says not
+            elif isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.input_ids.shape[0]:
                 v = v[idx.to(v.device)]  # per-episode counts stay on the CPU
             elif isinstance(v, list) and len(v) == self.input_ids.shape[0]:
                 v = [v[i] for i in idx.tolist()]
@@ -76,6 +106,16 @@ class Rollout:
             out[f.name] = v
         out["metrics"] = {}
         return Rollout(**out)
+
+
+def _max_over_ranks(n: int) -> int:
+    """The largest ``n`` over the data-parallel ranks (``n`` itself in one process)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def reference_rollout(batch: dict, eos_token_id: int, pad_token_id: int) -> Rollout:
