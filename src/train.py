@@ -18,6 +18,7 @@ import lightning as L  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from src.modules.distributed import check_strategy  # noqa: E402
+from src.modules.memory_plan import check_hardware  # noqa: E402
 from src.utils.allocator import keep_freed_memory  # noqa: E402
 from src.utils.instantiate import (  # noqa: E402
     instantiate_callbacks,
@@ -37,6 +38,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     if cfg.get("keep_freed_memory", True):
         keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
+    check_hardware(cfg)  # a GPU experiment on a CPU machine, or a plan that does not fit: stop before anything loads
     # the Trainer first: a strategy the module refuses stops here, before a stage, model or dataset is built
     progress_bar = cfg.trainer.get("enable_progress_bar") is not False  # None: Lightning's default, a bar
     callbacks = instantiate_callbacks(cfg.get("callbacks"), progress_bar=progress_bar)

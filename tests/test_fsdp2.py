@@ -181,6 +181,24 @@ def test_gkd_is_refused_under_fsdp2():
         module._shard()
 
 
+def test_vllm_rollouts_are_refused_under_fsdp2():
+    from types import SimpleNamespace
+
+    from lightning import LightningModule
+
+    from src.modules.distill import DistillationModule
+    from src.modules.method.objectives import PolicyGradient
+    from src.modules.rollout.vllm import VLLMRollout
+    from src.modules.sharding import FSDP2Strategy
+
+    module = DistillationModule.__new__(DistillationModule)
+    LightningModule.__init__(module)
+    module._trainer = SimpleNamespace(strategy=FSDP2Strategy())
+    module.objective, module.rollout = PolicyGradient(reward=None), VLLMRollout.__new__(VLLMRollout)
+    with pytest.raises(ValueError, match="trainer=fsdp2: VLLMRollout"):
+        module._shard()
+
+
 def test_the_sharding_plan_names_its_bad_values():
     from src.modules.sharding import ShardingPlan
 
@@ -188,3 +206,21 @@ def test_the_sharding_plan_names_its_bad_values():
         ShardingPlan(param_dtype="bf16")
     with pytest.raises(ValueError, match="trainer.strategy.plan.teacher_placement"):
         ShardingPlan(teacher_placement="offload")
+
+
+def test_the_visual_miniature_trains_under_fsdp2(tmp_path, cache_dir):
+    """Vision blocks are FSDP units too: the visual run (images through generate inside the root's forward method,
+    the teacher scoring on the same pixels) trains 2 steps in micro-batches of one row and exports the student."""
+    from transformers import AutoModelForImageTextToText
+
+    cmd = [sys.executable, "src/train.py", "experiment=visual_reasoning", "miniature=visual", "model=tiny_vl",
+           "trainer=fsdp2_cpu", "data.batch_size=4", "data.train.n=32", "data.val.n=4", "data.test.n=4",
+           "rollout.max_new_tokens=8", "rollout.num_samples=2", "trainer.max_steps=2", "trainer.val_check_interval=2",
+           "callbacks.phase_schedule.switch_step=1", "objective.micro_batch_tokens=64", "test=false",
+           "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}",
+           f"paths.cache_dir={cache_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run,) = (tmp_path / "visual_reasoning_mini" / "runs").iterdir()
+    model = AutoModelForImageTextToText.from_pretrained(run / "checkpoints" / "hf" / "final")
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"

@@ -105,8 +105,9 @@ def test_paper_setting_composes(make_cfg):
                    "data.test.path=/data/test.jsonl", fast=False)
     assert cfg.model.student.path == "Qwen/Qwen2.5-VL-7B-Instruct"
     assert cfg.model.teacher.path == "Qwen/Qwen2.5-VL-32B-Instruct"
-    assert cfg.trainer.strategy._target_.endswith("DeepSpeedStrategy")
-    assert cfg.trainer.strategy.config.zero_optimization.stage == 2  # ZeRO-3 is refused (check_strategy)
+    assert cfg.trainer.strategy._target_.endswith("FSDP2Strategy")  # ZeRO-3 is refused (check_strategy)
+    assert cfg.trainer.strategy.plan.teacher_placement == "sharded" and cfg.trainer.strategy.plan.param_dtype == "bfloat16"
+    assert cfg.model.student.dtype == "float32" and cfg.objective.micro_batch_tokens and cfg.rollout.kv_cache_gb
 
 
 def test_reference_sft_trains_the_vision_tower_on_the_rows_images(make_cfg, single_thread):

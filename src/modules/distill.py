@@ -32,7 +32,7 @@ from src.modules.models.multimodal import preflight_processors, vision_token_ids
 from src.modules.models.preflight import preflight
 from src.modules.rollout.sampler import Sampler
 from src.modules.scoring import Scorer, hf_backbone
-from src.modules.sharding import FSDP2Strategy, full
+from src.modules.sharding import DTYPES, FSDP2Strategy, full
 from src.utils.sharding import count_params
 
 
@@ -125,6 +125,9 @@ class DistillationModule(LightningModule):
         if not self.objective.shardable:
             raise ValueError(f"trainer=fsdp2: {type(self.objective).__name__} reads the models' hidden states and "
                              "heads outside a module's forward, where FSDP2 keeps them sharded; use trainer=ddp")
+        if not self.rollout.shardable:
+            raise ValueError(f"trainer=fsdp2: {type(self.rollout).__name__} reads the student's whole weights, which "
+                             "FSDP2 keeps sharded; use rollout=hf (or rollout=tools) under trainer=fsdp2")
         strategy.shard(self.scorer.scored(self.student), trainable=True)
         if self.teacher is not None and strategy.plan.teacher_placement == "sharded":
             strategy.shard(self.scorer.scored(self.teacher), trainable=False)
@@ -240,7 +243,10 @@ class DistillationModule(LightningModule):
 
     # ---------------------------------------------------------------- optimisation
     def _compute_dtype(self) -> torch.dtype | None:
-        """The dtype the trainer's precision computes in under autocast (None: the weights' own)."""
+        """The dtype the student computes in: the sharding plan's under FSDP2, else the trainer's precision's under
+        autocast (None: the weights' own)."""
+        if self._trainer is not None and isinstance(getattr(self.trainer, "strategy", None), FSDP2Strategy):
+            return DTYPES[self.trainer.strategy.plan.param_dtype]
         precision = str(self.trainer.precision) if self._trainer is not None else ""
         return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 

@@ -51,6 +51,8 @@ class RolloutBackend(abc.ABC):
         val_max_new_tokens: budget for greedy validation decoding (defaults to ``max_new_tokens``).
     """
 
+    shardable = True  # runs the policy only through its module calls (trainer=fsdp2 can shard it)
+
     def __init__(self, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  num_samples: int = 1, val_max_new_tokens: int | None = None):
         check_sampling(temperature, top_p, top_k, num_samples)

@@ -14,9 +14,11 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from src.modules.models.multimodal import model_inputs
+from src.modules.memory_plan import rows_for_kv_budget
+from src.modules.models.multimodal import has_images, model_inputs, split_vision_kwargs
 from src.modules.rollout import decode
 from src.modules.rollout.backend import RolloutBackend, response_mask_from_ids
 from src.modules.rollout.batch import Rollout
@@ -73,18 +75,33 @@ class HFGenerateRollout(RolloutBackend):
         decoder: how the loop computes next-token logits over its KV cache: a ``decode.Decoder`` factory
             ``(model, cache, mask_BL) -> Decoder`` (the ``accel`` config group's; None: the model's own forward,
             ``decode.ModelForward``).
+        kv_cache_gb: the most KV cache one call holds (GB): the rows are decoded in chunks of as many as fit, at
+            their full token budget, in the dtype the student computes in (None: every row at once).
     """
 
     BACKENDS = ("loop", "generate")
 
     def __init__(self, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  num_samples: int = 1, val_max_new_tokens: int | None = None, backend: str = "loop",
-                 decoder: decode.DecoderFactory | None = None):
+                 decoder: decode.DecoderFactory | None = None, kv_cache_gb: float | None = None):
         super().__init__(max_new_tokens, temperature, top_p, top_k, num_samples, val_max_new_tokens)
         if backend not in self.BACKENDS:
             raise ValueError(f"rollout.backend must be one of {self.BACKENDS}, got {backend!r}")
+        if kv_cache_gb is not None and kv_cache_gb <= 0:
+            raise ValueError(f"rollout.kv_cache_gb must be > 0 or null, got {kv_cache_gb}")
         self.use_loop = backend == "loop"
         self.decoder = decoder or decode.ModelForward
+        self.kv_cache_gb, self.compute_dtype = kv_cache_gb, None
+
+    def bind(self, tokenizer, scorer, compute_dtype: torch.dtype | None) -> None:
+        self.compute_dtype = compute_dtype
+
+    def rows_at_once(self, model, width: int) -> int:
+        """How many rows of ``width`` tokens (prompt and budget) one decode holds in ``kv_cache_gb``."""
+        if self.kv_cache_gb is None:
+            return 1 << 62
+        dtype = self.compute_dtype or next(model.parameters()).dtype
+        return rows_for_kv_budget(model.config, self.kv_cache_gb, width, torch.finfo(dtype).bits // 8)
 
     def __call__(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id,
                  num_samples: int | None = None, greedy: bool = False, max_new_tokens: int | None = None,
@@ -94,14 +111,14 @@ class HFGenerateRollout(RolloutBackend):
                                                                     prompt_mask_BP, model_kwargs)
         eos_token_ids = list(eos_token_ids)
         start = time.perf_counter()
-        if self.use_loop and decode.loop_supports(model, model_inputs(model_kwargs)):
-            seq, old_logp_BT, entropy_BT = decode.sample(
-                model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id, budget, greedy=greedy,
-                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, banned_ids=banned_ids,
-                decoder=self.decoder)
-        else:
-            seq, old_logp_BT, entropy_BT = self._generate(model, prompt_ids_BP, prompt_mask_BP, eos_token_ids,
-                                                          pad_token_id, budget, greedy, banned_ids, model_kwargs)
+        B, P = prompt_ids_BP.shape
+        rows = self.rows_at_once(model, P + budget)
+        parts = []
+        for idx in torch.arange(B).split(rows):
+            kwargs = model_kwargs if len(idx) == B else _rows_of(model_kwargs, idx, B)
+            parts.append(self._sample(model, prompt_ids_BP[idx], prompt_mask_BP[idx], eos_token_ids, pad_token_id,
+                                      budget, greedy, banned_ids, kwargs))
+        seq, old_logp_BT, entropy_BT = parts[0] if len(parts) == 1 else _stacked(parts, pad_token_id)
         seconds = time.perf_counter() - start
         P = prompt_ids_BP.shape[1]
         response_ids_BT = seq[:, P:]
@@ -116,6 +133,17 @@ class HFGenerateRollout(RolloutBackend):
             response_mask_BT=response_mask_BT, old_logp_BT=old_logp_BT, entropy_BT=entropy_BT,
             truncated_B=truncated_B, group_size=G, seconds=seconds, model_kwargs=model_kwargs,
         )
+
+    def _sample(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id, budget, greedy, banned_ids,
+                model_kwargs):
+        """(sequences, rollout-time log-probs, entropies) of these rows: the lean loop where it applies, else
+        ``generate``."""
+        if self.use_loop and decode.loop_supports(model, model_inputs(model_kwargs)):
+            return decode.sample(model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id, budget,
+                                 greedy=greedy, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                 banned_ids=banned_ids, decoder=self.decoder)
+        return self._generate(model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id, budget, greedy,
+                              banned_ids, model_kwargs)
 
     @torch.no_grad()
     def _generate(self, model, prompt_ids_BP, prompt_mask_BP, eos_token_ids, pad_token_id, budget, greedy,
@@ -151,3 +179,24 @@ class HFGenerateRollout(RolloutBackend):
         if recorder is None:
             return seq, None, None
         return seq, *recorder.finish(seq[:, -1])
+
+
+def _rows_of(model_kwargs: dict, idx: torch.Tensor, B: int) -> dict:
+    """``model_kwargs`` of rows ``idx`` of a ``B``-row call (images through their rows)."""
+    if has_images(model_kwargs):
+        return split_vision_kwargs(model_kwargs, idx)
+    return {k: v[idx.to(v.device)] if isinstance(v, torch.Tensor) and v.shape[:1] == (B,) else v
+            for k, v in model_kwargs.items()}
+
+
+def _stacked(parts: list, pad_token_id: int):
+    """Chunks of rows decoded apart, as one call's output: sequences right-padded with ``pad_token_id`` (and the
+    records with 0) to the widest chunk."""
+    width = max(seq.shape[1] for seq, _, _ in parts)
+    seqs = [F.pad(seq, (0, width - seq.shape[1]), value=pad_token_id) for seq, _, _ in parts]
+    if parts[0][1] is None:
+        return torch.cat(seqs), None, None
+    T = width - (parts[0][0].shape[1] - parts[0][1].shape[1])
+    logps = [F.pad(lp, (0, T - lp.shape[1])) for _, lp, _ in parts]
+    ents = [F.pad(en, (0, T - en.shape[1])) for _, _, en in parts]
+    return torch.cat(seqs), torch.cat(logps), torch.cat(ents)

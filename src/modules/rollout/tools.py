@@ -107,14 +107,15 @@ class ToolRollout(RolloutBackend):
         max_turns: assistant turns per episode at most.
         max_new_tokens: budget of sampled tokens per episode, all turns together.
         turn_max_new_tokens: budget per turn (default: the episode's).
-        temperature, top_p, top_k, num_samples, val_max_new_tokens, backend, decoder: as ``HFGenerateRollout``,
+        temperature, top_p, top_k, num_samples, val_max_new_tokens, backend, decoder, kv_cache_gb: as
+            ``HFGenerateRollout``,
             which samples each turn (``val_max_new_tokens``: the greedy episode budget).
     """
 
     def __init__(self, environment, tokenizer=None, max_turns: int = 4, max_new_tokens: int = 256,
                  turn_max_new_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, num_samples: int = 1, val_max_new_tokens: int | None = None,
-                 backend: str = "loop", decoder=None):
+                 backend: str = "loop", decoder=None, kv_cache_gb: float | None = None):
         super().__init__(max_new_tokens, temperature, top_p, top_k, num_samples, val_max_new_tokens)
         if max_turns < 1:
             raise ValueError(f"rollout.max_turns must be >= 1, got {max_turns}")
@@ -122,13 +123,15 @@ class ToolRollout(RolloutBackend):
             raise ValueError(f"rollout.turn_max_new_tokens must be >= 1 or null, got {turn_max_new_tokens}")
         self.turn = HFGenerateRollout(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                       top_k=top_k, num_samples=num_samples,
-                                      val_max_new_tokens=val_max_new_tokens, backend=backend, decoder=decoder)
+                                      val_max_new_tokens=val_max_new_tokens, backend=backend, decoder=decoder,
+                                      kv_cache_gb=kv_cache_gb)
         self.environment, self.tokenizer = environment, tokenizer
         self.max_turns, self.turn_max_new_tokens = max_turns, turn_max_new_tokens
 
     def bind(self, tokenizer, scorer=None, compute_dtype=None) -> None:
         """Turns are decoded, and the environment's replies encoded, with the student's tokenizer."""
         self.tokenizer = tokenizer
+        self.turn.bind(tokenizer, scorer, compute_dtype)
 
     def _glue_ids(self, text: str, messages: list[dict], eos_texts: list[str]) -> list[int]:
         return glue_ids(self.tokenizer, text, messages, eos_texts, self.environment.schemas())

