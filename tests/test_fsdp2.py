@@ -73,14 +73,17 @@ def _step(student, teacher, ro, shard=None, micro_batch_tokens=None):
     return float(loss), float(norm), weights, ro.teacher_logp_BT
 
 
-def _sharded_step(rank: int, world: int, store: str, out: str, tie: bool, placement: str, micro: int | None):
+def _sharded_step(rank: int, world: int, store: str, out: str, tie: bool, placement: str, micro: int | None,
+                  hybrid: bool = False):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from src.modules.sharding import ShardingPlan
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
+    # hybrid: the mesh trainer.strategy.plan.hybrid builds on 2 nodes of 1 GPU (replicate across, shard within)
+    mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard")) if hybrid else \
+        init_device_mesh("cpu", (world,))
     plan = ShardingPlan(param_dtype=None, reduce_dtype=None, activation_checkpointing=True, teacher_placement=placement)
 
     def shard(scored, trainable):
@@ -99,15 +102,19 @@ def _sharded_step(rank: int, world: int, store: str, out: str, tie: bool, placem
 
 @pytest.mark.parametrize("tie,placement,micro", [(True, "sharded", None), (False, "sharded", None),
                                                  (True, "replicated", None), (True, "sharded", 3 * (P + T)),
-                                                 (False, "sharded", P + T)])
+                                                 (False, "sharded", P + T), (True, "hybrid", None)])
 def test_a_sharded_step_is_the_one_process_step(tmp_path, tie, placement, micro):
     """Two ranks, with 7 and 5 of the rows and FSDP2 shards of both models, scoring and updating in micro-batches
     of ``micro`` tokens (3 rows: 3 and 2 micro-batches, so rank 1 adds a filler; 1 row: 7 each): the loss over the
     ranks, the gradient norm and every updated weight (head and embeddings, tied or not) are those of one process
-    with every row in one batch; a sharded teacher scores as the whole one does."""
+    with every row in one batch; a sharded teacher scores as the whole one does. ``hybrid``: HSDP's 2-D mesh
+    (replicated across two "nodes" of one GPU)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_sharded_step, args=(2, str(tmp_path / "store"), str(tmp_path / "out"), tie, placement, micro), nprocs=2)
+    hybrid = placement == "hybrid"
+    placement = "sharded" if hybrid else placement
+    mp.spawn(_sharded_step, args=(2, str(tmp_path / "store"), str(tmp_path / "out"), tie, placement, micro, hybrid),
+             nprocs=2)
     student, teacher = _models(tie)
     loss, norm, weights, teacher_logp = _step(student, teacher, _rollout())
     for rank in range(2):
@@ -224,3 +231,47 @@ def test_the_visual_miniature_trains_under_fsdp2(tmp_path, cache_dir):
     (run,) = (tmp_path / "visual_reasoning_mini" / "runs").iterdir()
     model = AutoModelForImageTextToText.from_pretrained(run / "checkpoints" / "hf" / "final")
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+
+
+def _loaded_from_rank0(rank: int, world: int, store: str, out: str, path: str):
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from src.modules.models.specs import PretrainedLM
+    from src.modules.scoring import ScoredModel
+    from src.modules.sharding import ShardingPlan, fill_from_rank0
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    spec = PretrainedLM(path)
+    model = spec.load_model() if rank == 0 else spec.load_empty()
+    meta = next(model.parameters()).is_meta
+    full = model.state_dict() if rank == 0 else None
+    ShardingPlan(param_dtype=None, reduce_dtype=None).shard(ScoredModel(model), init_device_mesh("cpu", (world,)),
+                                                              trainable=True)
+    fill_from_rank0(model, full, torch.device("cpu"))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    dist.destroy_process_group()
+    torch.save({"meta": meta, "state": state, "buffers": buffers, "eos": model.generation_config.eos_token_id},
+               f"{out}.{rank}")
+
+
+def test_a_model_built_on_the_meta_device_receives_rank_0s_weights(tmp_path):
+    """Rank 1 never reads the checkpoint: it builds the model on the meta device and, once sharded, holds exactly
+    the weights, buffers and generation config that ``from_pretrained`` gives."""
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
+
+    student, _ = _models(tie=True)
+    student.generation_config.eos_token_id = 7
+    student.save_pretrained(tmp_path / "model")
+    mp.spawn(_loaded_from_rank0, args=(2, str(tmp_path / "store"), str(tmp_path / "out"), str(tmp_path / "model")),
+             nprocs=2)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    got = torch.load(tmp_path / "out.1", weights_only=False)
+    assert got["meta"] and got["eos"] == 7
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(got["state"][k], v, atol=0, rtol=0, msg=lambda m: f"{k}: {m}")
+    for k, v in reference.named_buffers():
+        torch.testing.assert_close(got["buffers"][k], v, atol=0, rtol=0, msg=lambda m: f"{k}: {m}")

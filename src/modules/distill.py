@@ -94,12 +94,13 @@ class DistillationModule(LightningModule):
             return
         self.tokenizer = self.student_spec.load_tokenizer()
         self.processor = self.student_spec.load_processor()  # the tokenizer itself for text-only models
-        self.student = self.student_spec.load_model()
+        self.student = self._load(self.student_spec, sharded=True)
         # counted now, before a sharding strategy flattens or partitions the weights (meta.json, FLOP counts)
         self.student_n_params = count_params(self.student)
         self.student.train()  # from_pretrained returns eval mode
         if self.teacher_spec is not None and self.objective.needs_teacher:
-            teacher = self.teacher_spec.load_model()
+            teacher = self._load(self.teacher_spec, sharded=self._fsdp2() is not None
+                                 and self._fsdp2().plan.teacher_placement == "sharded")
             teacher.requires_grad_(False)
             teacher.eval()
             preflight(self.student, self.tokenizer, teacher, self.teacher_spec.load_tokenizer(),
@@ -116,11 +117,21 @@ class DistillationModule(LightningModule):
         self.sampler = Sampler(self.rollout, self.tokenizer, self.eos_token_ids(), banned_ids, self.step_seed,
                                run=self.scorer.run)
 
+    def _fsdp2(self) -> FSDP2Strategy | None:
+        strategy = getattr(self._trainer, "strategy", None)
+        return strategy if isinstance(strategy, FSDP2Strategy) else None
+
+    def _load(self, spec, sharded: bool):
+        """``spec``'s model; under FSDP2 a model to be sharded is read by rank 0 only, the others build it empty
+        (``FSDP2Strategy.loads_empty``) and receive their shards when it is sharded."""
+        strategy = self._fsdp2()
+        return spec.load_empty() if strategy is not None and strategy.loads_empty(sharded) else spec.load_model()
+
     def _shard(self) -> None:
         """Under ``trainer=fsdp2``: the student's and the teacher's ``ScoredModel`` sharded by the strategy's plan
         (``src/modules/sharding.py``); under any other strategy nothing."""
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if not isinstance(strategy, FSDP2Strategy):
+        strategy = self._fsdp2()
+        if strategy is None:
             return
         if not self.objective.shardable:
             raise ValueError(f"trainer=fsdp2: {type(self.objective).__name__} reads the models' hidden states and "
@@ -245,8 +256,8 @@ class DistillationModule(LightningModule):
     def _compute_dtype(self) -> torch.dtype | None:
         """The dtype the student computes in: the sharding plan's under FSDP2, else the trainer's precision's under
         autocast (None: the weights' own)."""
-        if self._trainer is not None and isinstance(getattr(self.trainer, "strategy", None), FSDP2Strategy):
-            return DTYPES[self.trainer.strategy.plan.param_dtype]
+        if self._fsdp2() is not None:
+            return DTYPES[self._fsdp2().plan.param_dtype]
         precision = str(self.trainer.precision) if self._trainer is not None else ""
         return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 

@@ -44,6 +44,8 @@ class ShardingPlan:
         reshard_after_forward: free each block's gathered weights after its forward (ZeRO-3 style); false keeps
             them to the backward (ZeRO-2 style: more memory, fewer gathers).
         hybrid: on several nodes, shard within a node and replicate across nodes.
+        init_from_rank0: only global rank 0 reads a sharded model's checkpoint; the other ranks build it on the meta
+            device and receive their shards from rank 0 (one host copy per node, not one per GPU).
     """
 
     param_dtype: str | None = "bfloat16"
@@ -52,6 +54,7 @@ class ShardingPlan:
     teacher_placement: str = "sharded"
     reshard_after_forward: bool = True
     hybrid: bool = False
+    init_from_rank0: bool = True
 
     def __post_init__(self):
         for key in ("param_dtype", "reduce_dtype"):
@@ -80,6 +83,23 @@ class ShardingPlan:
         fully_shard(scored, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         register_fsdp_forward_method(scored, "run")
         scored.around_run = lambda: gathered(scored)
+
+
+def fill_from_rank0(model: torch.nn.Module, full_state: dict | None, device: torch.device) -> None:
+    """After ``fully_shard``: every rank's shards and buffers from global rank 0's full state dict (``full_state``
+    there, None elsewhere). A rank that built the model on the meta device allocates its shards first; buffers
+    that are not in a state dict (rotary frequencies) are broadcast as they are."""
+    import itertools
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full_state or {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -154,8 +174,18 @@ class FSDP2Strategy(ModelParallelStrategy):
                                     mesh_dim_names=("replicate", "shard"))
         return self.device_mesh["data_parallel"]
 
+    def loads_empty(self, sharded: bool) -> bool:
+        """Whether this rank builds a model on the meta device and receives its weights from rank 0 (``sharded``:
+        the model will be sharded; a replicated one is read by every rank)."""
+        return sharded and self.plan.init_from_rank0 and self.global_rank != 0
+
     def shard(self, scored, trainable: bool) -> None:
+        """Shards ``scored`` by the plan; with ``init_from_rank0``, fills it from rank 0's weights after."""
+        model = scored.model
+        full_state = model.state_dict() if self.plan.init_from_rank0 and self.global_rank == 0 else None
         self.plan.shard(scored, self.shard_mesh(), trainable)
+        if self.plan.init_from_rank0:
+            fill_from_rank0(model, full_state, self.root_device)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
         """A distributed checkpoint loaded into the shards, less the keys the module leaves out of its checkpoints

@@ -73,6 +73,23 @@ class PretrainedLM:
                           "local directory.") from e
         return self._frozen(model)
 
+    def load_empty(self):
+        """The model with no weights: built from its config on the meta device (nothing allocated), with its
+        generation config and frozen parameters as ``load_model`` gives them. A sharded run fills it from rank 0
+        (``src/modules/sharding.py``), so only one process reads the checkpoint into host memory."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
+
+        path = self._resolve(self.path, "model")
+        config = AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) else AutoModelForCausalLM
+        with torch.device("meta"):
+            model = auto.from_config(config, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:  # none saved: from_pretrained would have derived it from the config, as from_config did
+            pass
+        return self._frozen(model)
+
     def _frozen(self, model):
         """``model`` with the parameters under ``freeze`` set to ``requires_grad=False`` (the optimiser skips them)."""
         for prefix in self.freeze:
@@ -145,6 +162,10 @@ class BuiltOnFirstUse(PretrainedLM):
     def load_model(self):
         self.build()
         return super().load_model()
+
+    def load_empty(self):
+        self.build()
+        return super().load_empty()
 
     def load_tokenizer(self):
         self.build()
