@@ -113,3 +113,24 @@ def test_the_rollout_decodes_rows_in_chunks_under_a_kv_budget(tmp_path):
     ro = chunked(model, prompts, mask, [0], 1, num_samples=1)
     logp, _ = Scorer(model, None, temperature=1.0).student_logp(ro)
     torch.testing.assert_close(ro.old_logp_BT, logp * ro.response_mask_BT, atol=1e-5, rtol=0)
+
+
+def test_the_gpu_checks_settings_compose_and_fit_one_gpu():
+    """``benchmarks/gpu_check_fsdp2.py`` (run where a GPU is lent) plans the very run it launches."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.gpu_check_fsdp2 import train_overrides
+    from benchmarks.memory_plan import compose
+
+    cfg = compose(train_overrides("/tmp/p.jsonl", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-8B", 2, 4, 1024, 8192))
+    p = plan(cfg, gpu_gb=80, gpus=1, prompt_tokens=60)
+    assert p.fits and p.settings["trainer"] == "fsdp2" and p.settings["rows a GPU"] == 8
+    assert cfg.callbacks.model_checkpoint is None and cfg.trainer.max_steps == 3
+
+
+def test_phase_peaks_record_only_on_a_gpu():
+    from src.modules.memory_plan import PhasePeaks
+
+    peaks = PhasePeaks(torch.device("cpu"))
+    with peaks("rollout"):
+        torch.ones(1000)
+    assert peaks.logs == {}

@@ -25,6 +25,7 @@ import torch
 from lightning import LightningModule
 
 from src.modules.distributed import check_strategy, over_ranks
+from src.modules.memory_plan import PhasePeaks
 from src.modules.evaluation.evaluator import Evaluator
 from src.modules.method.objectives import accumulate
 from src.modules.method.selection import AllTokens
@@ -183,11 +184,16 @@ class DistillationModule(LightningModule):
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
-        ro = self.objective.rollout(batch, self.sampler, self.scorer)
-        self.objective.prepare(ro, self.scorer, self.selection)
+        peaks = PhasePeaks(self.device)  # train/peak_gb_<phase> on a GPU, the phases of the memory plan
+        with peaks("rollout"):
+            ro = self.objective.rollout(batch, self.sampler, self.scorer)
+        with peaks("teacher_scoring"):
+            self.objective.prepare(ro, self.scorer, self.selection)
         start = time.perf_counter()
-        logs, n_updates = self._update(ro)
+        with peaks("update"):
+            logs, n_updates = self._update(ro)
         logs.update(self._step_metrics(ro, n_updates, time.perf_counter() - start))
+        logs.update(peaks.logs)
         logs = over_ranks(logs, summed=("samples", "rollout_tok_per_s", "train_tok_per_s"))
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=ro.input_ids.shape[0])
         self.log("train/loss_step", logs["loss"], prog_bar=True, logger=False)

@@ -28,6 +28,7 @@ GPU check of the README to say.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -254,3 +255,20 @@ def check_hardware(cfg) -> None:
     if gpu_plan is not None and cfg.get("memory_check", True) and not gpu_plan.fits:
         raise SystemExit("the memory plan does not fit these GPUs (python benchmarks/memory_plan.py with the same "
                          "overrides prints it; memory_check=false skips the check):\n\n" + gpu_plan.table())
+
+
+class PhasePeaks:
+    """Per-phase peak GPU memory of a training step (``train/peak_gb_<phase>``), to set against the plan's phases:
+    ``with peaks("rollout"): ...``. On a CPU device it records nothing."""
+
+    def __init__(self, device: torch.device):
+        self.on_gpu = device.type == "cuda"
+        self.logs: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if self.on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        yield
+        if self.on_gpu:
+            self.logs[f"peak_gb_{phase}"] = torch.cuda.max_memory_allocated() / GB
