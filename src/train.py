@@ -17,7 +17,7 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from src.modules.distributed import check_strategy  # noqa: E402
+from src.modules.distributed import check_sharding, check_strategy  # noqa: E402
 from src.modules.memory_plan import check_hardware  # noqa: E402
 from src.utils.allocator import keep_freed_memory  # noqa: E402
 from src.utils.instantiate import (  # noqa: E402
@@ -45,6 +45,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     check_strategy(trainer.strategy, cfg.module.get("grad_clip"))
+    check_sharding(trainer.strategy, hydra.utils.get_class(cfg.objective._target_),
+                   hydra.utils.get_class(cfg.rollout._target_))
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
     datamodule.set_tokenizer(module.student_spec.load_processor())  # a processor for vision-language models

@@ -342,11 +342,13 @@ def test_micro_batches_accumulate_the_whole_batch_loss_and_gradient(agg, objecti
             if objective == "policy_gradient" else SupervisedDistillation(agg=agg, micro_batch_tokens=tokens)
         assert len(ro.micro_batches(tokens)) == (1 if tokens is None else 3)
         w.grad = None
-        loss, _ = accumulate(obj, ro, scorer, torch.Tensor.backward)
-        results.append((float(loss), float(w.grad)))
-    (whole_loss, whole_grad), (micro_loss, micro_grad) = results
+        loss, metrics = accumulate(obj, ro, scorer, torch.Tensor.backward)
+        results.append((float(loss), float(w.grad), {k: float(v) for k, v in metrics.items()}))
+    (whole_loss, whole_grad, whole_metrics), (micro_loss, micro_grad, micro_metrics) = results
     assert micro_loss == pytest.approx(whole_loss, abs=1e-6) and micro_grad == pytest.approx(whole_grad, abs=1e-6)
     assert whole_grad != 0.0
+    # per-token metrics (ratio_mean, ppo_clip_frac, approx_kl) weighted by the micro-batches' tokens in the loss
+    assert micro_metrics == pytest.approx(whole_metrics, abs=1e-6)
 
 
 def test_unknown_agg_raises_naming_agg():

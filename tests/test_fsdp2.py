@@ -171,7 +171,8 @@ def test_fsdp2_cli_checkpoints_resumes_and_exports_the_student(tmp_path, cache_d
 
 
 def test_gkd_is_refused_under_fsdp2():
-    """GKD reads hidden states and heads outside a forward, where FSDP2 keeps them sharded: refused, by name."""
+    """GKD reads hidden states and heads outside a forward, where FSDP2 keeps them sharded: refused, by name,
+    before any model loads."""
     from types import SimpleNamespace
 
     from lightning import LightningModule
@@ -182,10 +183,25 @@ def test_gkd_is_refused_under_fsdp2():
 
     module = DistillationModule.__new__(DistillationModule)
     LightningModule.__init__(module)
-    module._trainer = SimpleNamespace(strategy=FSDP2Strategy())
-    module.objective = GeneralizedJSD()
+    module._trainer = SimpleNamespace(strategy=FSDP2Strategy(), state=SimpleNamespace(fn="fit"))
+    module.objective, module.rollout, module.grad_clip, module.student = GeneralizedJSD(), None, 1.0, None
+    module.student_spec = SimpleNamespace(load_tokenizer=lambda: pytest.fail("loaded before the check"))
     with pytest.raises(ValueError, match="trainer=fsdp2: GeneralizedJSD"):
-        module._shard()
+        module.configure_model()
+
+
+def test_train_refuses_gkd_under_fsdp2_before_anything_is_built(make_cfg, monkeypatch):
+    import hydra.utils
+
+    import src.train
+
+    built = []
+    instantiate = hydra.utils.instantiate
+    monkeypatch.setattr(hydra.utils, "instantiate", lambda node, *a, **k: built.append(node.get("_target_")) or
+                        instantiate(node, *a, **k))
+    with pytest.raises(ValueError, match="trainer=fsdp2: GeneralizedJSD"):
+        src.train.train(make_cfg("algorithm=gkd", "trainer=fsdp2_cpu"))
+    assert not any("DataModule" in str(t) or "Distillation" in str(t) for t in built), built
 
 
 def test_vllm_rollouts_are_refused_under_fsdp2():
@@ -200,10 +216,12 @@ def test_vllm_rollouts_are_refused_under_fsdp2():
 
     module = DistillationModule.__new__(DistillationModule)
     LightningModule.__init__(module)
-    module._trainer = SimpleNamespace(strategy=FSDP2Strategy())
+    module._trainer = SimpleNamespace(strategy=FSDP2Strategy(), state=SimpleNamespace(fn="fit"))
     module.objective, module.rollout = PolicyGradient(reward=None), VLLMRollout.__new__(VLLMRollout)
+    module.grad_clip, module.student = 1.0, None
+    module.student_spec = SimpleNamespace(load_tokenizer=lambda: pytest.fail("loaded before the check"))
     with pytest.raises(ValueError, match="trainer=fsdp2: VLLMRollout"):
-        module._shard()
+        module.configure_model()
 
 
 def test_the_sharding_plan_names_its_bad_values():

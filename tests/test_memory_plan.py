@@ -134,3 +134,16 @@ def test_phase_peaks_record_only_on_a_gpu():
     with peaks("rollout"):
         torch.ones(1000)
     assert peaks.logs == {}
+
+
+def test_hybrid_shards_within_a_node_and_sft_rolls_out_with_the_teacher(make_cfg):
+    one_node = plan(make_cfg("experiment=math_qwen3", fast=False))
+    hybrid = plan(make_cfg("experiment=math_qwen3", "trainer.num_nodes=2", "trainer.strategy.plan.hybrid=true",
+                           fast=False))
+    flat = plan(make_cfg("experiment=math_qwen3", "trainer.num_nodes=2", fast=False))
+    assert hybrid.phases["update"]["student weights"] == pytest.approx(one_node.phases["update"]["student weights"])
+    assert flat.phases["update"]["student weights"] == pytest.approx(one_node.phases["update"]["student weights"] / 2)
+    sft = plan(make_cfg("experiment=math_qwen3", "algorithm=sft", fast=False))
+    assert "teacher gathered for the rollout" in sft.phases["rollout"] and "teacher scoring" not in sft.phases
+    stage = plan(make_cfg("experiment=math_qwen3", "objective=reference_sft", fast=False))
+    assert list(stage.phases) == ["update"] and "teacher weights" not in stage.phases["update"]

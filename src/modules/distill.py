@@ -24,7 +24,7 @@ import time
 import torch
 from lightning import LightningModule
 
-from src.modules.distributed import check_strategy, over_ranks
+from src.modules.distributed import check_sharding, check_strategy, over_ranks
 from src.modules.memory_plan import PhasePeaks
 from src.modules.evaluation.evaluator import Evaluator
 from src.modules.method.objectives import accumulate
@@ -91,6 +91,7 @@ class DistillationModule(LightningModule):
         if self._trainer is not None:  # also for a module whose models were loaded before the Trainer came
             fitting = self.trainer.state.fn == "fit"
             check_strategy(self.trainer.strategy, self.grad_clip if fitting else None)
+            check_sharding(getattr(self.trainer, "strategy", None), self.objective, self.rollout)
         if self.student is not None:
             return
         self.tokenizer = self.student_spec.load_tokenizer()
@@ -134,12 +135,6 @@ class DistillationModule(LightningModule):
         strategy = self._fsdp2()
         if strategy is None:
             return
-        if not self.objective.shardable:
-            raise ValueError(f"trainer=fsdp2: {type(self.objective).__name__} reads the models' hidden states and "
-                             "heads outside a module's forward, where FSDP2 keeps them sharded; use trainer=ddp")
-        if not self.rollout.shardable:
-            raise ValueError(f"trainer=fsdp2: {type(self.rollout).__name__} reads the student's whole weights, which "
-                             "FSDP2 keeps sharded; use rollout=hf (or rollout=tools) under trainer=fsdp2")
         strategy.shard(self.scorer.scored(self.student), trainable=True)
         if self.teacher is not None and strategy.plan.teacher_placement == "sharded":
             strategy.shard(self.scorer.scored(self.teacher), trainable=False)

@@ -49,6 +49,23 @@ def check_strategy(strategy, grad_clip: float | None = None) -> None:
                              "name): set them alike, as configs/trainer/deepspeed_zero2.yaml does")
 
 
+def check_sharding(strategy, objective, rollout) -> None:
+    """Under FSDP2, the objective and the rollout backend (classes or instances) must read the models only through
+    their module calls (``shardable``); ``src/train.py`` calls it before any model loads, ``configure_model``
+    again."""
+    from src.modules.sharding import FSDP2Strategy
+
+    if not isinstance(strategy, FSDP2Strategy):
+        return
+    name = lambda c: c.__name__ if isinstance(c, type) else type(c).__name__  # noqa: E731
+    if not objective.shardable:
+        raise ValueError(f"trainer=fsdp2: {name(objective)} reads the models' hidden states and heads outside a "
+                         "module's forward, where FSDP2 keeps them sharded; use trainer=ddp")
+    if not rollout.shardable:
+        raise ValueError(f"trainer=fsdp2: {name(rollout)} reads the student's whole weights, which FSDP2 keeps "
+                         "sharded; use rollout=hf (or rollout=tools) under trainer=fsdp2")
+
+
 def over_ranks(logs: dict, summed: tuple[str, ...] = ()) -> dict:
     """The step's metrics over every data-parallel rank (one all-reduce): the mean over the ranks, or the sum for
     the keys in ``summed`` (counts and rates). The loss each rank holds is its share of the batch's loss

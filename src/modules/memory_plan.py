@@ -7,14 +7,17 @@ and KV-cache budgets) and estimates each phase's peak on one GPU:
   (``4 x`` the master bytes a parameter; trainable parameters only for the last three); teacher: weights. Under
   ``trainer=fsdp2`` each is divided by the GPUs (the teacher only if ``sharded``); under DeepSpeed ZeRO-2 the
   gradients and moments are, the weights are whole; under DDP nothing is.
-- **rollout**: static + the student's weights gathered in its compute dtype for the whole rollout (FSDP2; whole
-  anyway otherwise) + the KV cache of the rows decoded at once (``rollout.kv_cache_gb`` caps it: rows in chunks)
-  + one step's ``[rows, V]`` fp32 logits (x3: logits, log-softmax, the sampling copy).
+- **rollout** (by the student; by the teacher for ``algorithm=sft``; none for the SFT stages): static + the
+  policy's weights gathered in its compute dtype for the whole rollout (FSDP2; whole anyway otherwise) + the KV
+  cache of the rows decoded at once (``rollout.kv_cache_gb`` caps it: rows in chunks) + the prompt's prefill (one
+  layer's activations at a time) + one step's ``[rows, V]`` fp32 logits (x3: logits, log-softmax, the sampling
+  copy).
 - **teacher scoring**: static + the teacher's gathered units (two blocks in flight and the root) + one
   micro-batch's activations under ``no_grad`` (one layer's at a time) + the chunked head's ``[chunk, V]`` buffers.
-- **update**: static + the student's gathered units + one micro-batch's activations kept for the backward: with
-  activation checkpointing every layer's input and one layer's full set recomputed; without, every layer's full
-  set + the head's buffers.
+- **update**: static + the student's gathered units and their unsharded gradients (compute dtype, and the fp32
+  copy reduced) + one micro-batch's activations kept for the backward: with activation checkpointing every layer's
+  input and one layer's full set recomputed; without, every layer's full set + the head's buffers.
+A hybrid plan (HSDP, ``hybrid`` on several nodes) shards over the GPUs of one node only.
 
 A layer's full set of activations, per token, in bytes, at compute dtype ``c`` (Qwen2/Llama-style, SDPA or flash
 attention, so no ``T x T`` matrix is kept): ``c * (6 H + 2 kv d + 4 I) + 8 H`` (norm inputs upcast to fp32), with
@@ -147,15 +150,31 @@ def _devices(cfg) -> int:
     return int(devices) if not isinstance(devices, (list, tuple)) else len(devices)
 
 
+def _roles(cfg) -> tuple[str | None, bool]:
+    """Who rolls out (``student``, ``teacher`` or None: the data's solutions) and whether a teacher is loaded, from
+    the objective's (and reward's) classes, without building them."""
+    from hydra.utils import get_class
+
+    objective = get_class(cfg.objective._target_)
+    rollout = {"SupervisedDistillation": "teacher", "ReferenceSFT": None}.get(objective.__name__, "student")
+    needs = objective.needs_teacher
+    if isinstance(needs, property):  # PolicyGradient: its reward decides
+        needs = get_class(cfg.objective.reward._target_).needs_teacher
+    return rollout, bool(needs) and cfg.model.get("teacher") is not None
+
+
 def plan(cfg, gpu_gb: float = 80.0, gpus: int | None = None, prompt_tokens: int = 1024) -> Plan:
-    """The per-GPU plan of a composed training config (see the module docstring). ``gpus``: GPUs sharing the shards
-    (default: ``trainer.devices`` x ``trainer.num_nodes``, -1 counted as 8); ``prompt_tokens``: the longest prompt a
-    row holds (images' tokens included)."""
-    gpus = gpus or _devices(cfg) * int(cfg.trainer.get("num_nodes", 1) or 1)
+    """The per-GPU plan of a composed training config (see the module docstring). ``gpus``: the GPUs of the run
+    (default: ``trainer.devices`` x ``trainer.num_nodes``, -1 counted as 8; a hybrid plan shards within a node
+    only); ``prompt_tokens``: the longest prompt a row holds (images' tokens included)."""
+    nodes = int(cfg.trainer.get("num_nodes", 1) or 1)
+    gpus = gpus or _devices(cfg) * nodes
     strategy, sharding = _strategy(cfg)
+    shards = gpus // nodes if strategy == "fsdp2" and sharding.get("hybrid") and nodes > 1 else gpus
+    policy, with_teacher = _roles(cfg)
     student_cfg, teacher_cfg = cfg.model.student, cfg.model.get("teacher")
     s = shape_of(config_of(student_cfg.path))
-    t = shape_of(config_of(teacher_cfg.path)) if teacher_cfg is not None else None
+    t = shape_of(config_of(teacher_cfg.path)) if with_teacher else None
     master = DTYPE_BYTES[str(student_cfg.get("dtype", "float32"))]
     param_dtype = sharding.get("param_dtype", "bfloat16") if strategy == "fsdp2" else None
     precision = str(cfg.trainer.get("precision", "32-true"))
@@ -175,23 +194,27 @@ def plan(cfg, gpu_gb: float = 80.0, gpus: int | None = None, prompt_tokens: int 
 
     weights = s.params * master
     states = 3 * s.params * master  # gradients and AdamW's two moments (the frozen few counted too: an upper bound)
-    static = {"student weights": weights / (gpus if strategy == "fsdp2" else 1) / GB,
-              "student grads + AdamW": states / (gpus if strategy in ("fsdp2", "zero2") else 1) / GB}
+    static = {"student weights": weights / (shards if strategy == "fsdp2" else 1) / GB,
+              "student grads + AdamW": states / (shards if strategy in ("fsdp2", "zero2") else 1) / GB}
     if t is not None:
-        static["teacher weights"] = t.params * teacher_bytes / (gpus if teacher_sharded else 1) / GB
+        static["teacher weights"] = t.params * teacher_bytes / (shards if teacher_sharded else 1) / GB
     static["CUDA context, NCCL, fragmentation"] = RESERVE_GB
 
-    kv_per_row = s.kv_bytes_per_token(compute) * seq
-    kv_cap = cfg.rollout.get("kv_cache_gb")
-    decode_rows = rows if not kv_cap else max(1, min(rows, int(float(kv_cap) * GB // kv_per_row)))
-    rollout = dict(static)
-    if strategy == "fsdp2":
-        rollout["student gathered for the rollout"] = s.params * compute / GB
-    rollout["KV cache"] = decode_rows * kv_per_row / GB
-    rollout["decode logits"] = 3 * decode_rows * s.vocab * 4 / GB
-
-    phases = {"rollout": rollout}
-    if t is not None:
+    phases = {}
+    decode_rows = 0
+    if policy is not None:  # the rollout: the policy's weights gathered, its KV cache, prefill and logits
+        p, p_bytes = (s, compute) if policy == "student" else (t, teacher_bytes)
+        kv_per_row = p.kv_bytes_per_token(p_bytes) * seq
+        kv_cap = cfg.rollout.get("kv_cache_gb")
+        decode_rows = rows if not kv_cap else max(1, min(rows, int(float(kv_cap) * GB // kv_per_row)))
+        rollout = dict(static)
+        if strategy == "fsdp2" and (policy == "student" or teacher_sharded):
+            rollout[f"{policy} gathered for the rollout"] = p.params * p_bytes / GB
+        rollout["KV cache"] = decode_rows * kv_per_row / GB
+        rollout["prefill (no grad, a layer)"] = 2 * decode_rows * prompt_tokens * p.layer_bytes_per_token(p_bytes) / GB
+        rollout["decode logits"] = 3 * decode_rows * p.vocab * 4 / GB
+        phases["rollout"] = rollout
+    if t is not None and policy == "student":
         scoring = dict(static)
         if teacher_sharded:
             scoring["teacher units gathered"] = (2 * t.largest_block + t.root) * teacher_bytes / GB
@@ -201,7 +224,10 @@ def plan(cfg, gpu_gb: float = 80.0, gpus: int | None = None, prompt_tokens: int 
 
     update = dict(static)
     if strategy == "fsdp2":
-        update["student units gathered"] = (2 * s.largest_block + s.root) * compute / GB
+        in_flight = 2 * s.largest_block + s.root
+        update["student units gathered"] = in_flight * compute / GB
+        # each unit's unsharded gradient in the compute dtype, and its fp32 copy for the reduce-scatter
+        update["unsharded gradients in flight"] = in_flight * (compute + 4) / GB
     if checkpointing:
         kept = micro_tokens * (s.layers * s.hidden * compute + 2 * s.layer_bytes_per_token(compute))
     else:
@@ -210,8 +236,9 @@ def plan(cfg, gpu_gb: float = 80.0, gpus: int | None = None, prompt_tokens: int 
     update["head chunks"] = 2 * chunk * s.vocab * 4 / GB
     phases["update"] = update
 
-    settings = {"trainer": strategy, "GPUs": gpus, "rows a GPU": rows, "tokens a row": seq,
-                "micro_batch_tokens": cfg.objective.get("micro_batch_tokens"), "rows decoded at once": decode_rows,
+    settings = {"trainer": strategy + (" (hybrid)" if shards != gpus else ""), "GPUs": gpus, "rows a GPU": rows,
+                "tokens a row": seq, "micro_batch_tokens": cfg.objective.get("micro_batch_tokens"),
+                "rollout by": policy or "none (the data's solutions)", "rows decoded at once": decode_rows,
                 "student": f"{s.params / 1e9:.1f}B", "teacher": f"{t.params / 1e9:.1f}B" if t else None,
                 "activation checkpointing": checkpointing}
     return Plan(phases, gpu_gb, settings)

@@ -203,8 +203,11 @@ class ScoredModel(torch.nn.Module):
     def forward(self, input_ids_BT, attention_mask_BT, response_start: int, temperature: float = 1.0,
                 chunk_size: int = 1024, with_entropy: bool = True, banned_ids: torch.Tensor | None = None,
                 **model_kwargs):
-        return score_tokens(self.model, input_ids_BT, attention_mask_BT, response_start, temperature, chunk_size,
-                            with_entropy, banned_ids, self.backbone, **model_kwargs)
+        logp_BT, entropy_BT = score_tokens(self.model, input_ids_BT, attention_mask_BT, response_start, temperature,
+                                           chunk_size, with_entropy, banned_ids, self.backbone, **model_kwargs)
+        # not views ([B, T] copies are cheap): FSDP2 hooks a root's outputs, and an in-place op on a view of one
+        # would slip past the hook
+        return logp_BT.clone(), None if entropy_BT is None else entropy_BT.clone()
 
     def run(self, fn, *args, **kwargs):
         with self.around_run():

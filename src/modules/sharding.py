@@ -15,6 +15,10 @@ module's manual optimisation runs as under DDP. The module applies the ``Shardin
   ``reduce_dtype`` (fp32); the teacher keeps its own dtype and is ``sharded`` like the student or
   ``replicated`` (whole on every rank: no gathers, more memory).
 
+Micro-batches (``objective.micro_batch_tokens``) reduce-scatter the gradients after each backward, so they stay
+sharded; skipping the sync until the last micro-batch would cut the traffic but hold every unit's unsharded
+gradients (fp32: four bytes a parameter on every GPU), which is what sharding is for avoiding.
+
 Every rank is a data-parallel rank (``data_parallel_size`` = world size, ``tensor_parallel_size`` = 1: Lightning's
 default would put the devices on the tensor-parallel axis). On several nodes, ``hybrid: true`` shards within a
 node and replicates across nodes (HSDP, a 2-D mesh ``replicate x shard``).
@@ -82,7 +86,7 @@ class ShardingPlan:
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         fully_shard(scored, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         register_fsdp_forward_method(scored, "run")
-        scored.around_run = lambda: gathered(scored)
+        scored.around_run = lambda: gathered(scored, self.reshard_after_forward)
 
 
 def fill_from_rank0(model: torch.nn.Module, full_state: dict | None, device: torch.device) -> None:
@@ -114,9 +118,10 @@ def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def gathered(scored):
+def gathered(scored, reshard_after_forward: bool = True):
     """Every FSDP unit of ``scored`` keeps its gathered weights from its first forward to the end of the block (a
-    rollout calls each layer once per token), then all are freed."""
+    rollout calls each layer once per token), then all are freed and resharding goes back to the plan's
+    ``reshard_after_forward``."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in scored.modules() if isinstance(m, FSDPModule)]
@@ -127,7 +132,7 @@ def gathered(scored):
     finally:
         for unit in units:
             unit.reshard()
-            unit.set_reshard_after_forward(True, recurse=False)
+            unit.set_reshard_after_forward(reshard_after_forward, recurse=False)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

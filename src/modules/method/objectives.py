@@ -52,16 +52,19 @@ class Objective(Protocol):
 def accumulate(objective, ro, scorer, backward) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``objective.loss`` over ``ro``'s micro-batches (at most ``objective.micro_batch_tokens`` padded tokens each),
     ``backward(loss)`` after each, so the gradients accumulate to the whole batch's and only one micro-batch's
-    activations are alive at a time. Returns the batch's loss (the sum) and the micro-batches' mean metrics."""
+    activations are alive at a time. Returns the batch's loss (the sum) and its metrics: the micro-batches' per-token
+    means weighted by their tokens in the loss (a micro-batch with none, or a filler, weighs nothing)."""
     parts = ro.micro_batches(objective.micro_batch_tokens)
-    total, metrics = None, {}
+    total, sums, weight = None, {}, 0.0
     for part in parts:
         loss, part_metrics = objective.loss(part, scorer)
         backward(loss)
         total = loss.detach() if total is None else total + loss.detach()
+        w = float(part.loss_mask_BT.sum()) if len(parts) > 1 else 1.0
+        weight += w
         for k, v in part_metrics.items():
-            metrics[k] = metrics.get(k, 0.0) + v.detach() / len(parts)
-    return total, metrics
+            sums[k] = sums.get(k, 0.0) + v.detach() * w
+    return total, {k: v / max(weight, 1.0) for k, v in sums.items()}
 
 
 class OnPolicy:

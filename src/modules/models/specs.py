@@ -80,12 +80,15 @@ class PretrainedLM:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
 
         path = self._resolve(self.path, "model")
-        config = AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        revision = {k: self.kwargs[k] for k in ("revision",) if k in self.kwargs}
+        config = AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code, **revision)
         auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) else AutoModelForCausalLM
+        # the build-time arguments load_model passes to from_pretrained (the rest concern reading weights)
+        built = {k: self.kwargs[k] for k in ("attn_implementation",) if k in self.kwargs}
         with torch.device("meta"):
-            model = auto.from_config(config, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+            model = auto.from_config(config, dtype=self.dtype, trust_remote_code=self.trust_remote_code, **built)
         try:
-            model.generation_config = GenerationConfig.from_pretrained(path)
+            model.generation_config = GenerationConfig.from_pretrained(path, **revision)
         except OSError:  # none saved: from_pretrained would have derived it from the config, as from_config did
             pass
         return self._frozen(model)

@@ -56,13 +56,15 @@ class Rollout:
         return int(self.response_mask_BT.sum())
 
     def minibatches(self, n: int, generator: torch.Generator | None = None):
-        """Split rows into ``n`` shuffled minibatches (views of the same rollout)."""
+        """Split rows into exactly ``n`` shuffled minibatches (sizes differing by one at most)."""
         B = self.input_ids.shape[0]
         if n <= 1:
             yield self
             return
+        if n > B:
+            raise ValueError(f"objective.minibatches is {n}, but a rollout on this rank has {B} rows: at most {B}")
         order = torch.randperm(B, generator=generator).to(self.input_ids.device)
-        for idx in order.chunk(n):
+        for idx in order.tensor_split(n):
             yield self.select_rows(idx)
 
     def micro_batches(self, max_tokens: int | None) -> list["Rollout"]:
