@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     check_strategy(trainer.strategy, cfg.module.get("grad_clip"))
     check_sharding(trainer.strategy, hydra.utils.get_class(cfg.objective._target_),
-                   hydra.utils.get_class(cfg.rollout._target_))
+                   hydra.utils.get_class(cfg.rollout._target_), cfg.objective.get("micro_batch_tokens"))
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
     datamodule.set_tokenizer(module.student_spec.load_processor())  # a processor for vision-language models

@@ -312,3 +312,15 @@ def test_a_deepspeed_strategy_that_would_not_clip_as_configured_is_refused():
         check_strategy(DeepSpeedStrategy(stage=2), grad_clip=1.0)
     check_strategy(DeepSpeedStrategy(config={"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}), 1.0)
     check_strategy(DeepSpeedStrategy(stage=2), grad_clip=None)  # no clip asked for: nothing to match
+
+
+def test_micro_batches_are_refused_under_deepspeed():
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from src.modules.distributed import check_sharding
+    from src.modules.method.objectives import PolicyGradient
+    from src.modules.rollout.hf import HFGenerateRollout
+
+    check_sharding(DeepSpeedStrategy(stage=2), PolicyGradient, HFGenerateRollout, None)
+    with pytest.raises(ValueError, match="objective.micro_batch_tokens is not supported under DeepSpeed"):
+        check_sharding(DeepSpeedStrategy(stage=2), PolicyGradient, HFGenerateRollout, 4096)

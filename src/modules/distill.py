@@ -91,7 +91,8 @@ class DistillationModule(LightningModule):
         if self._trainer is not None:  # also for a module whose models were loaded before the Trainer came
             fitting = self.trainer.state.fn == "fit"
             check_strategy(self.trainer.strategy, self.grad_clip if fitting else None)
-            check_sharding(getattr(self.trainer, "strategy", None), self.objective, self.rollout)
+            check_sharding(getattr(self.trainer, "strategy", None), self.objective, self.rollout,
+                           self.objective.micro_batch_tokens)
         if self.student is not None:
             return
         self.tokenizer = self.student_spec.load_tokenizer()

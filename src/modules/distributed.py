@@ -49,12 +49,21 @@ def check_strategy(strategy, grad_clip: float | None = None) -> None:
                              "name): set them alike, as configs/trainer/deepspeed_zero2.yaml does")
 
 
-def check_sharding(strategy, objective, rollout) -> None:
-    """Under FSDP2, the objective and the rollout backend (classes or instances) must read the models only through
-    their module calls (``shardable``); ``src/train.py`` calls it before any model loads, ``configure_model``
-    again."""
+def check_sharding(strategy, objective, rollout, micro_batch_tokens: int | None = None) -> None:
+    """What a strategy asks of the objective and the rollout backend (classes or instances); ``src/train.py`` calls
+    it before any model loads, ``configure_model`` again.
+
+    - Under FSDP2 both must read the models only through their module calls (``shardable``).
+    - Under DeepSpeed, micro-batches (``objective.micro_batch_tokens``) are refused: its engine treats every
+      backward as the end of an accumulation window unless its own ``gradient_accumulation_steps`` says otherwise,
+      and this module's several backward calls a step were never checked against it."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
     from src.modules.sharding import FSDP2Strategy
 
+    if isinstance(strategy, DeepSpeedStrategy) and micro_batch_tokens:
+        raise ValueError("objective.micro_batch_tokens is not supported under DeepSpeed (trainer.strategy: "
+                         f"{type(strategy).__name__}); use trainer=fsdp2 or trainer=ddp, or set it to null")
     if not isinstance(strategy, FSDP2Strategy):
         return
     name = lambda c: c.__name__ if isinstance(c, type) else type(c).__name__  # noqa: E731
