@@ -25,8 +25,8 @@ import torch
 from lightning import LightningModule
 
 from src.modules.distributed import check_sharding, check_strategy, over_ranks
-from src.modules.memory_plan import PhasePeaks
 from src.modules.evaluation.evaluator import Evaluator
+from src.modules.memory_plan import PhasePeaks
 from src.modules.method.objectives import accumulate
 from src.modules.method.selection import AllTokens
 from src.modules.models.multimodal import preflight_processors, vision_token_ids

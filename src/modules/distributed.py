@@ -66,7 +66,7 @@ def check_sharding(strategy, objective, rollout, micro_batch_tokens: int | None 
                          f"{type(strategy).__name__}); use trainer=fsdp2 or trainer=ddp, or set it to null")
     if not isinstance(strategy, FSDP2Strategy):
         return
-    name = lambda c: c.__name__ if isinstance(c, type) else type(c).__name__  # noqa: E731
+    name = lambda c: c.__name__ if isinstance(c, type) else type(c).__name__
     if not objective.shardable:
         raise ValueError(f"trainer=fsdp2: {name(objective)} reads the models' hidden states and heads outside a "
                          "module's forward, where FSDP2 keeps them sharded; use trainer=ddp")

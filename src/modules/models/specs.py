@@ -77,7 +77,12 @@ class PretrainedLM:
         """The model with no weights: built from its config on the meta device (nothing allocated), with its
         generation config and frozen parameters as ``load_model`` gives them. A sharded run fills it from rank 0
         (``src/modules/sharding.py``), so only one process reads the checkpoint into host memory."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForImageTextToText,
+            GenerationConfig,
+        )
 
         path = self._resolve(self.path, "model")
         revision = {k: self.kwargs[k] for k in ("revision",) if k in self.kwargs}

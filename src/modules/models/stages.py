@@ -31,7 +31,7 @@ from src.modules.models.tokenizer import TOKENIZER_VERSION
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
 # Where a stage writes, how it shows progress and how the process allocates memory: not what it computes.
-VOLATILE = ("paths", "logger", "hydra", "task_name", "ckpt_path", "keep_freed_memory")
+VOLATILE = ("paths", "logger", "hydra", "task_name", "ckpt_path", "keep_freed_memory", "memory_check", "cpu_miniature")
 EVAL_ONLY = ("eval_samples", "record_samples")
 STAGE_TARGET = "src.modules.models.stages.StageModel"
 STAGE_VERSION = 3  # bump when stage outputs change in ways the config does not show

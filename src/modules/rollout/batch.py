@@ -67,7 +67,7 @@ class Rollout:
         for idx in order.tensor_split(n):
             yield self.select_rows(idx)
 
-    def micro_batches(self, max_tokens: int | None) -> list["Rollout"]:
+    def micro_batches(self, max_tokens: int | None) -> list[Rollout]:
         """The rows in micro-batches of at most ``max_tokens`` padded tokens each (a row is never split; one row
         over the budget is a micro-batch alone), in order. Every data-parallel rank gets as many as the rank that
         needs most (sharded models gather weights in every forward, which all ranks must join); a rank with fewer
@@ -89,7 +89,7 @@ class Rollout:
             parts.append(part)
         return parts
 
-    def select_rows(self, idx: torch.Tensor) -> "Rollout":
+    def select_rows(self, idx: torch.Tensor) -> Rollout:
         out = {}
         vision = split_vision_kwargs(self.model_kwargs, idx) if has_images(self.model_kwargs) else None
         for f in dataclasses.fields(self):
