@@ -102,8 +102,9 @@ class DistillationModule(LightningModule):
         self.student_n_params = count_params(self.student)
         self.student.train()  # from_pretrained returns eval mode
         if self.teacher_spec is not None and self.objective.needs_teacher:
-            teacher = self._load(self.teacher_spec, sharded=self._fsdp2() is not None
-                                 and self._fsdp2().plan.teacher_placement == "sharded")
+            strategy = self._fsdp2()
+            sharded = strategy is not None and strategy.plan.teacher_placement == "sharded"
+            teacher = self._load(self.teacher_spec, sharded=sharded)
             teacher.requires_grad_(False)
             teacher.eval()
             preflight(self.student, self.tokenizer, teacher, self.teacher_spec.load_tokenizer(),
@@ -258,8 +259,9 @@ class DistillationModule(LightningModule):
     def _compute_dtype(self) -> torch.dtype | None:
         """The dtype the student computes in: the sharding plan's under FSDP2, else the trainer's precision's under
         autocast (None: the weights' own)."""
-        if self._fsdp2() is not None:
-            return DTYPES[self._fsdp2().plan.param_dtype]
+        strategy = self._fsdp2()
+        if strategy is not None:
+            return DTYPES[strategy.plan.param_dtype]
         precision = str(self.trainer.precision) if self._trainer is not None else ""
         return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 

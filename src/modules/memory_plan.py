@@ -99,10 +99,20 @@ def shape_of(config: dict) -> Shape:
     params = sum(p.numel() for p in model.parameters())
     block_params = [sum(p.numel() for p in b.parameters()) for b in blocks(model)]
     text = cfg.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return Shape(params=params, largest_block=max(block_params), root=params - sum(block_params),
                  layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
-                 kv_width=text.num_key_value_heads * head_dim, vocab=text.vocab_size)
+                 kv_width=kv_width(text), vocab=text.vocab_size)
+
+
+def kv_width(text_config) -> int:
+    """Key/value heads x head dim of a (text) model config."""
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return text_config.num_key_value_heads * head_dim
+
+
+def rows_in_budget(budget_gb: float, bytes_a_row: float) -> int:
+    """How many rows of ``bytes_a_row`` fit in ``budget_gb`` (at least one)."""
+    return max(1, math.floor(budget_gb * GB / bytes_a_row))
 
 
 @dataclasses.dataclass
@@ -206,7 +216,7 @@ def plan(cfg, gpu_gb: float = 80.0, gpus: int | None = None, prompt_tokens: int 
         p, p_bytes = (s, compute) if policy == "student" else (t, teacher_bytes)
         kv_per_row = p.kv_bytes_per_token(p_bytes) * seq
         kv_cap = cfg.rollout.get("kv_cache_gb")
-        decode_rows = rows if not kv_cap else max(1, min(rows, int(float(kv_cap) * GB // kv_per_row)))
+        decode_rows = rows if not kv_cap else min(rows, rows_in_budget(float(kv_cap), kv_per_row))
         rollout = dict(static)
         if strategy == "fsdp2" and (policy == "student" or teacher_sharded):
             rollout[f"{policy} gathered for the rollout"] = p.params * p_bytes / GB
@@ -247,9 +257,7 @@ def plan(cfg, gpu_gb: float = 80.0, gpus: int | None = None, prompt_tokens: int 
 def rows_for_kv_budget(model_config, budget_gb: float, tokens_a_row: int, compute_bytes: int) -> int:
     """How many rows' KV cache of ``tokens_a_row`` tokens fit in ``budget_gb`` (at least one)."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    per_row = text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * compute_bytes * tokens_a_row
-    return max(1, math.floor(budget_gb * GB / per_row))
+    return rows_in_budget(budget_gb, text.num_hidden_layers * 2 * kv_width(text) * compute_bytes * tokens_a_row)
 
 
 def check_hardware(cfg) -> None:

@@ -135,13 +135,6 @@ def gathered(scored, reshard_after_forward: bool = True):
             unit.set_reshard_after_forward(reshard_after_forward, recurse=False)
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether ``model`` holds FSDP2 (DTensor) parameters."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def full(t):
     """A DTensor's full value (a norm taken over sharded gradients), anything else unchanged."""
     from torch.distributed.tensor import DTensor

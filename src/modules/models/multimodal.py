@@ -39,6 +39,15 @@ def model_inputs(model_kwargs: dict, seq_len: int | None = None) -> dict:
     return out
 
 
+def kwargs_of_rows(model_kwargs: dict, row_index: torch.Tensor, B: int) -> dict:
+    """``model_kwargs`` of rows ``row_index`` of a ``B``-row batch: a vision-language batch's through its images
+    (``split_vision_kwargs``), otherwise every tensor with ``B`` rows indexed by row."""
+    if has_images(model_kwargs):
+        return split_vision_kwargs(model_kwargs, row_index)
+    return {k: v[row_index.to(v.device)] if isinstance(v, torch.Tensor) and v.shape[:1] == (B,) else v
+            for k, v in model_kwargs.items()}
+
+
 def split_vision_kwargs(model_kwargs: dict, row_index) -> dict:
     """``model_kwargs`` of the rows ``row_index`` (any order, repeats allowed), as if those rows alone had
     been collated: image-level tensors are gathered through each row's images (``images_per_row``) and

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from src.modules.models.multimodal import has_images, split_vision_kwargs
+from src.modules.method.losses import data_parallel_ranks
+from src.modules.models.multimodal import kwargs_of_rows
 
 
 @dataclasses.dataclass
@@ -91,7 +92,6 @@ class Rollout:
 
     def select_rows(self, idx: torch.Tensor) -> Rollout:
         out = {}
-        vision = split_vision_kwargs(self.model_kwargs, idx) if has_images(self.model_kwargs) else None
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.name == "batch_loss_mask_BT":
@@ -100,11 +100,8 @@ class Rollout:
                 v = v[idx.to(v.device)]  # per-episode counts stay on the CPU
             elif isinstance(v, list) and len(v) == self.input_ids.shape[0]:
                 v = [v[i] for i in idx.tolist()]
-            elif f.name == "model_kwargs" and vision is not None:
-                v = vision
             elif f.name == "model_kwargs":
-                v = {k: (t[idx] if isinstance(t, torch.Tensor) and t.shape[:1] == (self.input_ids.shape[0],) else t)
-                     for k, t in v.items()}
+                v = kwargs_of_rows(v, idx, self.input_ids.shape[0])
             out[f.name] = v
         out["metrics"] = {}
         return Rollout(**out)
@@ -112,9 +109,9 @@ class Rollout:
 
 def _max_over_ranks(n: int) -> int:
     """The largest ``n`` over the data-parallel ranks (``n`` itself in one process)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if data_parallel_ranks() == 1:
         return n
+    dist = torch.distributed
     t = torch.tensor([n], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())

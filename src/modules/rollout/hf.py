@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from src.modules.memory_plan import rows_for_kv_budget
-from src.modules.models.multimodal import has_images, model_inputs, split_vision_kwargs
+from src.modules.models.multimodal import kwargs_of_rows, model_inputs
 from src.modules.rollout import decode
 from src.modules.rollout.backend import RolloutBackend, response_mask_from_ids
 from src.modules.rollout.batch import Rollout
@@ -115,7 +115,7 @@ class HFGenerateRollout(RolloutBackend):
         rows = self.rows_at_once(model, P + budget)
         parts = []
         for idx in torch.arange(B).split(rows):
-            kwargs = model_kwargs if len(idx) == B else _rows_of(model_kwargs, idx, B)
+            kwargs = model_kwargs if len(idx) == B else kwargs_of_rows(model_kwargs, idx, B)
             parts.append(self._sample(model, prompt_ids_BP[idx], prompt_mask_BP[idx], eos_token_ids, pad_token_id,
                                       budget, greedy, banned_ids, kwargs))
         seq, old_logp_BT, entropy_BT = parts[0] if len(parts) == 1 else _stacked(parts, pad_token_id)
@@ -179,14 +179,6 @@ class HFGenerateRollout(RolloutBackend):
         if recorder is None:
             return seq, None, None
         return seq, *recorder.finish(seq[:, -1])
-
-
-def _rows_of(model_kwargs: dict, idx: torch.Tensor, B: int) -> dict:
-    """``model_kwargs`` of rows ``idx`` of a ``B``-row call (images through their rows)."""
-    if has_images(model_kwargs):
-        return split_vision_kwargs(model_kwargs, idx)
-    return {k: v[idx.to(v.device)] if isinstance(v, torch.Tensor) and v.shape[:1] == (B,) else v
-            for k, v in model_kwargs.items()}
 
 
 def _stacked(parts: list, pad_token_id: int):
