@@ -93,7 +93,7 @@ def test_preflight_rejects_a_tokenizer_that_alters_text(tmp_path):
 TINY_STAGE = ["data.train.digits=2", "data.train.n=60", "data.val.n=8", "data.test.n=8", "data.batch_size=8",
               "data.eval_batch_size=8", "model.student.hidden_size=32", "model.student.num_layers=1",
               "trainer.max_steps=2", "trainer.val_check_interval=2", "rollout.max_new_tokens=8",
-              "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "test=false"]
+              "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "test=false", "stage_check=null"]
 
 
 def test_stage_cache_is_reused_and_rebuilt_on_change(tmp_path):
@@ -124,6 +124,34 @@ def test_stage_cache_is_reused_and_rebuilt_on_change(tmp_path):
                              key="model.teacher")
     with pytest.raises(ValueError, match="model.teacher: stage 'mini_math_teacher' is not cached .* no runner"):
         unbuildable.build()
+
+
+def test_a_stage_that_misses_its_check_stops_and_is_never_cached(tmp_path, capsys):
+    from src.modules.models.stages import StageCheckError
+    from src.train import train
+
+    strict = TINY_STAGE + ["stage_check={metric: val/mini_math/acc, min: 0.99}"]
+    stage = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=strict, runner=train)
+    with pytest.raises(StageCheckError, match=r"stage 'mini_math_teacher' reached val/mini_math/acc = 0\.\d{4}; "
+                                               r"it must be >= 0\.99 .*nothing was cached"):
+        stage.build()
+    assert not (Path(stage.path) / "config.json").exists()
+    (failed,) = Path(stage.path).parent.glob(f"{Path(stage.path).name}.failed-*")  # kept for inspection
+    assert (failed / "checkpoints").exists()
+
+    # a declaration only checks: the same training passes a loose check and lands in the same cache entry
+    loose = StageModel("mini_math_teacher", cache_dir=str(tmp_path), runner=train,
+                       overrides=TINY_STAGE + ["stage_check={metric: val/mini_math/acc, min: 0.0}"])
+    loose.build()
+    assert loose.path == stage.path
+    assert "passes its check" in capsys.readouterr().out
+    # the stricter declaration is checked again against the cached stage's recorded metrics
+    with pytest.raises(StageCheckError, match="cached at .*delete it to rebuild"):
+        StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=strict, runner=train).build()
+    missing = StageModel("mini_math_teacher", cache_dir=str(tmp_path), runner=train,
+                         overrides=TINY_STAGE + ["seed=5", "stage_check={metric: val/mini_math/bogus, min: 0.5}"])
+    with pytest.raises(StageCheckError, match="logged no such metric"):
+        missing.build()
 
 
 def test_a_chained_stage_hashes_the_stage_it_builds_on():

@@ -9,6 +9,12 @@ unchanged config is reused, across runs and across processes. A stage that start
 model hashes that stage's digest too, so a change upstream rebuilds every stage built on it. Code is not
 hashed: a change to what a stage computes that its config does not show (the task's text format, a model
 default, the tokenizer, a library's kernels) must bump ``STAGE_VERSION``.
+
+A stage declares what it must reach (``stage_check`` in its experiment: a validation metric and its bounds). It is
+checked when the stage is built, on the stage's own validation split at its last step: a stage that misses stops
+the run with a ``StageCheckError`` naming the stage, what it reached and what it needed, and is kept aside under
+``<name>.failed-<pid>`` for inspection, never cached as good. A cached stage is checked again against its recorded
+metrics when it is loaded, so a stricter declaration catches a stage cached before it.
 """
 
 from __future__ import annotations
@@ -31,10 +37,34 @@ from src.modules.models.tokenizer import TOKENIZER_VERSION
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
 # Where a stage writes, how it shows progress and how the process allocates memory: not what it computes.
-VOLATILE = ("paths", "logger", "hydra", "task_name", "ckpt_path", "keep_freed_memory", "memory_check", "cpu_miniature")
-EVAL_ONLY = ("eval_samples", "record_samples")
+VOLATILE = ("paths", "logger", "hydra", "task_name", "ckpt_path", "keep_freed_memory", "memory_check", "cpu_miniature",
+            "stage_check")
+# how a run is evaluated or reacts to a failure does not change what a successful run trains
+EVAL_ONLY = ("eval_samples", "record_samples", "nonfinite")
 STAGE_TARGET = "src.modules.models.stages.StageModel"
 STAGE_VERSION = 3  # bump when stage outputs change in ways the config does not show
+
+
+class StageCheckError(RuntimeError):
+    """A stage missed what its experiment declares it must reach."""
+
+
+def check_stage(experiment: str, check, metrics: dict, where: str) -> None:
+    """Raise ``StageCheckError`` unless ``metrics[check.metric]`` lies within ``[check.min, check.max]``.
+
+    ``check``: ``{metric, min, max}`` (either bound may be absent) or None (nothing declared)."""
+    if not check:
+        return
+    metric, lo, hi = check["metric"], check.get("min"), check.get("max")
+    if metric not in metrics:
+        raise StageCheckError(f"stage {experiment!r} declares stage_check.metric={metric!r}, but its run logged no such "
+                              f"metric (it has: {sorted(metrics)}); validate at the last step "
+                              f"(trainer.val_check_interval dividing trainer.max_steps) ({where})")
+    value = float(metrics[metric])
+    if (lo is not None and not value >= lo) or (hi is not None and not value <= hi):
+        need = " and ".join(f"{op} {b:g}" for op, b in ((">=", lo), ("<=", hi)) if b is not None)
+        raise StageCheckError(f"stage {experiment!r} reached {metric} = {value:.4f}; it must be {need} "
+                              f"(stage_check in configs/experiment/{experiment}.yaml) ({where})")
 
 
 def compose_stage(experiment: str, overrides: list[str] | tuple[str, ...] = ()):
@@ -67,7 +97,7 @@ def stage_digest(cfg) -> str:
     for key in VOLATILE:
         container.pop(key, None)
     container.get("callbacks", {}).pop("progress_bar", None)
-    for key in EVAL_ONLY:  # how a run is evaluated does not change what it trains
+    for key in EVAL_ONLY:
         container.get("module", {}).pop(key, None)
     for key in ("enable_progress_bar", "enable_model_summary"):
         container.get("trainer", {}).pop(key, None)
@@ -106,6 +136,7 @@ class StageModel(BuiltOnFirstUse):
         cfg = self.stage_cfg
         path = Path(self.path)
         if (path / "config.json").exists():
+            self._check_cached(cfg, path)
             return str(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # One builder per stage: concurrent runs (a sweep, DDP ranks) wait for it instead of each training
@@ -113,8 +144,16 @@ class StageModel(BuiltOnFirstUse):
         with open(path.parent / f".{path.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if (path / "config.json").exists():
+                self._check_cached(cfg, path)
                 return str(path)
             return self._build(cfg, path)
+
+    def _check_cached(self, cfg, path: Path) -> None:
+        record = path / "stage.json"
+        if cfg.get("stage_check") and record.exists():
+            metrics = json.loads(record.read_text()).get("metrics", {})
+            check_stage(self.experiment, cfg.stage_check, metrics,
+                        f"cached at {path}: delete it to rebuild, or fix the declaration")
 
     def _build(self, cfg, path: Path) -> str:
         if self.runner is None:
@@ -132,6 +171,15 @@ class StageModel(BuiltOnFirstUse):
             metrics, _ = self.runner(cfg)
         random.setstate(py_state)
         np.random.set_state(np_state)
+        try:
+            check_stage(self.experiment, cfg.get("stage_check"), metrics,
+                        f"its run is kept at {path.parent / f'{path.name}.failed-{os.getpid()}'}; nothing was cached")
+        except StageCheckError:
+            os.rename(work, path.parent / f"{path.name}.failed-{os.getpid()}")
+            raise
+        print(f"[stage] {self.experiment}: "
+              + (f"{cfg.stage_check.metric} = {metrics[cfg.stage_check.metric]:.4f} passes its check"
+                 if cfg.get("stage_check") else "no stage_check declared"))
         export = work / "checkpoints" / "hf" / "final"
         (export / "stage.json").write_text(json.dumps(
             {"experiment": self.experiment, "overrides": self.overrides, "digest": self._digest,
