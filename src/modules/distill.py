@@ -26,6 +26,7 @@ from lightning import LightningModule
 
 from src.modules.distributed import check_sharding, check_strategy, over_ranks
 from src.modules.evaluation.evaluator import Evaluator
+from src.modules.guards import NonFiniteError, NonFiniteGuard, nonfinite_parameters, nonfinite_tensors
 from src.modules.memory_plan import PhasePeaks
 from src.modules.method.objectives import accumulate
 from src.modules.method.selection import AllTokens
@@ -56,6 +57,8 @@ class DistillationModule(LightningModule):
         chunk_size: tokens per head application in the scorer.
         backbone: the scorer's ``Backbone`` (default: the Hugging Face forward; the ``accel`` group sets another).
         grad_clip: max gradient norm (None disables).
+        nonfinite: the non-finite guard's settings (``policy``, ``max_skips``, ``warn_empty_steps``:
+            ``src/modules/guards.py``); None: stop at the first NaN or inf.
     """
 
     not_checkpointed = ("teacher.",)  # reloaded from its spec
@@ -63,7 +66,7 @@ class DistillationModule(LightningModule):
     def __init__(self, student, teacher, rollout, objective, optimizer, scheduler=None, selection=None,
                  grader=None, answer_fn=None, task: str = "math", chunk_size: int = 1024,
                  grad_clip: float | None = 1.0, seed: int = 0, eval_samples: int = 0, record_samples: bool = False,
-                 backbone=None):
+                 backbone=None, nonfinite: dict | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # the teacher is not in checkpoints
@@ -80,6 +83,7 @@ class DistillationModule(LightningModule):
         self.task = task
         self.evaluator = Evaluator(grader, answer_fn, eval_samples, record_samples)
         self.chunk_size, self.grad_clip, self.seed = chunk_size, grad_clip, seed
+        self.guard = NonFiniteGuard(**dict(nonfinite or {}))
         self.backbone = backbone or hf_backbone
         self.student = self.teacher = self.tokenizer = self.processor = None
         self.scorer: Scorer | None = None  # set by configure_model
@@ -100,6 +104,8 @@ class DistillationModule(LightningModule):
         self.student = self._load(self.student_spec, sharded=True)
         # counted now, before a sharding strategy flattens or partitions the weights (meta.json, FLOP counts)
         self.student_n_params = count_params(self.student)
+        if (message := nonfinite_parameters(self.student, self.student_spec.key)) is not None:
+            raise ValueError(f"preflight: {message} ({self.student_spec.path})")
         self.student.train()  # from_pretrained returns eval mode
         if self.teacher_spec is not None and self.objective.needs_teacher:
             strategy = self._fsdp2()
@@ -109,6 +115,8 @@ class DistillationModule(LightningModule):
             teacher.eval()
             preflight(self.student, self.tokenizer, teacher, self.teacher_spec.load_tokenizer(),
                       self.student_spec.key, self.teacher_spec.key)
+            if (message := nonfinite_parameters(teacher, self.teacher_spec.key)) is not None:
+                raise ValueError(f"preflight: {message} ({self.teacher_spec.path})")
             preflight_processors(self.processor, self.teacher_spec.load_processor(), self.student_spec.key,
                                  self.teacher_spec.key)
             self.teacher = teacher
@@ -120,6 +128,11 @@ class DistillationModule(LightningModule):
         self.rollout.bind(self.tokenizer, self.scorer, self._compute_dtype())
         self.sampler = Sampler(self.rollout, self.tokenizer, self.eos_token_ids(), banned_ids, self.step_seed,
                                run=self.scorer.run)
+
+    def _deepspeed(self) -> bool:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return isinstance(getattr(self._trainer, "strategy", None), DeepSpeedStrategy)
 
     def _fsdp2(self) -> FSDP2Strategy | None:
         strategy = getattr(self._trainer, "strategy", None)
@@ -159,6 +172,11 @@ class DistillationModule(LightningModule):
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith(self.not_checkpointed)]:
             del sd[k]
+        bad = nonfinite_tensors(sd)
+        if bad:  # the guards keep NaN out of the gradients; an optimiser step can still overflow (a huge lr)
+            raise NonFiniteError(f"step {self.trainer.global_step}: the student's weights hold NaN or inf in "
+                                 f"{len(bad)} tensors, e.g. {bad[:3]}; no checkpoint is written. Lower "
+                                 f"module.optimizer.lr or set module.grad_clip")
 
     def eos_token_ids(self) -> list[int]:
         """The tokenizer's EOS and the student's generation config's (a list or one id)."""
@@ -186,11 +204,18 @@ class DistillationModule(LightningModule):
             ro = self.objective.rollout(batch, self.sampler, self.scorer)
         with peaks("teacher_scoring"):
             self.objective.prepare(ro, self.scorer, self.selection)
+        step = self.trainer.global_step
+        bad = self.guard.rollout_source(ro)
+        if bad is not None:
+            self.guard.bad_step(step, bad, can_skip=not self._deepspeed())  # raises under policy=stop
+        elif ro.loss_mask_BT is not None:
+            self.guard.kept_tokens(step, int(ro.loss_mask_BT.sum()))
         start = time.perf_counter()
         with peaks("update"):
-            logs, n_updates = self._update(ro)
+            logs, n_updates = self._skip_update() if bad is not None else self._update(ro)
         logs.update(self._step_metrics(ro, n_updates, time.perf_counter() - start))
         logs.update(peaks.logs)
+        logs["skipped_steps"] = float(self.guard.skipped)
         logs = over_ranks(logs, summed=("samples", "rollout_tok_per_s", "train_tok_per_s"))
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=ro.input_ids.shape[0])
         self.log("train/loss_step", logs["loss"], prog_bar=True, logger=False)
@@ -212,6 +237,12 @@ class DistillationModule(LightningModule):
                     norm = self._clip_gradients(opt)
                     if norm is not None:  # the global norm before clipping, unscaled
                         logs["grad_norm"] = full(norm)
+                bad = self.guard.update_source(loss, logs.get("grad_norm") if grads or self.grad_clip else None)
+                if bad is not None:
+                    self.guard.bad_step(self.trainer.global_step, bad, can_skip=not self._deepspeed())
+                    opt.zero_grad(set_to_none=True)  # skipped: the step below moves no weight and no state
+                else:
+                    self.guard.good_step()
                 opt.step()
                 if sched is not None:
                     sched.step()
@@ -219,6 +250,18 @@ class DistillationModule(LightningModule):
                 logs.update({"loss": loss.detach(), **metrics})
         logs["lr"] = opt.param_groups[0]["lr"]
         return logs, n_updates
+
+    def _skip_update(self) -> tuple[dict, int]:
+        """A dropped step (``module.nonfinite.policy=skip``): the optimiser steps with no gradients, so no weight and
+        no optimiser state moves, while the step counter, the data stream and the schedule advance as usual."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        for _ in range(self.updates_per_rollout):
+            opt.zero_grad(set_to_none=True)
+            opt.step()
+            if sched is not None:
+                sched.step()
+        nan = torch.tensor(float("nan"))
+        return {"loss": nan, "lr": opt.param_groups[0]["lr"]}, self.updates_per_rollout
 
     @staticmethod
     def _step_metrics(ro, n_updates: int, train_seconds: float) -> dict:

@@ -29,6 +29,16 @@ def data_parallel_ranks() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def max_over_ranks(n: int) -> int:
+    """The largest ``n`` over the data-parallel ranks (``n`` itself in one process)."""
+    if data_parallel_ranks() == 1:
+        return n
+    dist = torch.distributed
+    t = torch.tensor([n], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def _per_rank(denominator: torch.Tensor) -> torch.Tensor:
     """The batch-wide denominator, as each rank's share: summed over the ranks, then divided by their number.
 

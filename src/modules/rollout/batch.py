@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from src.modules.method.losses import data_parallel_ranks
+from src.modules.method.losses import max_over_ranks
 from src.modules.models.multimodal import kwargs_of_rows
 
 
@@ -77,7 +77,7 @@ class Rollout:
         B, L = self.input_ids.shape
         if not max_tokens:
             return [self]
-        n = _max_over_ranks(math.ceil(B / max(1, max_tokens // L)))
+        n = max_over_ranks(math.ceil(B / max(1, max_tokens // L)))
         if n == 1:
             return [self]
         parts = []
@@ -105,16 +105,6 @@ class Rollout:
             out[f.name] = v
         out["metrics"] = {}
         return Rollout(**out)
-
-
-def _max_over_ranks(n: int) -> int:
-    """The largest ``n`` over the data-parallel ranks (``n`` itself in one process)."""
-    if data_parallel_ranks() == 1:
-        return n
-    dist = torch.distributed
-    t = torch.tensor([n], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 def reference_rollout(batch: dict, eos_token_id: int, pad_token_id: int) -> Rollout:
