@@ -15,17 +15,18 @@ import os
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+from pathlib import Path
 
-import hydra  # noqa: E402
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.modules.distributed import check_strategy  # noqa: E402
-from src.utils.instantiate import instantiate_loggers  # noqa: E402
-from src.utils.sharding import count_params  # noqa: E402
+from src.modules.distributed import check_strategy
+from src.utils.instantiate import instantiate_loggers
+from src.utils.runs import check_checkpoint
+from src.utils.sharding import count_params
 
 
 def _gather(records: list[dict]) -> list[dict]:
@@ -53,6 +54,20 @@ def write_results(out_dir: str | Path, records: list[dict], meta: dict) -> Path:
     return out_dir
 
 
+def eval_checkpoint(ckpt: str | None) -> str | None:
+    """The checkpoint to evaluate, checked: a path (``last`` names no run here), intact."""
+    if not ckpt:
+        return None
+    if ckpt == "last":
+        raise ValueError("ckpt_path=last: src/eval.py evaluates one checkpoint file and has no run of its own to take "
+                         "the last of; pass the path, e.g. ckpt_path=logs/<task>/runs/<run>/checkpoints/last.ckpt")
+    path = Path(ckpt)
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
+    check_checkpoint(path)
+    return str(path)
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     if cfg.get("keep_freed_memory", True):
         from src.utils.allocator import keep_freed_memory
@@ -68,7 +83,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
     datamodule.set_tokenizer(module.student_spec.load_processor())  # a processor for vision-language models
-    trainer.test(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+    trainer.test(module, datamodule=datamodule, ckpt_path=eval_checkpoint(cfg.get("ckpt_path")), weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     records = _gather(module.evaluator.records)
     out_dir = None

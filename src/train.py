@@ -11,21 +11,21 @@ import os
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import warnings  # noqa: E402
+import warnings
 
-import hydra  # noqa: E402
-import lightning as L  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+import lightning as L
+from omegaconf import DictConfig
 
-from src.modules.distributed import check_sharding, check_strategy  # noqa: E402
-from src.modules.memory_plan import check_hardware  # noqa: E402
-from src.utils.allocator import keep_freed_memory  # noqa: E402
-from src.utils.instantiate import (  # noqa: E402
+from src.modules.distributed import check_sharding, check_strategy
+from src.modules.memory_plan import check_hardware
+from src.utils.allocator import keep_freed_memory
+from src.utils.instantiate import (
     instantiate_callbacks,
     instantiate_loggers,
     log_config,
-    resolve_ckpt_path,
 )
+from src.utils.runs import claim_output_dir, resolve_ckpt_path
 
 # The frozen teacher is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -39,6 +39,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     check_hardware(cfg)  # a GPU experiment on a CPU machine, or a plan that does not fit: stop before anything loads
+    ckpt_path = resolve_ckpt_path(cfg)  # a matching, intact checkpoint, or a message naming what is wrong
+    claim_output_dir(cfg, ckpt_path)  # a folder that holds another run is refused
     # the Trainer first: a strategy the module refuses stops here, before a stage, model or dataset is built
     progress_bar = cfg.trainer.get("enable_progress_bar") is not False  # None: Lightning's default, a bar
     callbacks = instantiate_callbacks(cfg.get("callbacks"), progress_bar=progress_bar)
@@ -54,7 +56,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 
     if cfg.get("validate_before"):
         trainer.validate(module, datamodule=datamodule)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg), weights_only=False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         trainer.test(module, datamodule=datamodule)

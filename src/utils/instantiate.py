@@ -39,25 +39,10 @@ def instantiate_loggers(cfg: DictConfig | None) -> list:
 
 @rank_zero_only
 def log_config(cfg: DictConfig, trainer) -> None:
-    """Write the resolved config next to the run's outputs, and to the loggers' hyperparameters."""
+    """Write the resolved config next to the run's outputs (what ``ckpt_path=last`` matches runs by), and to the
+    loggers' hyperparameters."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path=last`` means the newest ``last.ckpt`` of this task's earlier runs; a path must exist."""
-    ckpt = cfg.get("ckpt_path")
-    if not ckpt:
-        return None
-    if ckpt == "last":
-        runs = Path(cfg.paths.log_dir) / cfg.task_name
-        found = sorted(runs.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise FileNotFoundError(f"ckpt_path=last: no checkpoints/last.ckpt under {runs}")
-        return str(found[-1])
-    if not Path(ckpt).exists():
-        raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
-    return str(ckpt)
