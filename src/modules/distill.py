@@ -107,14 +107,15 @@ class DistillationModule(LightningModule):
         if (message := nonfinite_parameters(self.student, self.student_spec.key)) is not None:
             raise ValueError(f"preflight: {message} ({self.student_spec.path})")
         self.student.train()  # from_pretrained returns eval mode
+        shared_vocab = None  # set by the preflight where the pair's output heads differ in padding rows
         if self.teacher_spec is not None and self.objective.needs_teacher:
             strategy = self._fsdp2()
             sharded = strategy is not None and strategy.plan.teacher_placement == "sharded"
             teacher = self._load(self.teacher_spec, sharded=sharded)
             teacher.requires_grad_(False)
             teacher.eval()
-            preflight(self.student, self.tokenizer, teacher, self.teacher_spec.load_tokenizer(),
-                      self.student_spec.key, self.teacher_spec.key)
+            shared_vocab = preflight(self.student, self.tokenizer, teacher, self.teacher_spec.load_tokenizer(),
+                                     self.student_spec.key, self.teacher_spec.key)
             if (message := nonfinite_parameters(teacher, self.teacher_spec.key)) is not None:
                 raise ValueError(f"preflight: {message} ({self.teacher_spec.path})")
             preflight_processors(self.processor, self.teacher_spec.load_processor(), self.student_spec.key,
@@ -123,9 +124,13 @@ class DistillationModule(LightningModule):
         banned = vision_token_ids(self.processor)
         banned_ids = torch.tensor(banned, dtype=torch.long) if banned else None
         self.scorer = Scorer(self.student, self.teacher, self.rollout.temperature, self.chunk_size, self.backbone,
-                             banned_ids, self.objective.micro_batch_tokens)
+                             banned_ids, self.objective.micro_batch_tokens, vocab_size=shared_vocab)
         self._shard()
         self.rollout.bind(self.tokenizer, self.scorer, self._compute_dtype())
+        if shared_vocab is not None:  # the student's padding rows past the shared tokenizer are never sampled
+            padding = list(range(shared_vocab, self.student.get_output_embeddings().weight.shape[0]))
+            banned_ids = torch.tensor(sorted(set(banned) | set(padding)), dtype=torch.long) if banned or padding \
+                else None
         self.sampler = Sampler(self.rollout, self.tokenizer, self.eos_token_ids(), banned_ids, self.step_seed,
                                run=self.scorer.run)
 

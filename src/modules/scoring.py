@@ -86,6 +86,13 @@ class _ChunkLogpEntropy(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None
 
 
+def _head_rows(head: torch.nn.Module, vocab_size: int | None):
+    """The head's weight and bias, cut to its first ``vocab_size`` rows (None: all)."""
+    if vocab_size is None:
+        return head.weight, head.bias
+    return head.weight[:vocab_size], None if head.bias is None else head.bias[:vocab_size]
+
+
 def token_logp_entropy(
     hidden_BTH: torch.Tensor,
     head: torch.nn.Linear,
@@ -94,12 +101,14 @@ def token_logp_entropy(
     chunk_size: int = 1024,
     with_entropy: bool = True,
     banned_ids: torch.Tensor | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of ``target_BT`` and entropy at each position, from hidden states aligned with targets.
 
     ``hidden_BTH[:, t]`` must be the state that predicts ``target_BT[:, t]``. ``chunk_size`` counts
     tokens (B * positions) per head application. ``banned_ids`` are left out of the distribution (the
-    rollout never samples them: a vision-language model's image placeholder tokens). Returns
+    rollout never samples them: a vision-language model's image placeholder tokens). ``vocab_size``: only the
+    head's first rows count (the shared tokenizer's ids, where a pair's heads differ in padding rows). Returns
     (logp_BT float32, entropy_BT float32 or None); the entropy carries no gradient.
     """
     B, T, H = hidden_BTH.shape
@@ -109,9 +118,10 @@ def token_logp_entropy(
     chunk_size = max(1, int(chunk_size))
     if banned_ids is not None:
         banned_ids = banned_ids.to(h_NH.device)
+    weight_VH, bias_V = _head_rows(head, vocab_size)
     logps, ents = [], []
     for s in range(0, B * T, chunk_size):
-        lp, ent = _ChunkLogpEntropy.apply(h_NH[s : s + chunk_size], head.weight, head.bias,
+        lp, ent = _ChunkLogpEntropy.apply(h_NH[s : s + chunk_size], weight_VH, bias_V,
                                           target_N[s : s + chunk_size], inv_temp, with_entropy, banned_ids)
         logps.append(lp)
         ents.append(ent)
@@ -176,6 +186,7 @@ def score_tokens(
     with_entropy: bool = True,
     banned_ids: torch.Tensor | None = None,
     backbone: Backbone = hf_backbone,
+    vocab_size: int | None = None,
     **model_kwargs,
 ):
     """Log-probs (and entropies) of the response tokens under ``model`` at ``temperature``: ``backbone``, then the
@@ -185,6 +196,7 @@ def score_tokens(
     return token_logp_entropy(
         hidden_BTH, model.get_output_embeddings(), input_ids_BT[:, response_start:],
         temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy, banned_ids=banned_ids,
+        vocab_size=vocab_size,
     )
 
 
@@ -202,9 +214,10 @@ class ScoredModel(torch.nn.Module):
 
     def forward(self, input_ids_BT, attention_mask_BT, response_start: int, temperature: float = 1.0,
                 chunk_size: int = 1024, with_entropy: bool = True, banned_ids: torch.Tensor | None = None,
-                **model_kwargs):
+                vocab_size: int | None = None, **model_kwargs):
         logp_BT, entropy_BT = score_tokens(self.model, input_ids_BT, attention_mask_BT, response_start, temperature,
-                                           chunk_size, with_entropy, banned_ids, self.backbone, **model_kwargs)
+                                           chunk_size, with_entropy, banned_ids, self.backbone, vocab_size,
+                                           **model_kwargs)
         # not views ([B, T] copies are cheap): FSDP2 hooks a root's outputs, and an in-place op on a view of one
         # would slip past the hook
         return logp_BT.clone(), None if entropy_BT is None else entropy_BT.clone()
@@ -221,7 +234,8 @@ class Scorer:
     The teacher runs under ``torch.no_grad``; the student with gradient where gradient is on. Both are scored at
     the rollout's sampling temperature (peers that forget this score the teacher at T=1 against a T=0.6 rollout)
     unless a call says otherwise. ``banned_ids`` (a vision-language model's image placeholders) are left out of
-    every distribution, as the rollout never samples them.
+    every distribution, as the rollout never samples them. ``vocab_size`` (from the preflight, where the pair's
+    output heads differ in padding rows): both are scored over the shared tokenizer's ids only.
     """
 
     student: torch.nn.Module
@@ -231,6 +245,7 @@ class Scorer:
     backbone: Backbone = hf_backbone
     banned_ids: torch.Tensor | None = None
     micro_batch_tokens: int | None = None  # the teacher scores a rollout this many padded tokens at a time
+    vocab_size: int | None = None
     _scored: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def scored(self, model) -> ScoredModel:
@@ -247,7 +262,7 @@ class Scorer:
     def logp(self, model, ro, with_entropy: bool = False, temperature: float | None = None):
         """(logp_BT, entropy_BT or None) of ``ro``'s response tokens under ``model``."""
         return self.scored(model)(ro.input_ids, ro.attention_mask, ro.response_start, temperature or self.temperature,
-                                  self.chunk_size, with_entropy, self.banned_ids, **ro.model_kwargs)
+                                  self.chunk_size, with_entropy, self.banned_ids, self.vocab_size, **ro.model_kwargs)
 
     def student_logp(self, ro, with_entropy: bool = False, temperature: float | None = None):
         """The student's (logp_BT, entropy_BT or None), with gradient where gradient is on."""
@@ -273,5 +288,6 @@ class Scorer:
     def vocab_logp(self, hidden_NH: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
         """Full-vocabulary log-probs ``[N, V]`` (fp32) of hidden states under ``head`` at the sampling temperature,
         over the same distribution as ``logp`` (banned ids renormalised away). Holds ``[N, V]``: call it on chunks."""
-        return torch.log_softmax(_logits(hidden_NH, head.weight, head.bias, 1.0 / self.temperature, self.banned_ids),
+        return torch.log_softmax(_logits(hidden_NH, *_head_rows(head, self.vocab_size), 1.0 / self.temperature,
+                                         self.banned_ids),
                                  dim=-1)

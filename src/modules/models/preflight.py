@@ -1,8 +1,13 @@
 """The preflight: before step 0, teacher and student must agree on what a token means.
 
-``preflight`` compares the padded output vocabulary, the tokenizer size, pad and EOS ids and the rendered chat
-template; ``preflight_processors`` (``multimodal.py``) compares how a vision-language pair turns an image into
-tokens and patches. Each stops the run with one message naming both values.
+``preflight`` compares the tokenizers by content (every token's id, the special tokens, pad and EOS) and the rendered
+chat template, and checks that each model's output head covers the tokenizer; ``preflight_processors``
+(``multimodal.py``) compares how a vision-language pair turns an image into tokens and patches. Each stops the run
+with one message naming both values.
+
+Output heads often carry padding rows past the tokenizer (Qwen2.5-1.5B has 151,936 rows, Qwen2.5-7B 152,064, one
+tokenizer of 151,665 tokens). Where only that padding differs, ``preflight`` returns the shared tokenizer's size:
+both models are then scored over those ids only, and the student never samples a padding row.
 """
 
 from __future__ import annotations
@@ -21,25 +26,49 @@ def render_template(tokenizer) -> str | None:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def _first_differences(a: dict, b: dict, n: int = 3) -> list[str]:
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return [f"{k!r}: {a.get(k, '(absent)')} vs {b.get(k, '(absent)')}" for k in keys[:n]]
+
+
 def preflight(student, student_tok, teacher, teacher_tok, student_key="model.student",
-              teacher_key="model.teacher") -> None:
+              teacher_key="model.teacher") -> int | None:
     """Stop before step 0 unless teacher and student agree on what a token means.
 
-    Compares the padded output vocabulary, the tokenizer size, pad and EOS ids and the rendered chat
-    template. Cross-tokenizer distillation is deliberately not supported yet.
+    Compares the tokenizers by content (vocabulary with ids, special tokens, pad and EOS ids), the rendered chat
+    template, and each model's output rows against the tokenizer. Returns None where both heads have the same rows,
+    else the shared tokenizer's size: score over its ids only (the rows past it are padding).
     """
-    checks = [
-        ("padded vocabulary size (output embedding rows)", padded_vocab_size(student), padded_vocab_size(teacher)),
-        ("tokenizer vocabulary size", len(student_tok), len(teacher_tok)),
-        ("pad token id", student_tok.pad_token_id, teacher_tok.pad_token_id),
-        ("eos token id", student_tok.eos_token_id, teacher_tok.eos_token_id),
-        ("rendered chat template", render_template(student_tok), render_template(teacher_tok)),
-    ]
     for key, tok in ((student_key, student_tok), (teacher_key, teacher_tok)):
         if not round_trips(tok):
             raise ValueError(f"preflight: {key}'s tokenizer ({type(tok).__name__}) does not round-trip "
                              f"{PROBE!r}: it would drop or alter characters of every prompt and response")
+    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s_vocab != t_vocab:
+        raise ValueError(f"preflight: student and teacher tokenizers differ in content ({len(s_vocab)} vs "
+                         f"{len(t_vocab)} tokens; first differences, token: {student_key} id vs {teacher_key} id: "
+                         f"{'; '.join(_first_differences(s_vocab, t_vocab))}). This framework distils between models "
+                         f"that share one tokenizer.")
+    checks = [
+        ("special tokens", sorted(student_tok.all_special_tokens), sorted(teacher_tok.all_special_tokens)),
+        ("pad token id", student_tok.pad_token_id, teacher_tok.pad_token_id),
+        ("eos token id", student_tok.eos_token_id, teacher_tok.eos_token_id),
+        ("rendered chat template", render_template(student_tok), render_template(teacher_tok)),
+    ]
     for what, s, t in checks:
         if s != t:
             raise ValueError(f"preflight: student and teacher disagree on {what}: {student_key} has {s!r}, "
                              f"{teacher_key} has {t!r}. Use models of one family and tokenizer.")
+    n_tok = len(student_tok)
+    rows = {student_key: padded_vocab_size(student), teacher_key: padded_vocab_size(teacher)}
+    for key, n in rows.items():
+        if n < n_tok:
+            raise ValueError(f"preflight: {key}'s output head has {n} rows, fewer than its tokenizer's {n_tok} tokens: "
+                             f"the model cannot score every token (a tokenizer of another model?)")
+    if rows[student_key] == rows[teacher_key]:
+        print(f"[preflight] {student_key} and {teacher_key} share one tokenizer ({n_tok} tokens, {rows[student_key]} "
+              f"output rows) and chat template")
+        return None
+    print(f"[preflight] one tokenizer ({n_tok} tokens); output heads padded to {rows[student_key]} ({student_key}) "
+          f"and {rows[teacher_key]} ({teacher_key}) rows: both are scored over the tokenizer's {n_tok} ids")
+    return n_tok
