@@ -35,6 +35,7 @@ from src.datamodules.rows import (
     RowReader,
     check_on_error,
     checked_rows,
+    prompt_value,
     reference_text,
     row_id,
 )
@@ -84,14 +85,6 @@ def _solution_text(value: Any) -> str:
     if isinstance(value, (list, tuple)):  # OlympiadBench lists alternative solutions; one is a target
         value = value[0] if value else None
     return value.strip() if isinstance(value, str) else ""
-
-
-def _prompt(value: Any) -> str | list:
-    if isinstance(value, str):
-        return value if value.strip() else ""
-    if isinstance(value, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value):
-        return value
-    raise BadRow(f"prompt is a {type(value).__name__}, neither text nor a list of chat messages")
 
 
 def _pick(row: dict, fields: tuple[str, ...], what: str, convert) -> tuple[str, Any]:
@@ -157,7 +150,7 @@ class MathBenchmark:
         return replace(layout, **overrides)
 
     def _row(self, pos: int, record: dict, layout: Layout) -> dict:
-        _, prompt = _pick(record, layout.prompt, "prompt", _prompt)
+        _, prompt = _pick(record, layout.prompt, "prompt", prompt_value)
         _, answer = _pick(record, layout.answer, "answer", lambda v: reference_text(v, layout.unwrap_math))
         row = {"id": row_id(record, pos), "prompt": prompt, "answer": answer}
         if self.fields["solution"]:

@@ -14,13 +14,21 @@ LightningModule loads).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
-from src.datamodules.rows import BadRow, DataRowError, RowReader, check_on_error, checked_rows
+from src.datamodules.rows import (
+    BadRow,
+    DataRowError,
+    RowReader,
+    check_on_error,
+    checked_rows,
+    prompt_value,
+    reference_text,
+)
 
 
 class JsonlPrompts:
@@ -41,7 +49,12 @@ class JsonlPrompts:
         missing = [k for k in (self.prompt_field, self.answer_field) if k not in record]
         if missing:
             raise BadRow(f"missing field(s) {missing}; has {sorted(record)}")
-        return {"prompt": record[self.prompt_field], "answer": str(record[self.answer_field])}
+        prompt, answer = prompt_value(record[self.prompt_field]), reference_text(record[self.answer_field])
+        if not prompt:
+            raise BadRow(f"empty prompt (field {self.prompt_field!r})")
+        if not answer:
+            raise BadRow(f"empty answer (field {self.answer_field!r} is {record[self.answer_field]!r})")
+        return {"prompt": prompt, "answer": answer}
 
 
 class _Tokenized(torch.utils.data.Dataset):
@@ -80,6 +93,12 @@ class PromptDataModule(LightningDataModule):
         super().__init__()
         self.tools = tools.schemas() if hasattr(tools, "schemas") else (list(tools) if tools else None)
         self.sources = {"train": train, "val": val, "test": test}
+        for key, value in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size),
+                           ("data.max_prompt_tokens", max_prompt_tokens)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{key} must be a positive whole number, got {value!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be 0 or more, got {num_workers!r}")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.instruction, self.system_prompt = instruction, system_prompt
         self.max_prompt_tokens, self.num_workers, self.seed, self.task = max_prompt_tokens, num_workers, seed, task
@@ -88,6 +107,15 @@ class PromptDataModule(LightningDataModule):
 
     def set_tokenizer(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+
+    def longest_prompts(self) -> dict[str, tuple[int, object]]:
+        """Per tokenised split, its longest prompt's (token count, row id)."""
+        out = {}
+        for split, data in self.splits.items():
+            if data.ids:
+                i = max(range(len(data.ids)), key=lambda j: len(data.ids[j]))
+                out[split] = (len(data.ids[i]), data.row_ids[i])
+        return out
 
     def messages(self, row: dict) -> list[dict]:
         prompt = row["prompt"]

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,15 @@ def reference_text(value: Any, unwrap_math: bool = False) -> str:
     if unwrap_math and text.startswith("$") and "$" not in text.strip("$"):
         text = text.strip("$").strip()
     return text
+
+
+def prompt_value(value: Any) -> str | list:
+    """A prompt as a row holds it: text ("" if blank) or a list of chat messages; anything else is a ``BadRow``."""
+    if isinstance(value, str):
+        return value if value.strip() else ""
+    if isinstance(value, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value):
+        return value
+    raise BadRow(f"prompt is a {type(value).__name__}, neither text nor a list of chat messages")
 
 
 def row_id(record: dict, position: int, fields: tuple[str, ...] = ID_FIELDS):

@@ -20,6 +20,7 @@ and is left out of checkpoints (it is reloaded from its spec).
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 from lightning import LightningModule
@@ -121,6 +122,7 @@ class DistillationModule(LightningModule):
             preflight_processors(self.processor, self.teacher_spec.load_processor(), self.student_spec.key,
                                  self.teacher_spec.key)
             self.teacher = teacher
+        self._check_positions()
         banned = vision_token_ids(self.processor)
         banned_ids = torch.tensor(banned, dtype=torch.long) if banned else None
         self.scorer = Scorer(self.student, self.teacher, self.rollout.temperature, self.chunk_size, self.backbone,
@@ -133,6 +135,27 @@ class DistillationModule(LightningModule):
                 else None
         self.sampler = Sampler(self.rollout, self.tokenizer, self.eos_token_ids(), banned_ids, self.step_seed,
                                run=self.scorer.run)
+
+    def _check_positions(self) -> None:
+        """Each split's longest prompt plus its token budget must fit the models' positions (before step 0)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "longest_prompts"):
+            return
+        limits = {spec.key: getattr(model.config, "max_position_embeddings", None)
+                  for spec, model in ((self.student_spec, self.student), (self.teacher_spec, self.teacher))
+                  if model is not None}
+        limits = {k: v for k, v in limits.items() if v}
+        if not limits:
+            return
+        key, positions = min(limits.items(), key=lambda kv: kv[1])
+        for split, (n, row) in datamodule.longest_prompts().items():
+            budget, name = ((self.rollout.max_new_tokens, "rollout.max_new_tokens") if split == "train" else
+                            (self.rollout.val_max_new_tokens, "rollout.val_max_new_tokens"))
+            if n + budget > positions:
+                raise ValueError(f"data.{split}: row {row!r} has a prompt of {n} tokens; with {name}={budget} a "
+                                 f"sequence reaches {n + budget} positions, past {key}'s max_position_embeddings "
+                                 f"({positions}). Shorten the prompts (data.max_prompt_tokens refuses longer ones "
+                                 f"when the data loads) or lower {name}")
 
     def _deepspeed(self) -> bool:
         from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -340,6 +363,12 @@ class DistillationModule(LightningModule):
         return None
 
     def configure_optimizers(self):
+        lr = getattr(self.optimizer_fn, "keywords", {}).get("lr")
+        if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"module.optimizer.lr must be a positive number, got {lr!r}")
+        if lr is not None and lr > 0.1:
+            warnings.warn(f"module.optimizer.lr={lr:g} is far above what fine-tuning a language model takes "
+                          f"(1e-6 to 1e-3): the weights may blow up", stacklevel=2)
         opt = self.optimizer_fn(params=[p for p in self.student.parameters() if p.requires_grad])
         if self.scheduler_fn is None:
             return opt

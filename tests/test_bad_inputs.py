@@ -1,0 +1,65 @@
+"""Bad input a user can give, each answered by one message naming the key, file or row, before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from src.train import train
+
+QUIET = ("test=false", "trainer.val_check_interval=100")
+
+
+def _nothing_written(cfg) -> bool:
+    out = Path(cfg.paths.output_dir)
+    return not list(out.rglob("*.ckpt")) and not (out / "checkpoints" / "hf").exists()
+
+
+def test_a_prompt_past_the_models_positions_is_refused_by_split_and_row(make_cfg):
+    # the tiny models have 1,024 positions: the prompts fit, prompt plus budget does not
+    cfg = make_cfg(*QUIET, "rollout.max_new_tokens=1020")
+    with pytest.raises(ValueError, match=r"data.train: row .* has a prompt of \d+ tokens; with "
+                                         r"rollout.max_new_tokens=1020 a sequence reaches \d+ positions, past "
+                                         r"model.\w+'s max_position_embeddings \(1024\)"):
+        train(cfg)
+    assert _nothing_written(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=0", "data.batch_size must be a positive whole number, got 0"),
+    ("data.eval_batch_size=-2", "data.eval_batch_size must be a positive whole number, got -2"),
+    ("rollout.max_new_tokens=0", "rollout.max_new_tokens must be >= 1, got 0"),
+    ("module.optimizer.lr=-1", "module.optimizer.lr must be a positive number, got -1"),
+])
+def test_a_value_out_of_range_names_its_key(make_cfg, override, message):
+    cfg = make_cfg(*QUIET, override)
+    with pytest.raises(Exception, match=message):  # Hydra wraps a constructor's ValueError, message kept
+        train(cfg)
+    assert _nothing_written(cfg)
+
+
+def test_a_huge_learning_rate_is_warned_about(make_cfg):
+    with pytest.warns(UserWarning, match=r"module.optimizer.lr=1e\+06 is far above"):
+        try:
+            train(make_cfg(*QUIET, "module.optimizer.lr=1e6", "trainer.max_steps=1"))
+        except Exception as e:  # the guards may stop the diverging run: that is their business
+            assert "NaN or inf" in str(e)
+
+
+def test_jsonl_rows_with_a_null_or_numeric_field_are_named_by_file_and_line(tmp_path):
+    from src.datamodules.prompts import JsonlPrompts
+    from src.datamodules.rows import DataRowError
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": null}\n'
+                    '{"prompt": null, "answer": "3"}\n{"prompt": 42, "answer": "4"}\n{"prompt": "  ", "answer": 5}\n')
+    with pytest.raises(DataRowError) as e:
+        JsonlPrompts(str(path))()
+    message = str(e.value)
+    assert f"{path.name}:2: empty answer (field 'answer' is None)" in message
+    assert f"{path.name}:3: prompt is a NoneType, neither text nor a list of chat messages" in message
+    assert f"{path.name}:4: prompt is a int" in message
+    assert f"{path.name}:5: empty prompt (field 'prompt')" in message
+    assert ":1:" not in message
+    assert JsonlPrompts(str(path), on_error="skip")() == [{"prompt": "1+1=", "answer": "2"}]
