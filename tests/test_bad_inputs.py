@@ -63,3 +63,49 @@ def test_jsonl_rows_with_a_null_or_numeric_field_are_named_by_file_and_line(tmp_
     assert f"{path.name}:5: empty prompt (field 'prompt')" in message
     assert ":1:" not in message
     assert JsonlPrompts(str(path), on_error="skip")() == [{"prompt": "1+1=", "answer": "2"}]
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    from src.modules.models.tiny import TinyQwen2
+
+    folder = Path(TinyQwen2(cache_dir=str(tmp_path / "cache"), hidden_size=32, num_layers=1).build())
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def test_a_weights_file_with_a_tensor_removed_is_refused_by_key_and_path(saved_model):
+    from safetensors.torch import load_file, save_file
+
+    from src.modules.models.specs import PretrainedLM
+
+    weights = saved_model / "model.safetensors"
+    tensors = load_file(weights)
+    gone = next(k for k in tensors if "mlp" in k)
+    del tensors[gone]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"model.student: the weights in '{saved_model}' do not cover the model "
+                                         rf"\(missing keys: 1, e.g. \['{gone}'\]\)"):
+        PretrainedLM(str(saved_model), key="model.student").load_model()
+
+
+def test_a_truncated_weights_file_is_named_with_its_model_key(saved_model):
+    from src.modules.models.specs import PretrainedLM
+
+    weights = saved_model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(RuntimeError, match=rf"model.teacher: could not read the weights of '{saved_model}' .*"
+                                           r"truncated or corrupt"):
+        PretrainedLM(str(saved_model), key="model.teacher").load_model()
+
+
+def test_a_model_folder_without_tokenizer_files_is_named(saved_model):
+    from src.modules.models.specs import TOKENIZER_FILES, PretrainedLM
+
+    for name in TOKENIZER_FILES + ("special_tokens_map.json",):
+        (saved_model / name).unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match=r"model.student: .* holds no tokenizer .*set model.student.tokenizer"):
+        PretrainedLM(str(saved_model), key="model.student").load_tokenizer()

@@ -28,6 +28,11 @@ def _dtype(name: str, key: str) -> torch.dtype:
     return DTYPES[name]
 
 
+# a folder with none of these holds no tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                   "vocab.txt")
+
+
 class PretrainedLM:
     """A causal LM from a hub id or a local directory.
 
@@ -66,11 +71,20 @@ class PretrainedLM:
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=self.trust_remote_code)
             auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) else AutoModelForCausalLM
-            model = auto.from_pretrained(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
-                                         **self.kwargs)
+            model, info = auto.from_pretrained(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                                               output_loading_info=True, **self.kwargs)
         except OSError as e:
             raise OSError(f"{self.key}: could not load model {path!r} ({e}). Offline? Set {self.key}.path to a "
                           "local directory.") from e
+        except Exception as e:  # a truncated or corrupt weights file (safetensors' own error names no model)
+            raise RuntimeError(f"{self.key}: could not read the weights of {path!r} ({type(e).__name__}: {e}); "
+                               f"the file is truncated or corrupt") from e
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+        if problems:  # from_pretrained would start those weights from random values and say so only in a log line
+            listed = "; ".join(f"{k.replace('_', ' ')}: {len(v)}, e.g. {sorted(map(str, v))[:3]}"
+                               for k, v in problems.items())
+            raise ValueError(f"{self.key}: the weights in {path!r} do not cover the model ({listed}); a "
+                             f"checkpoint with tensors removed or of another architecture")
         return self._frozen(model)
 
     def load_empty(self):
@@ -115,6 +129,9 @@ class PretrainedLM:
         from transformers import AutoTokenizer
 
         path = self._resolve(self.tokenizer_path or self.path, "tokenizer" if self.tokenizer_path else "model")
+        if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+            raise FileNotFoundError(f"{self.key}: {path!r} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                                    f"set {self.key}.tokenizer to the folder or hub id of the model's tokenizer")
         try:
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code)
         except OSError as e:
