@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from src.tools import (
     parse_tool_calls,
     validate_arguments,
 )
+from src.tools.python_exec import namespaces_available
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tools"
 pytestmark = pytest.mark.timeout(60)
@@ -249,7 +252,7 @@ def test_schema_is_the_function_definition_format():
 
 
 # A Qwen2.5-style template with a tools section (the project's CHATML_TEMPLATE ignores `tools`).
-from src.tools.episodes import TOOL_CHAT_TEMPLATE as QWEN_TOOLS_TEMPLATE  # noqa: E402
+from src.tools.episodes import TOOL_CHAT_TEMPLATE as QWEN_TOOLS_TEMPLATE
 
 
 def test_schemas_and_tool_messages_render_through_a_chat_template():
@@ -332,9 +335,62 @@ def test_sandbox_has_no_network(python, code):
 def test_sandbox_refuses_processes_and_limit_changes(python):
     for code in ["import subprocess\nsubprocess.run(['true'])", "import os\nos.system('true')"]:
         assert "starting processes is disabled" in python(code=code)
-    assert "signalling other processes" in python(code="import os\nos.kill(os.getppid(), 0)")
+    assert "signalling other processes" in python(code="import os\nos.kill(os.getpid() + 1, 0)")
     out = python(code="import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))")
     assert "resource limits cannot be changed" in out
+
+
+def test_sandbox_refuses_reads_sqlite_fifos_and_ctypes_escapes(python, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("credentials")
+    for code, says in [(f"print(open({str(secret)!r}).read())", "reading outside the working directory"),
+                       ("print(open('/etc/passwd').read())", "reading outside the working directory"),
+                       (f"import os\nprint(os.listdir({str(tmp_path)!r}))", "reading outside the working directory"),
+                       (f"import sqlite3\nsqlite3.connect({str(tmp_path / 'x.db')!r})", "writing outside"),
+                       (f"import os\nos.mkfifo({str(tmp_path / 'fifo')!r})", "has no attribute 'mkfifo'"),
+                       ("import ctypes\nctypes.CDLL(None).system(b'true')", "calling 'system' through ctypes"),
+                       ("import ctypes\nctypes.CDLL(None)['fork']()", "calling 'fork' through ctypes"),
+                       ("import ctypes\nctypes.CDLL(None).setsid()", "calling 'setsid' through ctypes")]:
+        out = python(code=code)
+        assert out.startswith("error:") and says in out, (code, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.txt"]
+    # what a model's program needs still works: the standard library, numpy, an in-memory or local database,
+    # harmless C calls
+    ok = ("import sqlite3, ctypes, numpy, fractions, datetime\n"
+          "print(sqlite3.connect(':memory:').execute('select 2').fetchone()[0], sqlite3.connect('a.db') is not None,"
+          " ctypes.CDLL(None).strlen(b'abc'), int(numpy.arange(4).sum()), fractions.Fraction(1, 3) * 3)")
+    assert python(code=ok) == "2 True 3 6 1"
+
+
+@pytest.mark.skipif(not namespaces_available(), reason="unshare cannot create namespaces on this machine")
+def test_namespaces_give_no_network_and_kill_a_detached_child(tmp_path):
+    # an interpreter wrapper that starts a detached (setsid) child before the hook exists: what native code could do
+    wrapper = tmp_path / "python"
+    marker = "31.4159"
+    wrapper.write_text(f"#!/bin/sh\nsetsid sleep {marker} &\nexec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+
+    def survivors() -> int:
+        return sum(marker in (p / "cmdline").read_bytes().decode(errors="replace")
+                   for p in Path("/proc").iterdir() if p.name.isdigit() and (p / "cmdline").exists())
+
+    isolated = PythonTool(timeout_s=2.0, python=str(wrapper), isolation="namespaces")
+    assert isolated(code="import os\nprint(os.getpid())") == "1"  # PID 1 of its own namespace
+    assert isolated(code="import socket\nsocket.if_nameindex and print(sorted(n for _, n in socket.if_nameindex()))") \
+        == "['lo']"
+    time.sleep(0.2)
+    assert survivors() == 0
+    before = survivors()
+    PythonTool(timeout_s=2.0, python=str(wrapper), isolation="audit")(code="print(1)")
+    time.sleep(0.2)
+    leaked = survivors() - before
+    subprocess.run(["pkill", "-f", f"sleep {marker}"], check=False)
+    assert leaked == 1  # the audit hook alone cannot stop what runs outside Python: why namespaces exist
+
+
+def test_isolation_setting_is_checked():
+    with pytest.raises(ValueError, match="isolation must be one of"):
+        PythonTool(isolation="docker")
 
 
 def test_sandbox_memory_limit(python):

@@ -14,24 +14,35 @@ printing gigabytes costs the parent nothing), ``RLIMIT_CORE = 0``. The wall-cloc
 The prelude also installs a ``sys.addaudithook`` hook (CPython's audit events fire from C, so they cover
 ``builtins.open``, ``io.FileIO``, ``os.open``, ``_socket`` and ``posix``, which monkeypatching
 ``socket.socket`` or ``builtins.open`` would miss, and a hook cannot be removed once added). It refuses:
-writes, deletes, renames, mkdir/chmod outside the working directory (paths resolved through symlinks);
-every network socket, connection and name lookup; starting processes (``subprocess``, ``os.system``,
-``fork``, ``exec*``); signalling other processes; changing resource limits. The environment is rebuilt from
-scratch (no proxy variables, no credentials; ``-I`` ignores ``PYTHON*`` variables and the user site).
+writes, deletes, renames, mkdir/chmod outside the working directory (paths resolved through symlinks), SQLite
+databases outside it; reads and directory listings outside the working directory and the Python installation
+(``sys.path``, the prefixes, a few system files such as ``/dev/urandom`` and the time zones); every network
+socket, connection and name lookup; starting processes (``subprocess``, ``os.system``, ``fork``, ``exec*``);
+signalling other processes; changing resource limits; looking up C functions that start, detach or signal
+processes, change ids or open sockets through ``ctypes`` (``system``, ``fork``, ``setsid``, ``kill``,
+``syscall``, ``dlsym`` ...). ``os.mkfifo`` and ``os.mknod``, which raise no audit event, are removed. The
+environment is rebuilt from scratch (no proxy variables, no credentials; ``-I`` ignores ``PYTHON*`` variables
+and the user site).
+
+What the hook does not hold: code that reaches the kernel without an audit event (a native extension, or a
+``ctypes`` function pointer obtained without a name lookup) can do whatever the process may. So where the
+machine allows it, ``isolation`` adds kernel namespaces (``auto``, the default: when ``unshare`` can create them;
+``namespaces``: required; ``audit``: the hook only). The child then runs under ``unshare`` in its own user,
+network, PID and mount namespaces: it has no network interface but loopback, and it is PID 1 of its namespace,
+so every process it starts, detached with ``setsid`` or not, is killed when it ends or times out. Reads and
+writes of files the user may access are still limited by the hook only: for untrusted code in production, run
+the tool inside a container, nsjail or gVisor, as an unprivileged user.
 
 Limits are set in the child rather than in ``preexec_fn``: the ``ToolEnvironment`` runs calls on worker
 threads, and CPython documents ``preexec_fn`` as unsafe (it may deadlock) in a threaded parent.
-
-This is a best-effort sandbox against accidental damage by a small model, NOT a security boundary against
-an adversary: ``ctypes``, native extensions, or a process running as root (which may raise hard limits
-through syscalls the hook cannot see) get around it. For untrusted code in production, run the tool
-inside a container, nsjail, firejail or gVisor, as an unprivileged user without network.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,8 +62,19 @@ resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full file is an OSError, not a silent kill
 sys.dont_write_bytecode = True
 
-def _make_hook(root, pid, af_unix):
+for _name in ("mkfifo", "mknod"):  # no audit event: removed (a FIFO or device node outside the directory)
+    for _mod in (os, sys.modules.get("posix")):
+        if _mod is not None and hasattr(_mod, _name):
+            delattr(_mod, _name)
+
+def _make_hook(root, pid, af_unix, readable):
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    # C functions that start, detach or signal processes, or change ids: refused when ctypes looks them up
+    native = {b"system", b"fork", b"vfork", b"execv", b"execve", b"execvp", b"execl", b"execlp", b"execle",
+              b"posix_spawn", b"posix_spawnp", b"popen", b"setsid", b"setpgid", b"kill", b"killpg", b"ptrace",
+              b"setuid", b"setgid", b"seteuid", b"setreuid", b"setresuid", b"setrlimit", b"prlimit",
+              b"prlimit64", b"clone", b"clone3", b"syscall", b"unshare", b"mount", b"chroot", b"daemon",
+              b"mkfifo", b"mknod", b"socket", b"connect", b"dlsym", b"dlopen", b"dlvsym"}
     # event -> how many leading arguments are paths it changes
     path_events = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1, "os.chown": 1,
                    "os.utime": 1, "os.truncate": 1, "os.chflags": 1, "os.setxattr": 1, "os.removexattr": 1,
@@ -75,11 +97,34 @@ def _make_hook(root, pid, af_unix):
         if not inside(path):
             raise PermissionError(f"sandbox: writing outside the working directory is not allowed: {path}")
 
+    def refuse_read(path):
+        if isinstance(path, int) or path is None or inside(path):
+            return
+        try:
+            real = os.path.realpath(os.fsdecode(path))
+        except Exception:
+            real = ""
+        if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in readable):
+            raise PermissionError(f"sandbox: reading outside the working directory and the Python installation "
+                                  f"is not allowed: {path}")
+
     def hook(event, args):
         if event == "open":
             path, mode, flags = args
             if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & write_flags:
                 refuse_write(path)
+            else:
+                refuse_read(path)
+        elif event in ("os.listdir", "os.scandir"):
+            refuse_read(args[0] if args else ".")
+        elif event == "sqlite3.connect":
+            database = args[0] if args else ""
+            if os.fsdecode(database) not in ("", ":memory:") and not os.fsdecode(database).startswith("file::memory:"):
+                refuse_write(database)
+        elif event == "ctypes.dlsym" and (args[1] if isinstance(args[1], bytes) else str(args[1]).encode()) in native:
+            raise PermissionError(f"sandbox: calling {args[1]!r} through ctypes is not allowed")
+        elif event == "ctypes.dlopen" and args[0] not in (None, b"", ""):
+            refuse_read(args[0]) if os.sep in os.fsdecode(args[0]) else None
         elif event in path_events:
             for path in args[: path_events[event]]:
                 refuse_write(path)
@@ -101,7 +146,13 @@ try:
 except (SyntaxError, ValueError) as e:  # ValueError: a null byte in the source
     traceback.print_exception(type(e), e, None)
     sys.exit(1)
-sys.addaudithook(_make_hook(os.path.realpath(os.getcwd()), os.getpid(), socket.AF_UNIX))
+_readable = {os.path.realpath(p) for p in sys.path if p} | {os.path.realpath(p) for p in (
+    sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)} | {
+    "/dev/null", "/dev/urandom", "/dev/random", "/dev/zero", "/usr/share/zoneinfo", "/etc/localtime",
+    "/usr/lib/locale", "/proc/self", "/proc/cpuinfo", "/proc/meminfo", "/sys/devices/system/cpu",
+    os.path.realpath(os.path.dirname(sys.executable))}
+sys.addaudithook(_make_hook(os.path.realpath(os.getcwd()), os.getpid(), socket.AF_UNIX, sorted(_readable)))
+del _readable
 del _make_hook
 sys.argv = ["<tool>"]
 try:
@@ -119,6 +170,23 @@ except BaseException as e:  # the traceback without the prelude's and the audit 
 '''
 # the prelude is compiled under its own file name, so its frames can be told from the user's
 _BOOT = "import sys; exec(compile(sys.argv[1], '<sandbox>', 'exec'))"
+
+
+ISOLATION = ("auto", "namespaces", "audit")
+# no network at all, a PID namespace whose processes all die with its first (setsid or not), a private /proc
+UNSHARE = ("unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child", "--mount",
+           "--mount-proc")
+
+
+@functools.cache
+def namespaces_available() -> bool:
+    """Whether ``unshare`` can create the namespaces of ``isolation=namespaces`` on this machine."""
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        return subprocess.run([*UNSHARE, "true"], capture_output=True, timeout=10, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _read_head(path: str, max_chars: int) -> tuple[str, int, bool]:
@@ -149,6 +217,8 @@ class PythonTool(Tool):
         max_output_chars: characters of output returned; the rest is cut with a note.
         max_file_mb: largest file the child may write, stdout and stderr included.
         python: interpreter to run (default: this one, so the venv's packages are importable).
+        isolation: ``auto`` (kernel namespaces where ``unshare`` can create them, else the audit hook only),
+            ``namespaces`` (required; an error where unavailable) or ``audit`` (see the module docstring).
     """
 
     name = "python"
@@ -161,9 +231,17 @@ class PythonTool(Tool):
     }
 
     def __init__(self, timeout_s: float = 5.0, memory_mb: int = 1024, max_output_chars: int = 4000,
-                 max_file_mb: int = 16, python: str | None = None):
+                 max_file_mb: int = 16, python: str | None = None, isolation: str = "auto"):
+        if isolation not in ISOLATION:
+            raise ValueError(f"tools python isolation must be one of {ISOLATION}, got {isolation!r}")
+        if isolation == "namespaces" and not namespaces_available():
+            raise RuntimeError("tools python isolation=namespaces: `unshare` cannot create user, network and PID "
+                               "namespaces here (not installed, or unprivileged user namespaces are disabled); "
+                               "use isolation=auto or =audit")
         self.timeout_s, self.memory_mb, self.max_output_chars = timeout_s, memory_mb, max_output_chars
         self.max_file_mb, self.python = max_file_mb, python or sys.executable
+        self.isolation = isolation
+        self.namespaces = isolation == "namespaces" or (isolation == "auto" and namespaces_available())
 
     def run(self, code: str) -> str:
         with tempfile.TemporaryDirectory(prefix="reopold-python-", ignore_cleanup_errors=True) as root:
@@ -176,7 +254,11 @@ class PythonTool(Tool):
             limits = [str(math.ceil(self.timeout_s)), str(self.memory_mb << 20), str(self.max_file_mb << 20)]
             timed_out = False
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
-                proc = subprocess.Popen([self.python, "-I", "-u", "-c", _BOOT, _PRELUDE, *limits],
+                command = [self.python, "-I", "-u", "-c", _BOOT, _PRELUDE, *limits]
+                if self.namespaces:
+                    os.chmod(work, 0o777)  # the mapped user inside may differ from the directory's owner
+                    command = [*UNSHARE, *command]
+                proc = subprocess.Popen(command,
                                         stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=work, env=env,
                                         start_new_session=True, close_fds=True)
                 try:
