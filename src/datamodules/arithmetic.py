@@ -29,6 +29,17 @@ def addition_steps(a: int, b: int) -> str:
     return "\n".join(lines) + f"\n#### {a + b}"
 
 
+def carries_into(a: int, b: int) -> list[int]:
+    """The columns (0: the units) that receive a carry when adding ``a`` and ``b``."""
+    out, carry, i = [], 0, 0
+    while a or b or carry:
+        if carry:
+            out.append(i)
+        carry = (a % 10 + b % 10 + carry) // 10
+        a, b, i = a // 10, b // 10, i + 1
+    return out
+
+
 def split_of(problem: str, val_frac: float, test_frac: float) -> str:
     u = int(hashlib.sha256(problem.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
@@ -43,14 +54,17 @@ class ArithmeticTask:
         digits: operand length (difficulty knob).
         seed: sampling seed.
         val_frac, test_frac: shares of the problem space held out.
+        carry_free: columns (0: the units) that must receive no carry: a narrower distribution than the
+            task's (a warm start that never saw a carry there).
     """
 
     def __init__(self, split: str = "train", n: int = 1000, digits: int = 3, seed: int = 0,
-                 val_frac: float = 0.1, test_frac: float = 0.1):
+                 val_frac: float = 0.1, test_frac: float = 0.1, carry_free: list[int] | tuple[int, ...] = ()):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {split!r}")
         self.split, self.n, self.digits, self.seed = split, n, digits, seed
         self.val_frac, self.test_frac = val_frac, test_frac
+        self.carry_free = set(int(c) for c in (carry_free or ()))
 
     def __call__(self) -> list[dict]:
         rng = random.Random(f"{self.seed}-{self.split}-{self.digits}")
@@ -66,6 +80,8 @@ class ArithmeticTask:
                 continue
             seen.add(problem)
             if split_of(problem, self.val_frac, self.test_frac) != self.split:
+                continue
+            if self.carry_free and self.carry_free & set(carries_into(a, b)):
                 continue
             rows.append({"prompt": problem, "answer": str(a + b), "solution": addition_steps(a, b)})
         if len(rows) < self.n:

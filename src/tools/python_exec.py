@@ -14,24 +14,26 @@ printing gigabytes costs the parent nothing), ``RLIMIT_CORE = 0``. The wall-cloc
 The prelude also installs a ``sys.addaudithook`` hook (CPython's audit events fire from C, so they cover
 ``builtins.open``, ``io.FileIO``, ``os.open``, ``_socket`` and ``posix``, which monkeypatching
 ``socket.socket`` or ``builtins.open`` would miss, and a hook cannot be removed once added). It refuses:
-writes, deletes, renames, mkdir/chmod outside the working directory (paths resolved through symlinks), SQLite
-databases outside it; reads and directory listings outside the working directory and the Python installation
-(``sys.path``, the prefixes, a few system files such as ``/dev/urandom`` and the time zones); every network
-socket, connection and name lookup; starting processes (``subprocess``, ``os.system``, ``fork``, ``exec*``);
-signalling other processes; changing resource limits; looking up C functions that start, detach or signal
-processes, change ids or open sockets through ``ctypes`` (``system``, ``fork``, ``setsid``, ``kill``,
-``syscall``, ``dlsym`` ...). ``os.mkfifo`` and ``os.mknod``, which raise no audit event, are removed. The
-environment is rebuilt from scratch (no proxy variables, no credentials; ``-I`` ignores ``PYTHON*`` variables
-and the user site).
+writes, deletes, renames, mkdir/chmod outside the working directory (paths resolved through symlinks); reads and
+directory listings outside the working directory and the Python installation (``sys.path``, the prefixes, a few
+system files such as ``/dev/urandom`` and the time zones), and opening a directory outside it (a descriptor for
+``dir_fd=`` paths); changing the working directory; SQLite (files, URIs, ``ATTACH`` and ``VACUUM INTO`` all reach
+the disk); every network socket, connection and name lookup; starting processes (``subprocess``, ``os.system``,
+``fork``, ``exec*``, and ``_posixsubprocess.fork_exec``, which raises no event and is replaced); signalling other
+processes; changing resource limits; looking up any C function through ``ctypes``. ``os.mkfifo`` and
+``os.mknod``, which raise no audit event, are removed. The environment is rebuilt from scratch (no proxy
+variables, no credentials; ``-I`` ignores ``PYTHON*`` variables and the user site).
 
-What the hook does not hold: code that reaches the kernel without an audit event (a native extension, or a
-``ctypes`` function pointer obtained without a name lookup) can do whatever the process may. So where the
-machine allows it, ``isolation`` adds kernel namespaces (``auto``, the default: when ``unshare`` can create them;
-``namespaces``: required; ``audit``: the hook only). The child then runs under ``unshare`` in its own user,
-network, PID and mount namespaces: it has no network interface but loopback, and it is PID 1 of its namespace,
-so every process it starts, detached with ``setsid`` or not, is killed when it ends or times out. Reads and
-writes of files the user may access are still limited by the hook only: for untrusted code in production, run
-the tool inside a container, nsjail or gVisor, as an unprivileged user.
+What the hook does not hold: it is a guard against a model's accidents, not a boundary. Code that reaches the
+kernel without an audit event (a native extension; a standard-library function that the list above misses) can do
+whatever the process may. The boundary, where the machine allows it, is ``isolation``: ``auto`` (the default:
+kernel namespaces where ``unshare`` can create them), ``namespaces`` (required) or ``audit`` (the hook only).
+The child then runs under ``unshare`` in its own user, network, PID and mount namespaces: it has no network
+interface but loopback, and it is PID 1 of its namespace, so every process it starts, detached with ``setsid`` or
+not, is killed when it ends or times out. Run as root, it also drops to ``nobody`` (``setpriv``) where ``nobody``
+may run the interpreter, so the kernel's file permissions apply; otherwise (an interpreter under ``/root``) it
+keeps the calling user's file rights. For untrusted code in production, run the tool in a container, nsjail or
+gVisor, as an unprivileged user.
 
 Limits are set in the child rather than in ``preexec_fn``: the ``ToolEnvironment`` runs calls on worker
 threads, and CPython documents ``preexec_fn`` as unsafe (it may deadlock) in a threaded parent.
@@ -69,12 +71,6 @@ for _name in ("mkfifo", "mknod"):  # no audit event: removed (a FIFO or device n
 
 def _make_hook(root, pid, af_unix, readable):
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    # C functions that start, detach or signal processes, or change ids: refused when ctypes looks them up
-    native = {b"system", b"fork", b"vfork", b"execv", b"execve", b"execvp", b"execl", b"execlp", b"execle",
-              b"posix_spawn", b"posix_spawnp", b"popen", b"setsid", b"setpgid", b"kill", b"killpg", b"ptrace",
-              b"setuid", b"setgid", b"seteuid", b"setreuid", b"setresuid", b"setrlimit", b"prlimit",
-              b"prlimit64", b"clone", b"clone3", b"syscall", b"unshare", b"mount", b"chroot", b"daemon",
-              b"mkfifo", b"mknod", b"socket", b"connect", b"dlsym", b"dlopen", b"dlvsym"}
     # event -> how many leading arguments are paths it changes
     path_events = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1, "os.chown": 1,
                    "os.utime": 1, "os.truncate": 1, "os.chflags": 1, "os.setxattr": 1, "os.removexattr": 1,
@@ -115,16 +111,18 @@ def _make_hook(root, pid, af_unix, readable):
                 refuse_write(path)
             else:
                 refuse_read(path)
+                # a directory descriptor outside would let dir_fd= paths escape the checks above
+                if not isinstance(path, int) and not inside(path) and os.path.isdir(os.fsdecode(path)):
+                    raise PermissionError(f"sandbox: opening a directory outside the working directory is not "
+                                          f"allowed: {path}")
         elif event in ("os.listdir", "os.scandir"):
             refuse_read(args[0] if args else ".")
-        elif event == "sqlite3.connect":
-            database = args[0] if args else ""
-            if os.fsdecode(database) not in ("", ":memory:") and not os.fsdecode(database).startswith("file::memory:"):
-                refuse_write(database)
-        elif event == "ctypes.dlsym" and (args[1] if isinstance(args[1], bytes) else str(args[1]).encode()) in native:
-            raise PermissionError(f"sandbox: calling {args[1]!r} through ctypes is not allowed")
-        elif event == "ctypes.dlopen" and args[0] not in (None, b"", ""):
-            refuse_read(args[0]) if os.sep in os.fsdecode(args[0]) else None
+        elif event == "sqlite3.connect":  # a file, a URI, or ATTACH / VACUUM INTO from memory all reach the disk
+            raise PermissionError("sandbox: SQLite is not available")
+        elif event in ("ctypes.dlsym", "ctypes.dlsym/handle"):
+            raise PermissionError("sandbox: calling C functions through ctypes is not allowed")
+        elif event == "os.chdir":
+            raise PermissionError("sandbox: changing the working directory is not allowed")
         elif event in path_events:
             for path in args[: path_events[event]]:
                 refuse_write(path)
@@ -151,8 +149,14 @@ _readable = {os.path.realpath(p) for p in sys.path if p} | {os.path.realpath(p) 
     "/dev/null", "/dev/urandom", "/dev/random", "/dev/zero", "/usr/share/zoneinfo", "/etc/localtime",
     "/usr/lib/locale", "/proc/self", "/proc/cpuinfo", "/proc/meminfo", "/sys/devices/system/cpu",
     os.path.realpath(os.path.dirname(sys.executable))}
+import _posixsubprocess
+
+def _no_processes(*args, **kwargs):
+    raise PermissionError("sandbox: starting processes is disabled")
+
+_posixsubprocess.fork_exec = _no_processes  # subprocess's way past the audit events
 sys.addaudithook(_make_hook(os.path.realpath(os.getcwd()), os.getpid(), socket.AF_UNIX, sorted(_readable)))
-del _readable
+del _readable, _no_processes
 del _make_hook
 sys.argv = ["<tool>"]
 try:
@@ -178,15 +182,30 @@ UNSHARE = ("unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "
            "--mount-proc")
 
 
+# as root, the child also drops to this uid/gid outside the namespaces, so the kernel's file permissions hold
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+def _works(command: list[str]) -> bool:
+    try:
+        return subprocess.run(command, capture_output=True, timeout=20, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 @functools.cache
 def namespaces_available() -> bool:
     """Whether ``unshare`` can create the namespaces of ``isolation=namespaces`` on this machine."""
-    if shutil.which("unshare") is None:
-        return False
-    try:
-        return subprocess.run([*UNSHARE, "true"], capture_output=True, timeout=10, check=False).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
+    return shutil.which("unshare") is not None and _works([*UNSHARE, "true"])
+
+
+@functools.cache
+def namespace_prefix(python: str) -> tuple[str, ...]:
+    """The command that runs ``python`` in its namespaces: as the unprivileged ``nobody`` where the process is root
+    and ``nobody`` may run that interpreter, else as the calling user (mapped to root inside, no more rights)."""
+    if os.geteuid() == 0 and shutil.which("setpriv") and _works([*NOBODY, *UNSHARE, python, "-I", "-c", "pass"]):
+        return (*NOBODY, *UNSHARE)
+    return UNSHARE
 
 
 def _read_head(path: str, max_chars: int) -> tuple[str, int, bool]:
@@ -256,8 +275,9 @@ class PythonTool(Tool):
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
                 command = [self.python, "-I", "-u", "-c", _BOOT, _PRELUDE, *limits]
                 if self.namespaces:
-                    os.chmod(work, 0o777)  # the mapped user inside may differ from the directory's owner
-                    command = [*UNSHARE, *command]
+                    os.chmod(root, 0o755)  # nobody (as root, the child runs as nobody) must reach its directory
+                    os.chmod(work, 0o777)
+                    command = [*namespace_prefix(self.python), *command]
                 proc = subprocess.Popen(command,
                                         stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=work, env=env,
                                         start_new_session=True, close_fds=True)
