@@ -24,8 +24,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.modules.distributed import check_strategy
-from src.utils.instantiate import instantiate_loggers
-from src.utils.runs import check_checkpoint
+from src.utils.instantiate import instantiate_loggers, plain_errors
+from src.utils.runs import check_checkpoint, claim_output_dir
 from src.utils.sharding import count_params
 
 
@@ -78,6 +78,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         data = OmegaConf.to_container(cfg.data, resolve=True)  # val/test may refer to train's settings
         data["train"] = None
         cfg.data = data
+    claim_output_dir(cfg, None)  # a folder that holds another run's samples is refused
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=instantiate_loggers(cfg.get("logger")))
     check_strategy(trainer.strategy)  # before a stage, model or dataset is built
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -101,7 +102,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval.yaml")
 def main(cfg: DictConfig) -> None:
-    metrics, _ = evaluate(cfg)
+    metrics, _ = plain_errors(evaluate)(cfg)
     for k, v in sorted(metrics.items()):
         print(f"{k:40s} {v:.4f}")
 

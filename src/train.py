@@ -24,6 +24,7 @@ from src.utils.instantiate import (
     instantiate_callbacks,
     instantiate_loggers,
     log_config,
+    plain_errors,
 )
 from src.utils.runs import claim_output_dir, resolve_ckpt_path
 
@@ -66,7 +67,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = train(cfg)
+    metrics, _ = plain_errors(train)(cfg)
     return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
 
 

@@ -59,10 +59,10 @@ def test_jsonl_rows_with_a_null_or_numeric_field_are_named_by_file_and_line(tmp_
     message = str(e.value)
     assert f"{path.name}:2: empty answer (field 'answer' is None)" in message
     assert f"{path.name}:3: prompt is a NoneType, neither text nor a list of chat messages" in message
-    assert f"{path.name}:4: prompt is a int" in message
+    assert f"{path.name}:4: prompt is an int" in message
     assert f"{path.name}:5: empty prompt (field 'prompt')" in message
     assert ":1:" not in message
-    assert JsonlPrompts(str(path), on_error="skip")() == [{"prompt": "1+1=", "answer": "2"}]
+    assert JsonlPrompts(str(path), on_error="skip")() == [{"prompt": "1+1=", "answer": "2", "id": 1}]
 
 
 @pytest.fixture
@@ -109,3 +109,55 @@ def test_a_model_folder_without_tokenizer_files_is_named(saved_model):
         (saved_model / name).unlink(missing_ok=True)
     with pytest.raises(FileNotFoundError, match=r"model.student: .* holds no tokenizer .*set model.student.tokenizer"):
         PretrainedLM(str(saved_model), key="model.student").load_tokenizer()
+
+
+def test_hydra_wrapped_errors_end_on_their_message(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "src/train.py", "experiment=reopold_tiny", "data.batch_size=0",
+                           f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"],
+                          cwd=root, capture_output=True, text=True, check=False)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.strip().splitlines() if line and "HYDRA_FULL_ERROR" not in line]
+    assert lines[-1] == "ValueError: data.batch_size must be a positive whole number, got 0"  # no full_key trailer
+
+
+def test_a_checkpoint_with_nan_weights_or_another_shape_is_refused_by_name(make_cfg, tmp_path):
+    import torch
+
+    from src.modules.guards import NonFiniteError
+
+    first = make_cfg(*QUIET, "trainer.max_steps=1", "callbacks.model_checkpoint.every_n_train_steps=1")
+    train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    key = next(k for k in state["state_dict"] if k.startswith("student.") and "mlp" in k)
+    state["state_dict"][key][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.ckpt")
+    again = make_cfg(*QUIET, "trainer.max_steps=2", f"ckpt_path={tmp_path / 'nan.ckpt'}")
+    again.paths.output_dir = str(tmp_path / "again")
+    with pytest.raises(NonFiniteError, match=rf"nan.ckpt holds NaN or inf in 1 student tensor\(s\), e.g. \['{key}'\]"):
+        train(again)
+    other = make_cfg(*QUIET, "trainer.max_steps=2", "model.student.hidden_size=32", f"ckpt_path={last}")
+    other.paths.output_dir = str(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"last.ckpt holds a student of another shape .*another model.student"):
+        train(other)
+
+
+def test_an_optimiser_step_that_overflows_stops_the_run_naming_the_learning_rate(make_cfg):
+    import torch
+
+    from src.modules.guards import NonFiniteError
+
+    cfg = make_cfg(*QUIET, "module.optimizer.lr=1e30", "module.grad_clip=null",
+                   "callbacks.model_checkpoint.every_n_train_steps=1")
+    with pytest.warns(UserWarning, match="far above"), \
+            pytest.raises(NonFiniteError, match=r"(the optimiser step left NaN or inf|next-token probabilities hold "
+                                                r"NaN or inf \(its largest weight is [\d.e+]+\)).*Lower "
+                                                r"module.optimizer.lr"):
+        train(cfg)
+    for ckpt in Path(cfg.paths.output_dir).rglob("*.ckpt"):  # huge but finite weights at most, never NaN
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt

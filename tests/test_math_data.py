@@ -200,7 +200,7 @@ def test_configurable_field_names(tmp_path):
     with pytest.raises(DataRowError, match=r"y.jsonl:1: missing field 'worked' \(has \['final', 'questi"):
         MathBenchmark(str(path), format="gsm8k", answer_field="final", solution_field="worked")()
     path = write_jsonl(tmp_path / "z.jsonl", [{"q": 3, "a": "1"}])
-    with pytest.raises(DataRowError, match="z.jsonl:1: prompt is a int, neither text nor a list of chat"):
+    with pytest.raises(DataRowError, match="z.jsonl:1: prompt is an int, neither text nor a list of chat"):
         MathBenchmark(str(path), prompt_field="q", answer_field="a")()
 
 
@@ -276,5 +276,6 @@ def test_plain_jsonl_prompts_name_every_bad_line(tmp_path):
     with pytest.raises(DataRowError) as e:
         JsonlPrompts(str(path))()
     assert f"{path}:2: bad JSON" in str(e.value) and f"{path}:3: missing field(s) ['answer']" in str(e.value)
-    assert JsonlPrompts(str(path), on_error="skip")() == [{"prompt": "a", "answer": "1"}, {"prompt": "c", "answer": "3"}]
-    assert JsonlPrompts(str(path), on_error="skip", limit=1)() == [{"prompt": "a", "answer": "1"}]
+    assert JsonlPrompts(str(path), on_error="skip")() == [{"prompt": "a", "answer": "1", "id": 1},
+                                                          {"prompt": "c", "answer": "3", "id": 4}]  # ids: lines
+    assert JsonlPrompts(str(path), on_error="skip", limit=1)() == [{"prompt": "a", "answer": "1", "id": 1}]

@@ -28,6 +28,7 @@ from src.datamodules.rows import (
     checked_rows,
     prompt_value,
     reference_text,
+    row_id,
 )
 
 
@@ -54,7 +55,7 @@ class JsonlPrompts:
             raise BadRow(f"empty prompt (field {self.prompt_field!r})")
         if not answer:
             raise BadRow(f"empty answer (field {self.answer_field!r} is {record[self.answer_field]!r})")
-        return {"prompt": prompt, "answer": answer}
+        return {"prompt": prompt, "answer": answer, "id": row_id(record, pos)}  # the line, where the row has no id
 
 
 class _Tokenized(torch.utils.data.Dataset):
@@ -145,7 +146,8 @@ class PromptDataModule(LightningDataModule):
             if self.max_prompt_tokens:
                 for i, x in enumerate(ids):
                     if len(x) > self.max_prompt_tokens:
-                        raise ValueError(f"{split} row {i}: prompt has {len(x)} tokens > data.max_prompt_tokens")
+                        raise ValueError(f"data.{split}: row {rows[i].get('id', i)!r} has a prompt of {len(x)} tokens, "
+                                         f"more than data.max_prompt_tokens={self.max_prompt_tokens}")
             targets = target_masks = None
             if rows and all("solution" in r for r in rows):  # reference solutions, for the SFT stage
                 targets, target_masks = map(list, zip(*(self.episode_target(r) for r in rows)))

@@ -65,7 +65,8 @@ def prompt_value(value: Any) -> str | list:
         return value if value.strip() else ""
     if isinstance(value, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value):
         return value
-    raise BadRow(f"prompt is a {type(value).__name__}, neither text nor a list of chat messages")
+    kind = type(value).__name__
+    raise BadRow(f"prompt is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, neither text nor a list of chat messages")
 
 
 def row_id(record: dict, position: int, fields: tuple[str, ...] = ID_FIELDS):

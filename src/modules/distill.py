@@ -151,11 +151,15 @@ class DistillationModule(LightningModule):
         for split, (n, row) in datamodule.longest_prompts().items():
             budget, name = ((self.rollout.max_new_tokens, "rollout.max_new_tokens") if split == "train" else
                             (self.rollout.val_max_new_tokens, "rollout.val_max_new_tokens"))
+            if n >= positions:
+                raise ValueError(f"data.{split}: row {row!r} has a prompt of {n} tokens, as many as {key}'s "
+                                 f"max_position_embeddings ({positions}) or more: shorten or drop such prompts "
+                                 f"(data.max_prompt_tokens names them when the data loads)")
             if n + budget > positions:
                 raise ValueError(f"data.{split}: row {row!r} has a prompt of {n} tokens; with {name}={budget} a "
                                  f"sequence reaches {n + budget} positions, past {key}'s max_position_embeddings "
-                                 f"({positions}). Shorten the prompts (data.max_prompt_tokens refuses longer ones "
-                                 f"when the data loads) or lower {name}")
+                                 f"({positions}). Lower {name} to {positions - n} or less, or shorten the prompts "
+                                 f"(data.max_prompt_tokens names longer ones when the data loads)")
 
     def _deepspeed(self) -> bool:
         from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -192,9 +196,20 @@ class DistillationModule(LightningModule):
         # strict_loading is off for the teacher's sake; the student must still be complete (a distributed checkpoint
         # is loaded into the module by the strategy itself, which reports missing keys)
         if self.student is not None and isinstance(checkpoint.get("state_dict"), dict):
-            missing = [f"student.{k}" for k in self.student.state_dict() if f"student.{k}" not in checkpoint["state_dict"]]
+            state, where = checkpoint["state_dict"], getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            missing = [f"student.{k}" for k in self.student.state_dict() if f"student.{k}" not in state]
             if missing:
-                raise KeyError(f"checkpoint lacks {len(missing)} student weights, e.g. {missing[:3]}")
+                raise KeyError(f"{where} lacks {len(missing)} student weights, e.g. {missing[:3]}")
+            shapes = [f"{k}: {tuple(state[f'student.{k}'].shape)} in the checkpoint, {tuple(v.shape)} here"
+                      for k, v in self.student.state_dict().items()
+                      if hasattr(state[f"student.{k}"], "shape") and tuple(state[f"student.{k}"].shape) != tuple(v.shape)]
+            if shapes:
+                raise ValueError(f"{where} holds a student of another shape ({len(shapes)} tensors differ, e.g. "
+                                 f"{'; '.join(shapes[:2])}): it was saved with another model.student")
+            bad = nonfinite_tensors({k: v for k, v in state.items() if k.startswith("student.")})
+            if bad:
+                raise NonFiniteError(f"{where} holds NaN or inf in {len(bad)} student tensor(s), e.g. {bad[:3]}: it is "
+                                     f"corrupt or was saved from a run that diverged")
 
     def on_save_checkpoint(self, checkpoint) -> None:
         sd = checkpoint["state_dict"]
@@ -203,7 +218,7 @@ class DistillationModule(LightningModule):
         bad = nonfinite_tensors(sd)
         if bad:  # the guards keep NaN out of the gradients; an optimiser step can still overflow (a huge lr)
             raise NonFiniteError(f"step {self.trainer.global_step}: the student's weights hold NaN or inf in "
-                                 f"{len(bad)} tensors, e.g. {bad[:3]}; no checkpoint is written. Lower "
+                                 f"{len(bad)} tensor(s), e.g. {bad[:3]}; no checkpoint is written. Lower "
                                  f"module.optimizer.lr or set module.grad_clip")
 
     def eos_token_ids(self) -> list[int]:
@@ -274,10 +289,24 @@ class DistillationModule(LightningModule):
                 opt.step()
                 if sched is not None:
                     sched.step()
+                self._check_weights()
                 n_updates += 1
                 logs.update({"loss": loss.detach(), **metrics})
         logs["lr"] = opt.param_groups[0]["lr"]
         return logs, n_updates
+
+    def _check_weights(self) -> None:
+        """Stop when an optimiser step made the student's weights non-finite (finite gradients, a huge step): the
+        next rollout would sample from NaN probabilities, and no checkpoint may hold them."""
+        bad = nonfinite_tensors(dict(self.student.named_parameters()))
+        if bad:
+            raise NonFiniteError(f"step {self.trainer.global_step}: the optimiser step left NaN or inf in "
+                                 f"{len(bad)} student tensor(s), e.g. {bad[:3]}, from finite gradients: the step was "
+                                 f"too large. Lower module.optimizer.lr (now {self.optimizers().param_groups[0]['lr']:g}) "
+                                 f"or set module.grad_clip")
+
+    def on_train_end(self) -> None:
+        self.guard.summary(self.trainer.global_step // max(self.updates_per_rollout, 1))
 
     def _skip_update(self) -> tuple[dict, int]:
         """A dropped step (``module.nonfinite.policy=skip``): the optimiser steps with no gradients, so no weight and
@@ -368,7 +397,7 @@ class DistillationModule(LightningModule):
             raise ValueError(f"module.optimizer.lr must be a positive number, got {lr!r}")
         if lr is not None and lr > 0.1:
             warnings.warn(f"module.optimizer.lr={lr:g} is far above what fine-tuning a language model takes "
-                          f"(1e-6 to 1e-3): the weights may blow up", stacklevel=2)
+                          f"(1e-6 to 1e-3): the weights may blow up", stacklevel=1)
         opt = self.optimizer_fn(params=[p for p in self.student.parameters() if p.requires_grad])
         if self.scheduler_fn is None:
             return opt

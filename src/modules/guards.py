@@ -59,7 +59,7 @@ def nonfinite_parameters(model, key: str) -> str | None:
     bad = [n for n, p in model.named_parameters() if p.device.type != "meta" and not bool(torch.isfinite(p).all())]
     if not bad:
         return None
-    return f"{key} has non-finite weights in {len(bad)} tensors, e.g. {bad[:3]}: the checkpoint is corrupt or was " \
+    return f"{key} has non-finite weights in {len(bad)} tensor(s), e.g. {bad[:3]}: the checkpoint is corrupt or was " \
            f"saved from a run that diverged"
 
 
@@ -121,6 +121,16 @@ class NonFiniteGuard:
 
     def good_step(self) -> None:
         self.skipped_in_a_row = 0
+
+    def summary(self, steps: int) -> None:
+        """At the end of training: say how many steps were skipped; a run that skipped every step failed."""
+        if not self.skipped:
+            return
+        if self.skipped >= steps:
+            raise NonFiniteError(f"every one of the {steps} training steps was skipped (module.nonfinite.policy=skip): "
+                                 f"the student never changed. See the warnings for the step and source")
+        warnings.warn(f"{self.skipped} of {steps} training steps were skipped for NaN or inf (module.nonfinite)",
+                      stacklevel=2)
 
     def kept_tokens(self, step: int, kept: int) -> None:
         """Count steps whose selection kept no token; warn once they reach ``warn_empty_steps`` in a row."""

@@ -46,3 +46,23 @@ def log_config(cfg: DictConfig, trainer) -> None:
     (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+
+def plain_errors(fn):
+    """An entry point whose Hydra instantiation errors end on their cause's message: a constructor's
+    ``ValueError`` naming a config key is the last line a user reads, not Hydra's ``full_key`` trailer."""
+    import functools
+
+    from hydra.errors import InstantiationException
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InstantiationException as e:
+            cause = e.__cause__
+            if isinstance(cause, (ValueError, TypeError, FileNotFoundError, OSError, RuntimeError)):
+                raise cause from None
+            raise
+
+    return run

@@ -53,6 +53,15 @@ class Sampler:
                 ro = self.run(policy, self.backend, batch["input_ids"], batch["attention_mask"], self.eos_token_ids,
                               self.tokenizer.pad_token_id, greedy=greedy, banned_ids=self.banned_ids,
                               **backend_kwargs, **batch.get("model_kwargs", {}))
+        except RuntimeError as e:  # torch.multinomial's message names no model, no step and no cause
+            if "probability tensor contains either" not in str(e):
+                raise
+            from src.modules.guards import NonFiniteError
+
+            largest = max((float(p.detach().abs().max()) for p in policy.parameters() if p.numel()), default=0.0)
+            raise NonFiniteError(f"sampling from the policy: its next-token probabilities hold NaN or inf (its largest "
+                                 f"weight is {largest:.3g}): its weights or activations have blown up. Lower "
+                                 f"module.optimizer.lr or set module.grad_clip; check the model's dtype") from e
         finally:
             policy.train(was_training)
         ro.references = [r for r in batch["references"] for _ in range(ro.group_size)]
