@@ -53,6 +53,8 @@ def cache_dir(tmp_path_factory) -> str:
 def make_cfg(tmp_path, cache_dir):
     """``make_cfg(*overrides, config="train")`` -> composed config with hydra's runtime set."""
 
+    made = []  # each config its own output folder, as Hydra's timestamped run folders give
+
     def _make(*overrides: str, config: str = "train", fast: bool = True):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
@@ -63,7 +65,8 @@ def make_cfg(tmp_path, cache_dir):
             cfg = compose(config_name=config, overrides=ovr + list(overrides), return_hydra_config=True)
         HydraConfig().set_config(cfg)
         with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "out")
+            cfg.paths.output_dir = str(tmp_path / ("out" if not made else f"out-{len(made)}"))
+            made.append(cfg.paths.output_dir)
             del cfg["hydra"]
         return cfg
 

@@ -14,13 +14,12 @@ from src.train import train
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math"
 
 
-def test_eval_with_k_samples_writes_results_the_analysis_reads(make_cfg, single_thread, monkeypatch, tmp_path):
+def test_eval_with_k_samples_writes_results_the_analysis_reads(make_cfg, single_thread, monkeypatch):
     cfg = make_cfg("test=false", "trainer.max_steps=2", "algorithm=sft")
     train(cfg)
     hf_dir = Path(cfg.paths.output_dir) / "checkpoints" / "hf" / "final"
     ev = make_cfg("model=pretrained", f"model.student.path={hf_dir}", "model.student.dtype=float32", "k=4",
                   "model_name=tiny-sft", "rollout.temperature=1.5", config="eval")
-    ev.paths.output_dir = str(tmp_path / "eval")  # its own folder: the training run holds the other
     from src.modules.distill import DistillationModule
 
     configure = DistillationModule.configure_model
