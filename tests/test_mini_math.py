@@ -179,3 +179,16 @@ def test_main_job_shortened_prints_the_table(tmp_path):
         assert re.search(rf"{row}\s*│\s*\d+\.\d%\s*│\s*\d+\.\d\s*│\s*\d+\s*│\s*64", out), f"no '{row}' row in\n{out}"
     assert re.search(r"student gain: [+-]\d+\.\d points", out)
     assert len(list((tmp_path / "cache" / "stages").glob("mini_math_teacher-*"))) >= 1
+
+
+def test_a_narrower_warm_start_distribution_drops_carries_into_a_column():
+    from src.datamodules.arithmetic import carries_into
+
+    assert carries_into(57, 68) == [1, 2] and carries_into(150, 250) == [2] and carries_into(11, 22) == []
+    narrow = ArithmeticTask("train", n=400, digits=3, carry_free=[2])()
+    assert all(2 not in carries_into(*map(int, r["prompt"][:-1].split("+"))) for r in narrow)
+    rare = ArithmeticTask("train", n=2000, digits=3, carry_free=[2], carry_kept=0.1)()
+    share = sum(2 in carries_into(*map(int, r["prompt"][:-1].split("+"))) for r in rare) / len(rare)
+    assert 0.02 < share < 0.12  # about 0.45 * 0.1 / (0.55 + 0.045) of the rows
+    with pytest.raises(ValueError, match="carry_kept must lie in"):
+        ArithmeticTask("train", carry_kept=2.0)

@@ -56,15 +56,21 @@ class ArithmeticTask:
         val_frac, test_frac: shares of the problem space held out.
         carry_free: columns (0: the units) that must receive no carry: a narrower distribution than the
             task's (a warm start that never saw a carry there).
+        carry_kept: the share of the problems ``carry_free`` would drop that are kept (a warm start that saw
+            such carries rarely).
     """
 
     def __init__(self, split: str = "train", n: int = 1000, digits: int = 3, seed: int = 0,
-                 val_frac: float = 0.1, test_frac: float = 0.1, carry_free: list[int] | tuple[int, ...] = ()):
+                 val_frac: float = 0.1, test_frac: float = 0.1, carry_free: list[int] | tuple[int, ...] = (),
+                 carry_kept: float = 0.0):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {split!r}")
         self.split, self.n, self.digits, self.seed = split, n, digits, seed
         self.val_frac, self.test_frac = val_frac, test_frac
         self.carry_free = set(int(c) for c in (carry_free or ()))
+        if not 0.0 <= carry_kept <= 1.0:
+            raise ValueError(f"data.<split>.carry_kept must lie in [0, 1], got {carry_kept}")
+        self.carry_kept = carry_kept
 
     def __call__(self) -> list[dict]:
         rng = random.Random(f"{self.seed}-{self.split}-{self.digits}")
@@ -81,7 +87,7 @@ class ArithmeticTask:
             seen.add(problem)
             if split_of(problem, self.val_frac, self.test_frac) != self.split:
                 continue
-            if self.carry_free and self.carry_free & set(carries_into(a, b)):
+            if self.carry_free and self.carry_free & set(carries_into(a, b)) and not rng.random() < self.carry_kept:
                 continue
             rows.append({"prompt": problem, "answer": str(a + b), "solution": addition_steps(a, b)})
         if len(rows) < self.n:
