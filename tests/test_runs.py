@@ -93,3 +93,18 @@ def test_eval_refuses_ckpt_path_last():
         eval_checkpoint("last")
     with pytest.raises(FileNotFoundError, match="ckpt_path=nowhere.ckpt does not exist"):
         eval_checkpoint("nowhere.ckpt")
+
+
+@pytest.mark.parametrize("variable", ["RANK", "LOCAL_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"])
+def test_only_the_first_process_of_a_launch_claims_the_folder(tmp_path, monkeypatch, variable):
+    from omegaconf import OmegaConf
+
+    from src.utils.runs import claim_output_dir
+
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path / "run")}})
+    claim_output_dir(cfg, None)
+    monkeypatch.setenv(variable, "1")  # another rank of the same launch, same folder: no claim, no refusal
+    claim_output_dir(cfg, None)
+    monkeypatch.setenv(variable, "0")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        claim_output_dir(cfg, None)

@@ -32,9 +32,12 @@ RESUMABLE_DIFFERENCES = ("paths", "logger", "hydra", "task_name", "ckpt_path", "
                          "trainer.enable_progress_bar", "trainer.enable_model_summary", "callbacks.progress_bar")
 
 
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
 def _rank_zero() -> bool:
-    """The launching process (Lightning's spawned ranks and torchrun's others set these)."""
-    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    """The launching process: Lightning's spawned ranks, torchrun's, SLURM's and MPI's others set one of these."""
+    return all(os.environ.get(k, "0") == "0" for k in RANK_VARIABLES)
 
 
 def claim_output_dir(cfg: DictConfig, resume_from: str | None) -> None:
