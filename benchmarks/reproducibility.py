@@ -6,10 +6,11 @@ not change them) into a cache of their own; each seed then runs the miniature's 
 misses its declared check (``stage_check``, ``src/modules/models/stages.py``) stops its run, and the row says so.
 
     python benchmarks/reproducibility.py [--miniatures math visual tools] [--seeds 0 1 2] [--threads 1 2]
-        [--out runs/reproducibility] [--table docs/results/reproducibility.md] [--jobs 2]
+        [--out runs/reproducibility] [--table docs/results/reproducibility.md] [--jobs 2] [--table-only]
 
 One ``src/train.py`` process per run, ``OMP_NUM_THREADS`` set; a finished run's ``result.json`` is kept and skipped
-on a rerun (resumable). ``--jobs 2`` runs two one-thread runs at once (2 cores). The table has a row per miniature,
+on a rerun (resumable); the table covers every run under ``--out``, from this call or an earlier one
+(``--table-only`` writes it without running). ``--jobs 2`` runs two one-thread runs at once (2 cores). The table has a row per miniature,
 thread count and seed (the stages' validation metrics, teacher, student before and after on the test split) and a
 spread per miniature.
 """
@@ -105,8 +106,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "reproducibility")
     parser.add_argument("--table", type=Path, default=None, help="also write the table here")
     parser.add_argument("--jobs", type=int, default=1, help="one-thread runs at once")
+    parser.add_argument("--table-only", action="store_true", help="write the table of the runs already done")
     args = parser.parse_args()
-    cases = [(m, t, s) for m in args.miniatures for t in args.threads for s in args.seeds]
+    cases = [] if args.table_only else [(m, t, s) for m in args.miniatures for t in args.threads for s in args.seeds]
     results = {}
 
     def go(case):
@@ -116,7 +118,8 @@ def main() -> int:
                  if r["status"] == "ok" else "") + f" ({r['seconds']:.0f} s)", flush=True)
         results[case] = r
 
-    for m in args.miniatures:  # one-thread runs share the cores; the stages of a cache are built once (a lock)
+    # one-thread runs share the cores; the stages of a cache are built once (a lock)
+    for m in ([] if args.table_only else args.miniatures):
         single = [c for c in cases if c[0] == m and c[1] == 1]
         if single:
             go(single[0])  # builds the stages alone, then the other seeds run on them
@@ -124,12 +127,16 @@ def main() -> int:
                 list(pool.map(go, single[1:]))
         for case in (c for c in cases if c[0] == m and c[1] != 1):
             go(case)
-    text = table([results[c] for c in cases])
+    # every run under --out, from this call or an earlier one (the benchmark is resumable across sittings)
+    order = {name: i for i, name in enumerate(MINIATURES)}
+    everything = sorted((json.loads(f.read_text()) for f in args.out.glob("*/t*/seed*/result.json")),
+                        key=lambda r: (order.get(r["miniature"], 99), r["threads"], r["seed"]))
+    text = table(everything)
     (args.out / "results.md").write_text(text)
     if args.table:
         args.table.write_text(text)
     print(text)
-    return 0 if all(r["status"] == "ok" for r in results.values()) else 1
+    return 0 if all(r["status"] == "ok" for r in everything) else 1
 
 
 if __name__ == "__main__":
