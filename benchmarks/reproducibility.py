@@ -109,14 +109,11 @@ def main() -> int:
     parser.add_argument("--table-only", action="store_true", help="write the table of the runs already done")
     args = parser.parse_args()
     cases = [] if args.table_only else [(m, t, s) for m in args.miniatures for t in args.threads for s in args.seeds]
-    results = {}
-
     def go(case):
         r = run(args.out, *case)
         print(f"{r['miniature']:7s} t{r['threads']} seed {r['seed']}: {r['status']} "
               + (f"teacher {r['teacher']:.3f} before {r['student_before']:.3f} after {r['student_after']:.3f}"
                  if r["status"] == "ok" else "") + f" ({r['seconds']:.0f} s)", flush=True)
-        results[case] = r
 
     # one-thread runs share the cores; the stages of a cache are built once (a lock)
     for m in ([] if args.table_only else args.miniatures):

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.modules.distributed import check_strategy
 from src.utils.instantiate import instantiate_loggers, plain_errors
-from src.utils.runs import check_checkpoint, claim_output_dir
+from src.utils.runs import claim_output_dir, existing_checkpoint
 from src.utils.sharding import count_params
 
 
@@ -61,11 +61,7 @@ def eval_checkpoint(ckpt: str | None) -> str | None:
     if ckpt == "last":
         raise ValueError("ckpt_path=last: src/eval.py evaluates one checkpoint file and has no run of its own to take "
                          "the last of; pass the path, e.g. ckpt_path=logs/<task>/runs/<run>/checkpoints/last.ckpt")
-    path = Path(ckpt)
-    if not path.exists():
-        raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
-    check_checkpoint(path)
-    return str(path)
+    return str(existing_checkpoint(ckpt))
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:

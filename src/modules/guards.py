@@ -45,18 +45,22 @@ def _bad(t: torch.Tensor | None, valid: torch.Tensor, allow_neg_inf: bool = Fals
 def nonfinite_tensors(state: dict) -> list[str]:
     """The names of a state dict's floating tensors holding NaN or inf (a sharded tensor: this rank's shard), the
     same list on every data-parallel rank."""
-    bad = []
+    names, flags = [], []
     for name, v in state.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             local = v.to_local() if hasattr(v, "to_local") else v
-            if local.device.type != "meta" and not bool(torch.isfinite(local).all()):
-                bad.append(name)
+            if local.device.type != "meta":
+                names.append(name)
+                flags.append(torch.isfinite(local).all())
+    # one host sync for the whole state, not one per tensor (this runs after every optimiser step)
+    finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist() if flags else []
+    bad = [name for name, ok in zip(names, finite) if not ok]
     return bad if max_over_ranks(int(bool(bad))) else []
 
 
 def nonfinite_parameters(model, key: str) -> str | None:
     """A message naming ``model``'s first non-finite weights (meta tensors, not loaded yet, are skipped)."""
-    bad = [n for n, p in model.named_parameters() if p.device.type != "meta" and not bool(torch.isfinite(p).all())]
+    bad = nonfinite_tensors(dict(model.named_parameters()))
     if not bad:
         return None
     return f"{key} has non-finite weights in {len(bad)} tensor(s), e.g. {bad[:3]}: the checkpoint is corrupt or was " \

@@ -80,29 +80,34 @@ def _make_hook(root, pid, af_unix, readable):
     processes = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "os.fork",
                  "os.forkpty"}
 
-    def inside(path):
-        if isinstance(path, int):
-            return True  # an already-open descriptor
+    def resolved(path):
         try:
-            real = os.path.realpath(os.fsdecode(path))
+            return os.path.realpath(os.fsdecode(path))
         except Exception:
-            return False
-        return real == root or real.startswith(root + os.sep)
+            return None
+
+    def under(real, top):
+        return real is not None and (real == top or real.startswith(top.rstrip(os.sep) + os.sep))
+
+    def inside(path):
+        return isinstance(path, int) or under(resolved(path), root)  # an int: an already-open descriptor
 
     def refuse_write(path):
         if not inside(path):
             raise PermissionError(f"sandbox: writing outside the working directory is not allowed: {path}")
 
     def refuse_read(path):
-        if isinstance(path, int) or path is None or inside(path):
-            return
-        try:
-            real = os.path.realpath(os.fsdecode(path))
-        except Exception:
-            real = ""
-        if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in readable):
+        """Refuse a path outside the working directory and the readable places; the resolved path when it is
+        outside the working directory (None: inside, or a descriptor)."""
+        if isinstance(path, int) or path is None:
+            return None
+        real = resolved(path)
+        if under(real, root):
+            return None
+        if not any(under(real, r) for r in readable):
             raise PermissionError(f"sandbox: reading outside the working directory and the Python installation "
                                   f"is not allowed: {path}")
+        return real
 
     def hook(event, args):
         if event == "open":
@@ -110,9 +115,9 @@ def _make_hook(root, pid, af_unix, readable):
             if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & write_flags:
                 refuse_write(path)
             else:
-                refuse_read(path)
+                outside = refuse_read(path)
                 # a directory descriptor outside would let dir_fd= paths escape the checks above
-                if not isinstance(path, int) and not inside(path) and os.path.isdir(os.fsdecode(path)):
+                if outside is not None and os.path.isdir(outside):
                     raise PermissionError(f"sandbox: opening a directory outside the working directory is not "
                                           f"allowed: {path}")
         elif event in ("os.listdir", "os.scandir"):

@@ -106,6 +106,19 @@ def check_checkpoint(path: Path) -> None:
         raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}){offer}") from None
 
 
+def existing_checkpoint(ckpt: str) -> Path:
+    """``ckpt`` as a path that exists and reads as a checkpoint (``check_checkpoint``)."""
+    path = Path(ckpt)
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
+    check_checkpoint(path)
+    return path
+
+
+def _listed(keys: list[str], most: int = 10) -> str:
+    return ", ".join(keys[:most]) + (" ..." if len(keys) > most else "")
+
+
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     """The checkpoint to resume: None, a checked path, or (``ckpt_path=last``) the newest matching run's."""
     ckpt = cfg.get("ckpt_path")
@@ -130,18 +143,15 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
             mismatched.append((run_dir, diff))
         run_dir, diff = mismatched[0]
         raise FileNotFoundError(f"ckpt_path=last: none of the {len(found)} runs with a last.ckpt under {runs} has this "
-                                f"run's config; the newest, {run_dir}, differs in {', '.join(diff[:10])}"
-                                f"{' ...' if len(diff) > 10 else ''}. Pass its checkpoint as ckpt_path=<path> to "
+                                f"run's config; the newest, {run_dir}, differs in {_listed(diff)}. Pass its "
+                                f"checkpoint as ckpt_path=<path> to "
                                 f"resume it anyway")
-    path = Path(ckpt)
-    if not path.exists():
-        raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
-    check_checkpoint(path)
+    path = existing_checkpoint(ckpt)
     run_config = path.parent.parent / RUN_CONFIG
     if run_config.exists():
         diff = config_differences(OmegaConf.load(run_config), cfg)
         if diff:
-            warnings.warn(f"ckpt_path={ckpt}: that run's config differs from this one in {', '.join(diff[:10])}"
-                          f"{' ...' if len(diff) > 10 else ''}; the checkpoint's weights, optimizer and "
+            warnings.warn(f"ckpt_path={ckpt}: that run's config differs from this one in {_listed(diff)}; the "
+                          f"checkpoint's weights, optimizer and "
                           f"schedule state (its learning rate included) continue that run", stacklevel=2)
     return str(path)

@@ -171,11 +171,12 @@ class StageModel(BuiltOnFirstUse):
             metrics, _ = self.runner(cfg)
         random.setstate(py_state)
         np.random.set_state(np_state)
+        failed = path.parent / f"{path.name}.failed-{os.getpid()}"
         try:
             check_stage(self.experiment, cfg.get("stage_check"), metrics,
-                        f"its run is kept at {path.parent / f'{path.name}.failed-{os.getpid()}'}; nothing was cached")
+                        f"its run is kept at {failed}; nothing was cached")
         except StageCheckError:
-            os.rename(work, path.parent / f"{path.name}.failed-{os.getpid()}")
+            os.rename(work, failed)
             raise
         print(f"[stage] {self.experiment}: "
               + (f"{cfg.stage_check.metric} = {metrics[cfg.stage_check.metric]:.4f} passes its check"
