@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ranks import leave
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -83,8 +85,8 @@ def _logs_over_ranks(rank: int, world: int, store: str, out: str):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     logs = {"loss": torch.tensor(0.25 + rank), "samples": 4.0 + rank, "lr": 1e-3}
     reduced = over_ranks(logs, summed=("samples",))
-    dist.destroy_process_group()
     torch.save({k: float(v) for k, v in reduced.items()}, f"{out}.{rank}")
+    leave()
 
 
 def test_step_metrics_are_taken_over_every_rank(tmp_path):
@@ -100,3 +102,28 @@ def test_step_metrics_are_taken_over_every_rank(tmp_path):
     for rank in range(2):
         got = torch.load(tmp_path / f"out.{rank}")
         assert got == {"loss": 0.75, "samples": 9.0, "lr": torch.tensor(1e-3).item()}, (rank, got)
+
+
+def test_a_tiny_model_built_on_a_rank_other_than_0_is_complete(tmp_path, monkeypatch):
+    """transformers' ``save_pretrained`` writes no model files on a rank other than 0 of a started process group;
+    a rank building a tiny model there still caches a complete folder (config and weights), and a folder left
+    incomplete (tokenizer only) is replaced, not loaded."""
+    import shutil
+
+    import transformers.distributed.mixin as mixin
+
+    from src.modules.models.tiny import TinyQwen2
+
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    spec = TinyQwen2(cache_dir=str(tmp_path), hidden_size=32, num_layers=1)
+    model = spec.load_model()  # builds
+    files = {p.name for p in (tmp_path / spec.path).iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files, files
+
+    for name in ("config.json", "model.safetensors", "generation_config.json"):  # what the bug left behind
+        (tmp_path / spec.path / name).unlink()
+    again = TinyQwen2(cache_dir=str(tmp_path), hidden_size=32, num_layers=1).load_model()
+    assert all(a.equal(b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+    shutil.rmtree(tmp_path / spec.path)

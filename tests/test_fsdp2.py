@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import leave
 
 ROOT = Path(__file__).resolve().parents[1]
 B, P, T, VOCAB = 12, 4, 6, 48
@@ -95,9 +96,9 @@ def _sharded_step(rank: int, world: int, store: str, out: str, tie: bool, placem
     loss, norm, weights, teacher_logp = _step(student, teacher, _rollout().select_rows(mine), shard, micro)
     losses = [None] * world
     dist.all_gather_object(losses, loss)
-    dist.destroy_process_group()
     torch.save({"loss": sum(losses) / world, "norm": norm, "weights": weights, "teacher_logp": teacher_logp,
                 "rows": mine}, f"{out}.{rank}")
+    leave()
 
 
 @pytest.mark.parametrize("tie,placement,micro", [(True, "sharded", None), (False, "sharded", None),
@@ -270,9 +271,9 @@ def _loaded_from_rank0(rank: int, world: int, store: str, out: str, path: str):
     fill_from_rank0(model, full, torch.device("cpu"))
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    dist.destroy_process_group()
     torch.save({"meta": meta, "state": state, "buffers": buffers, "eos": model.generation_config.eos_token_id},
                f"{out}.{rank}")
+    leave()
 
 
 def test_a_model_built_on_the_meta_device_receives_rank_0s_weights(tmp_path):

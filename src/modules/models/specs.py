@@ -202,11 +202,27 @@ class BuiltOnFirstUse(PretrainedLM):
 
 
 def save_atomically(path: Path, *objects) -> str:
-    """``save_pretrained`` every object into ``path`` via a temporary folder (DDP ranks may race)."""
+    """``save_pretrained`` every object into ``path`` via a temporary folder: ranks that build the same folder
+    race, the first rename wins. A folder at ``path`` without ``config.json`` is incomplete and replaced."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".build-"))
     for obj in objects:
+        if hasattr(obj, "should_save_on_this_rank"):
+            # transformers writes a model's files only on global rank 0 once a process group is started; this
+            # model was built here, and any rank (another node's, with its own cache) may be the one to save it
+            obj.should_save_on_this_rank = lambda is_main_process: is_main_process
         obj.save_pretrained(tmp)
+    if not (tmp / "config.json").exists():
+        written = sorted(p.name for p in tmp.iterdir())
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"saving {path}: save_pretrained wrote no config.json (only {written}); nothing was cached")
+    if path.exists() and not (path / "config.json").exists():
+        aside = path.parent / f".incomplete-{path.name}-{os.getpid()}"
+        try:
+            os.rename(path, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        except OSError:  # another rank moved it first
+            pass
     try:
         os.rename(tmp, path)
     except OSError:  # another rank finished first
