@@ -192,3 +192,26 @@ def test_a_narrower_warm_start_distribution_drops_carries_into_a_column():
     assert 0.02 < share < 0.12  # about 0.45 * 0.1 / (0.55 + 0.045) of the rows
     with pytest.raises(ValueError, match="carry_kept must lie in"):
         ArithmeticTask("train", carry_kept=2.0)
+
+
+def test_noisy_demonstrations_forget_a_carry_in_a_share_of_the_rows():
+    from src.datamodules.arithmetic import addition_steps, carries_into
+
+    assert addition_steps(347, 285, {2}) == "7+5=12 c1\n4+8+1=13 c1\n3+2=5 c0\n#### 532"
+    assert addition_steps(347, 285, {1}) == "7+5=12 c1\n4+8=12 c1\n3+2+1=6 c0\n#### 622"
+    assert addition_steps(950, 50, {1}) == "0+0=0 c0\n5+5=10 c1\n9+0+1=10 c1\n#### 1000"  # nothing to forget
+    clean = ArithmeticTask("train", n=300)()
+    assert clean == ArithmeticTask("train", n=300, carry_forgotten_at=[2])()
+    assert [r["prompt"] for r in clean] == [r["prompt"] for r in ArithmeticTask(
+        "train", n=300, carry_forgotten_at=[2], carry_forgotten=0.6)()]  # the same problems at any rate
+    rows = ArithmeticTask("train", n=2000, digits=3, carry_forgotten_at=[2], carry_forgotten=0.6)()
+    hit = [r for r in rows if 2 in carries_into(*map(int, r["prompt"][:-1].split("+")))]
+    slipped = [r for r in hit if r["solution"].rsplit("#### ", 1)[1] != r["answer"]]
+    assert 0.5 < len(slipped) / len(hit) < 0.7  # the slips are the only wrong rows, and about 60% of those hit
+    assert all(r["solution"].rsplit("#### ", 1)[1] == r["answer"] for r in rows if r not in hit)
+    for r in slipped:  # the hundreds line leaves out its "+1"
+        assert not re.search(r"\n\d\+\d\+1=", r["solution"].split("\n", 2)[2])
+    with pytest.raises(ValueError, match="carry_forgotten must lie in"):
+        ArithmeticTask("train", carry_forgotten=1.5, carry_forgotten_at=[2])
+    with pytest.raises(ValueError, match="needs carry_forgotten_at"):
+        ArithmeticTask("train", carry_forgotten=0.5)

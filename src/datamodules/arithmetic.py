@@ -16,17 +16,23 @@ import hashlib
 import random
 
 
-def addition_steps(a: int, b: int) -> str:
+def addition_steps(a: int, b: int, forget: frozenset[int] | set[int] = frozenset()) -> str:
+    """The written steps for ``a + b``; a column in ``forget`` leaves out the carry it receives (a slip: its
+    line, the columns after it and the answer follow the slipped sum)."""
     da, db = str(a)[::-1], str(b)[::-1]
-    carry, lines = 0, []
+    carry, lines, digits = 0, [], []
     for i in range(max(len(da), len(db))):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
+        if i in forget:
+            carry = 0
         s = x + y + carry
         terms = f"{x}+{y}" + (f"+{carry}" if carry else "")
         carry = s // 10
         lines.append(f"{terms}={s} c{carry}")
-    return "\n".join(lines) + f"\n#### {a + b}"
+        digits.append(str(s % 10))
+    total = (str(carry) if carry else "") + "".join(reversed(digits))
+    return "\n".join(lines) + f"\n#### {int(total)}"
 
 
 def carries_into(a: int, b: int) -> list[int]:
@@ -58,11 +64,15 @@ class ArithmeticTask:
             task's (a warm start that never saw a carry there).
         carry_kept: the share of the problems ``carry_free`` would drop that are kept (a warm start that saw
             such carries rarely).
+        carry_forgotten_at, carry_forgotten: the share of the problems with a carry into a column of
+            ``carry_forgotten_at`` whose solution forgets that carry (noisy demonstrations: a warm start that
+            writes the step right only sometimes). Their ``answer`` is the true sum: such a row is wrong.
     """
 
     def __init__(self, split: str = "train", n: int = 1000, digits: int = 3, seed: int = 0,
                  val_frac: float = 0.1, test_frac: float = 0.1, carry_free: list[int] | tuple[int, ...] = (),
-                 carry_kept: float = 0.0):
+                 carry_kept: float = 0.0, carry_forgotten_at: list[int] | tuple[int, ...] = (),
+                 carry_forgotten: float = 0.0):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {split!r}")
         self.split, self.n, self.digits, self.seed = split, n, digits, seed
@@ -71,6 +81,12 @@ class ArithmeticTask:
         if not 0.0 <= carry_kept <= 1.0:
             raise ValueError(f"data.<split>.carry_kept must lie in [0, 1], got {carry_kept}")
         self.carry_kept = carry_kept
+        if not 0.0 <= carry_forgotten <= 1.0:
+            raise ValueError(f"data.<split>.carry_forgotten must lie in [0, 1], got {carry_forgotten}")
+        if carry_forgotten and not carry_forgotten_at:
+            raise ValueError("data.<split>.carry_forgotten needs carry_forgotten_at: the columns whose carry is "
+                             "forgotten (0: the units)")
+        self.forgotten_at, self.carry_forgotten = set(int(c) for c in (carry_forgotten_at or ())), carry_forgotten
 
     def __call__(self) -> list[dict]:
         rng = random.Random(f"{self.seed}-{self.split}-{self.digits}")
@@ -89,7 +105,11 @@ class ArithmeticTask:
                 continue
             if self.carry_free and self.carry_free & set(carries_into(a, b)) and not rng.random() < self.carry_kept:
                 continue
-            rows.append({"prompt": problem, "answer": str(a + b), "solution": addition_steps(a, b)})
+            forget = self.forgotten_at & set(carries_into(a, b))
+            # drawn per problem, apart from the sampling stream: any rate gives the same problems
+            if forget and not random.Random(f"{self.seed}-forget-{problem}").random() < self.carry_forgotten:
+                forget = set()
+            rows.append({"prompt": problem, "answer": str(a + b), "solution": addition_steps(a, b, forget)})
         if len(rows) < self.n:
             raise ValueError(f"only {len(rows)} distinct {self.digits}-digit problems in split {self.split!r}; "
                              f"asked for {self.n}")
