@@ -1,24 +1,41 @@
-"""Sample efficiency on the miniature: validation accuracy against rollouts consumed, per method.
+"""The study: every method at an equal rollout budget on the miniature, in two arms, resumably.
 
-Runs every method (``algorithm=`` configs, ablations included) for several seeds at an equal rollout
-budget (the same number of sampled responses per step: GRPO gets 8 prompts x 8 samples where the
-others get 64 x 1), each as its own ``src/train.py`` process, then writes
+Arms (the same task, teacher and problems; the warm starts differ in one rate):
 
-    <out>/sample_efficiency.csv    method,seed,samples,val_acc  (one row per evaluation point)
-    <out>/sample_efficiency.png    mean curve and min-max band per method
-    <out>/sample_efficiency.md     final accuracy (mean +- std) and samples to reach a target accuracy
+- ``regime``: the main job's warm start, trained on demonstrations that forget the carry into the hundreds in 60%
+  of the problems that have one. It writes that step right in about a third of its samples: the mechanism under
+  test, a teacher's per-token signal on the student's own samples, can act.
+- ``control``: the same stage with every such carry forgotten (``data.train.carry_forgotten=1.0``). The student
+  never samples the step; on-policy methods have nothing to reinforce, only SFT on teacher samples shows it.
 
-Finished runs are skipped on a rerun (their CSV logs are reused), so an interrupted study resumes.
+Methods (``METHODS``): SFT on teacher samples, GKD at both ends of its beta (on-policy forward KL and exact
+per-state reverse KL over the full vocabulary), vanilla OPD, REOPOLD, its three ablations and GRPO (8 prompts x 8
+samples: the same 64 rollouts a step). Each run is its own ``src/train.py`` process: ``STEPS`` steps at the main
+job's temperature, evaluated before training and every ``EVAL_EVERY`` steps on a fixed test set of
+``TEST_PROMPTS`` prompts, greedy and ``avg@4`` at the sampling temperature (the primary metric).
 
-    python benchmarks/sample_efficiency.py                       # all methods, seeds 0 1 2
-    python benchmarks/sample_efficiency.py --methods reopold opd --seeds 0 --steps 100
-    python benchmarks/sample_efficiency.py --summarise-only      # redraw from the CSV
+Phases, each resumable (a finished run keeps ``done.json`` and is skipped; a failed one keeps ``failed.json`` with
+its log's tail and is retried on the next call):
+
+1. ``tune``: each method's learning rate from ``LR_GRID`` on the tuning seed ``TUNE_SEED``, regime arm, on the
+   validation split (never the test set): the rate with the largest mean primary metric over the evaluations.
+2. ``refs``: the teacher's metrics on the same test set (``src/eval.py``).
+3. ``runs``: every arm, method and seed at its tuned rate (``--seeds``; REOPOLD and OPD get ``--extra-seeds`` too).
+4. ``analysis`` (also ``--analyse-only``): ``sample_efficiency.csv`` (``arm,method,seed,samples,val_acc``),
+   ``sample_efficiency_refs.json`` (per arm ``teacher_acc`` and ``warm_acc``, and the tuned rates),
+   ``sample_efficiency_analysis.md`` and ``sample_efficiency.png`` in ``--out``.
+
+    python benchmarks/sample_efficiency.py                                   # everything; resumes
+    python benchmarks/sample_efficiency.py --phases tune refs                # part of it
+    python benchmarks/sample_efficiency.py --methods reopold opd sft --seeds 0 1   # a subset
+    python benchmarks/sample_efficiency.py --analyse-only                    # the files, from the runs so far
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -30,185 +47,397 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["reopold", "opd", "grpo", "sft", "gkd", "reopold_no_clip", "reopold_no_entropy", "reopold_no_explore"]
-PROMPTS_PER_STEP = 64
-# GRPO needs groups: 8 prompts x 8 samples is the same 64 rollouts per step.
-PER_METHOD = {"grpo": ["data.batch_size=8", "rollout.num_samples=8"]}
+STEPS, EVAL_EVERY, PROMPTS_PER_STEP, TEST_PROMPTS, EVAL_SAMPLES, TEMPERATURE = 200, 25, 64, 1024, 4, 0.6
+LR_GRID, TUNE_SEED = (1e-4, 3e-4, 1e-3), 100
+PRIMARY, SECONDARY = f"avg@{EVAL_SAMPLES}", "acc"
+METHODS = {
+    "sft": ["algorithm=sft"],
+    "gkd_forward_kl": ["algorithm=gkd", "objective.beta=0.0"],
+    "gkd_reverse_kl": ["algorithm=gkd", "objective.beta=1.0"],
+    "opd": ["algorithm=opd"],
+    "reopold": ["algorithm=reopold"],
+    "reopold_no_clip": ["algorithm=reopold_no_clip"],
+    "reopold_no_entropy": ["algorithm=reopold_no_entropy"],
+    "reopold_no_explore": ["algorithm=reopold_no_explore"],
+    "grpo": ["algorithm=grpo", "data.batch_size=8", "rollout.num_samples=8"],
+}
+ARMS = {"regime": [], "control": ["model.student.overrides=['data.train.carry_forgotten=1.0']"]}
+# a run takes minutes: an interrupted one is rerun, not resumed, so no Lightning checkpoints (the student is kept in
+# checkpoints/hf/final)
+QUIET = ["trainer.enable_progress_bar=false", "callbacks.progress_bar=null", "callbacks.report=null",
+         "callbacks.model_checkpoint=null", "trainer.enable_checkpointing=false"]
+# two-sided 95% quantiles of Student's t, by degrees of freedom (beyond 30: the normal's)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
-def run_one(method: str, seed: int, steps: int, eval_every: int, runs_dir: Path, extra: list[str]) -> Path:
-    run_dir = runs_dir / f"{method}-seed{seed}"
+def train_cmd(arm: str, method: str, seed: int, lr: float, run_dir: Path, split: str) -> list[str]:
+    """The command of one run: ``split`` is what it evaluates on (``test``: the fixed test set; ``val``: tuning)."""
+    evaluated = [f"data.val.split={split}", f"data.val.n={TEST_PROMPTS if split == 'test' else 256}"]
+    return [sys.executable, "src/train.py", "experiment=mini_math", *METHODS[method], *ARMS[arm], f"seed={seed}",
+            f"module.optimizer.lr={lr}", f"rollout.temperature={TEMPERATURE}", f"trainer.max_steps={STEPS}",
+            f"trainer.val_check_interval={EVAL_EVERY}", f"module.eval_samples={EVAL_SAMPLES}", "validate_before=true",
+            "test=false", *evaluated, f"hydra.run.dir={run_dir}", *QUIET]
+
+
+def run_one(cmd: list[str], run_dir: Path) -> Path | None:
+    """Runs ``cmd`` unless ``run_dir`` holds a finished run; returns ``run_dir``, or None when the run failed."""
     if (run_dir / "done.json").exists():
         return run_dir
-    cmd = [sys.executable, "src/train.py", "experiment=mini_math", f"algorithm={method}", f"seed={seed}",
-           f"trainer.max_steps={steps}", f"trainer.val_check_interval={eval_every}", "validate_before=true",
-           "test=false", "callbacks.report=null", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
-           f"data.batch_size={PROMPTS_PER_STEP}", f"hydra.run.dir={run_dir}", f"paths.log_dir={runs_dir}/logs",
-           *PER_METHOD.get(method, []), *extra]
+    if run_dir.exists():  # an interrupted or failed attempt: start it again from nothing
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
     start = time.time()
-    log = (run_dir / "train.out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir.parent / f"{run_dir.name}.log"
     with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=False)
     if proc.returncode:
-        raise RuntimeError(f"{method} seed {seed} failed (exit {proc.returncode}); see {log}")
-    (run_dir / "done.json").write_text(json.dumps({"seconds": time.time() - start, "cmd": cmd}))
+        tail = log.read_text()[-3000:]
+        (run_dir / "failed.json").write_text(json.dumps({"exit": proc.returncode, "cmd": cmd, "log_tail": tail}))
+        print(f"  FAILED (exit {proc.returncode}); see {log}", flush=True)
+        return None
+    (run_dir / "done.json").write_text(json.dumps({"seconds": round(time.time() - start, 1), "cmd": cmd}))
     return run_dir
 
 
-def curve(run_dir: Path) -> list[tuple[int, float]]:
-    """(samples consumed, val accuracy) at each evaluation of a run, from its CSV log."""
+def curve(run_dir: Path, metric: str = PRIMARY) -> list[tuple[int, float]]:
+    """(rollouts consumed, metric) at each evaluation of a run, from its CSV log; the first precedes any update."""
     metrics = next(run_dir.rglob("metrics.csv"))
     with metrics.open() as f:
         rows = list(csv.DictReader(f))
-    acc_key = next(k for k in rows[0] if k.startswith("val/") and k.endswith("/acc"))
+    key = next(k for k in rows[0] if k.startswith("val/") and k.endswith(f"/{metric}"))
     per_step = {int(r["step"]): float(r["train/samples"]) for r in rows if r.get("train/samples")}
-    points, seen_initial = [], False
+    points = []
     for r in rows:
-        if not r.get(acc_key):
+        if not r.get(key):
             continue
         step = int(r["step"])
-        if not seen_initial:  # validate_before: the first evaluation precedes any update
-            points.append((0, float(r[acc_key])))
-            seen_initial = True
-            continue
-        points.append((int(sum(v for s, v in per_step.items() if s <= step)), float(r[acc_key])))
+        rollouts = 0 if not points else int(sum(v for s, v in per_step.items() if s <= step))
+        points.append((rollouts, float(r[key])))
     return points
 
 
+def response_length(run_dir: Path) -> float:
+    """Mean sampled response length over the run's steps (tokens), for the FLOPs count."""
+    with next(run_dir.rglob("metrics.csv")).open() as f:
+        lengths = [float(r["train/response_len"]) for r in csv.DictReader(f) if r.get("train/response_len")]
+    return statistics.mean(lengths) if lengths else float("nan")
+
+
+def flops_per_rollout(method: str, length: float, n_student: int, n_teacher: int) -> float:
+    """Approximate FLOPs a rollout costs (2 per parameter and token forward, 4 backward; prompts not counted):
+    on-policy methods decode with the student (2 N_s), score with the teacher (2 N_t) and train (6 N_s); SFT
+    decodes with the teacher (2 N_t) and trains (6 N_s); GRPO decodes and trains the student only."""
+    if method == "sft":
+        return length * (2 * n_teacher + 6 * n_student)
+    if method == "grpo":
+        return length * 8 * n_student
+    return length * (8 * n_student + 2 * n_teacher)
+
+
+# ---------------------------------------------------------------------------------------------------------- analysis
+
+def gap_closed(acc: float, warm: float, teacher: float) -> float:
+    """g = (acc - warm) / (teacher - warm)."""
+    return (acc - warm) / (teacher - warm)
+
+
+def area_under_g(points: list[tuple[float, float]], budget: float) -> float:
+    """Area under g against log(rollouts) between the first evaluation after the start and ``budget``, normalised to
+    [0, 1] (g clipped to [0, 1]; a trapezoid per pair of evaluations)."""
+    pts = sorted((x, min(max(g, 0.0), 1.0)) for x, g in points if 0 < x <= budget)
+    if len(pts) < 2:
+        return float("nan")
+    lo, hi = math.log(pts[0][0]), math.log(budget)
+    area = sum((math.log(x1) - math.log(x0)) * (g0 + g1) / 2 for (x0, g0), (x1, g1) in itertools.pairwise(pts))
+    if pts[-1][0] < budget:  # the last value held to the budget
+        area += (hi - math.log(pts[-1][0])) * pts[-1][1]
+    return area / (hi - lo) if hi > lo else float("nan")
+
+
+def rollouts_to(points: list[tuple[float, float]], target: float) -> float:
+    """The first evaluation's rollouts at which g reaches ``target``; inf when it never does (censored)."""
+    return next((x for x, g in sorted(points) if g >= target), math.inf)
+
+
+def t_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of paired differences."""
+    n = len(diffs)
+    mean = statistics.mean(diffs)
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    half = (T975[n - 2] if n - 1 <= len(T975) else 1.96) * statistics.stdev(diffs) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def analyse(rows: list[dict], refs: dict, budget: float) -> dict:
+    """Per arm and method: g curves per seed, area under g, rollouts to g = 0.5, finals."""
+    out = defaultdict(dict)
+    runs = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        runs[(r["arm"], r["method"])][r["seed"]].append((r["samples"], r["val_acc"]))
+    for (arm, method), seeds in runs.items():
+        teacher, warm = refs[arm]["teacher_acc"], refs[arm]["warm_acc"]
+        per_seed = {}
+        for seed, pts in seeds.items():
+            g = [(x, gap_closed(a, warm, teacher)) for x, a in sorted(pts)]
+            per_seed[seed] = {"g": g, "auc": area_under_g(g, budget), "to_half": rollouts_to(g, 0.5),
+                              "final": max(pts)[1]}
+        out[arm][method] = per_seed
+    return out
+
+
+def paired(result: dict, arm: str, method: str, other: str, key: str = "auc") -> tuple[int, tuple] | None:
+    a, b = result[arm].get(method, {}), result[arm].get(other, {})
+    common = sorted(set(a) & set(b))
+    diffs = [a[s][key] - b[s][key] for s in common if math.isfinite(a[s][key]) and math.isfinite(b[s][key])]
+    return (len(diffs), t_interval(diffs)) if diffs else None
+
+
+def sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt_rollouts(values: list[float], budget: float) -> str:
+    reached = [v for v in values if math.isfinite(v)]
+    if not reached:
+        return f"> {budget:,.0f} (0/{len(values)})"
+    return f"{statistics.median(values) if len(reached) * 2 > len(values) else math.inf:,.0f} " \
+           f"({len(reached)}/{len(values)})".replace("inf", f"> {budget:,.0f}")
+
+
+def report(result: dict, refs: dict, budget: float, greedy: dict) -> str:
+    lines = [("Primary comparisons, stated before the runs: on the regime arm, (1) REOPOLD vs vanilla OPD and (2) "
+              "REOPOLD vs SFT on teacher samples, by the area under g against log(rollouts) (paired by seed); (3) "
+              "GRPO's rollouts to g = 0.5 over REOPOLD's. The control arm is read the same way."), ""]
+    for arm in ("regime", "control"):
+        if arm not in result:
+            continue
+        ref = refs[arm]
+        lines += [f"## Arm `{arm}`", "",
+                  (f"teacher {PRIMARY} {100 * ref['teacher_acc']:.1f}%, warm start {100 * ref['warm_acc']:.1f}% "
+                   f"(mean over the arm's runs before training), {TEST_PROMPTS} test prompts, budget "
+                   f"{budget:,.0f} rollouts."), "",
+                  (f"| method | lr | seeds | final {PRIMARY} (mean ± sd) | final greedy (mean) | final g (mean) | "
+                   "area under g (mean ± sd) | rollouts to g = 0.5 (median; seeds reaching) |"),
+                  "|---|---|---|---|---|---|---|---|"]
+        for method in METHODS:
+            seeds = result[arm].get(method)
+            if not seeds:
+                continue
+            finals = [s["final"] for s in seeds.values()]
+            aucs = [s["auc"] for s in seeds.values() if math.isfinite(s["auc"])]
+            g_final = [gap_closed(f, ref["warm_acc"], ref["teacher_acc"]) for f in finals]
+            greedy_final = greedy.get((arm, method), [])
+            lines.append(
+                f"| {method} | {refs.get('lr', {}).get(method, '-')} | {len(seeds)} | {100 * statistics.mean(finals):.1f} "
+                f"± {100 * sd(finals):.1f} | "
+                + (f"{100 * statistics.mean(greedy_final):.1f}" if greedy_final else "-")
+                + f" | {statistics.mean(g_final):.2f} | "
+                + (f"{statistics.mean(aucs):.3f} ± {sd(aucs):.3f}" if aucs else "-")
+                + f" | {fmt_rollouts([s['to_half'] for s in seeds.values()], budget)} |")
+        lines += ["", "Paired differences against REOPOLD (same seed, same prompts), area under g, 95% t-interval:", "",
+                  "| method | seeds paired | REOPOLD - method | 95% interval |", "|---|---|---|---|"]
+        for method in METHODS:
+            if method == "reopold":
+                continue
+            p = paired(result, arm, "reopold", method)
+            if p:
+                n, (mean, lo, hi) = p
+                lines.append(f"| {method} | {n} | {mean:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+        r, g = result[arm].get("reopold", {}), result[arm].get("grpo", {})
+        if r and g:
+            rr = [s["to_half"] for s in r.values()]
+            gg = [s["to_half"] for s in g.values()]
+            lines += ["", ("GRPO's rollouts to g = 0.5 over REOPOLD's (medians, censored at the budget): "
+                           f"{fmt_rollouts(gg, budget)} / {fmt_rollouts(rr, budget)}.")]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, flops: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in ("regime", "control") if a in result]
+    fig, axes = plt.subplots(2, len(arms), figsize=(6.5 * len(arms), 8.5), squeeze=False)
+    for col, arm in enumerate(arms):
+        for method, seeds in result[arm].items():
+            xs = sorted({x for s in seeds.values() for x, _ in s["g"] if x > 0})  # log axes: from the first update on
+            mean = [statistics.mean([dict(s["g"])[x] for s in seeds.values() if x in dict(s["g"])]) for x in xs]
+            style = "--" if method.startswith("reopold_") else "-"
+            width = 2.4 if method == "reopold" else 1.3
+            axes[0][col].plot(xs, mean, style, label=method, linewidth=width)
+            per = flops.get((arm, method))
+            if per:
+                axes[1][col].plot([x * per for x in xs], mean, style, label=method, linewidth=width)
+        for row, xlabel in enumerate(("rollouts", "FLOPs (approximate)")):
+            ax = axes[row][col]
+            ax.set_xscale("log")
+            ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
+            ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("gap closed g (mean over seeds)")
+            ax.set_title(f"{arm}: g against {xlabel.split(' ')[0]}")
+            ax.grid(alpha=0.3)
+        axes[0][col].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["method", "seed", "samples", "val_acc"])
+        w = csv.DictWriter(f, fieldnames=["arm", "method", "seed", "samples", "val_acc"])
         w.writeheader()
         w.writerows(rows)
 
 
 def read_csv(path: Path) -> list[dict]:
     with path.open() as f:
-        return [{"method": r["method"], "seed": int(r["seed"]), "samples": int(r["samples"]),
+        return [{"arm": r["arm"], "method": r["method"], "seed": int(r["seed"]), "samples": int(r["samples"]),
                  "val_acc": float(r["val_acc"])} for r in csv.DictReader(f)]
 
 
-def samples_to_reach(points: list[tuple[int, float]], target: float) -> float:
-    for samples, acc in sorted(points):
-        if acc >= target:
-            return samples
-    return math.inf
+def tune(methods: list[str], runs: Path) -> dict:
+    chosen = {}
+    for method in methods:
+        scores = {}
+        for lr in LR_GRID:
+            run_dir = runs / "tune" / f"{method}-lr{lr:g}"
+            print(f"[tune] {method} lr {lr:g}", flush=True)
+            if run_one(train_cmd("regime", method, TUNE_SEED, lr, run_dir, "val"), run_dir):
+                scores[lr] = statistics.mean(a for _, a in curve(run_dir)[1:])
+        if scores:
+            chosen[method] = max(scores, key=scores.get)
+            print(f"[tune] {method}: " + ", ".join(f"{lr:g} -> {s:.3f}" for lr, s in scores.items())
+                  + f"; chosen {chosen[method]:g}", flush=True)
+    return chosen
 
 
-def summarise(rows: list[dict], target: float | list[float], reference: str = "reopold") -> str:
-    """Markdown table: final accuracy mean +- std, and for each target accuracy the mean samples needed
-    to reach it (when every seed does) with its ratio to ``reference``'s."""
-    targets = [target] if isinstance(target, (int, float)) else list(target)
-    by = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        by[r["method"]][r["seed"]].append((r["samples"], r["val_acc"]))
-    head = "| method | seeds | final val acc (mean ± std) |"
-    for t in targets:
-        head += f" samples to reach {100 * t:.1f}% (mean) | ratio to {reference} |"
-    lines = [head, "|---|---|---|" + "---|---|" * len(targets)]
-    need = {t: {} for t in targets}
-    for t in targets:
-        for method, seeds in by.items():
-            reached = [samples_to_reach(p, t) for p in seeds.values()]
-            need[t][method] = statistics.mean(reached) if all(math.isfinite(x) for x in reached) else math.inf
-    for method, seeds in by.items():
-        finals = [max(p)[1] for p in seeds.values()]
-        std = statistics.stdev(finals) if len(finals) > 1 else 0.0
-        line = f"| {method} | {len(finals)} | {100 * statistics.mean(finals):.1f} ± {100 * std:.1f} |"
-        for t in targets:
-            reached = [samples_to_reach(p, t) for p in seeds.values()]
-            n_ok = sum(math.isfinite(x) for x in reached)
-            n = need[t][method]
-            need_s = f"{n:,.0f}" if math.isfinite(n) else f"not reached ({n_ok}/{len(reached)} seeds)"
-            ref = need[t].get(reference, math.inf)
-            ratio = f"{n / ref:.2f}x" if math.isfinite(n) and math.isfinite(ref) and ref > 0 else "—"
-            line += f" {need_s} | {ratio} |"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: Path, teacher_acc: float | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by = defaultdict(lambda: defaultdict(dict))
-    for r in rows:
-        by[r["method"]][r["samples"]][r["seed"]] = r["val_acc"]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for method, points in by.items():
-        xs = sorted(points)
-        accs = [list(points[x].values()) for x in xs]
-        mean = [100 * statistics.mean(a) for a in accs]
-        lo = [100 * min(a) for a in accs]
-        hi = [100 * max(a) for a in accs]
-        style = "-" if not method.startswith("reopold_") else "--"
-        line, = ax.plot(xs, mean, style, label=method, linewidth=2.2 if method == "reopold" else 1.4)
-        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
-    if teacher_acc is not None:
-        ax.axhline(100 * teacher_acc, color="black", linestyle=":", label="teacher")
-    ax.set_xlabel("rollouts consumed (sampled responses)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("Miniature math: accuracy vs. samples (mean, band = min-max over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def teacher_ref(runs: Path) -> float | None:
+    out = runs / "teacher_eval"
+    meta = out / "meta.json"
+    if not meta.exists():
+        cmd = [sys.executable, "src/eval.py", "data=mini_math", "model=mini_math", "model.teacher=null",
+               "model.student.experiment=mini_math_teacher", f"data.test.n={TEST_PROMPTS}", f"k={EVAL_SAMPLES}",
+               f"rollout.temperature={TEMPERATURE}", f"hydra.run.dir={out}", "rollout.max_new_tokens=48"]
+        print("[refs] the teacher on the test set", flush=True)
+        with (runs / "teacher_eval.log").open("w") as f:
+            if subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=False).returncode:
+                print(f"  FAILED; see {runs / 'teacher_eval.log'}", flush=True)
+                return None
+    metrics = json.loads(meta.read_text())["metrics"]
+    return next(v for k, v in metrics.items() if k.endswith(f"/{PRIMARY}"))
 
 
 def main(argv=None) -> None:
+    global STEPS, EVAL_EVERY, TEST_PROMPTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=METHODS)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--phases", nargs="+", default=["tune", "refs", "runs"], choices=["tune", "refs", "runs"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--extra-seeds", nargs="*", type=int, default=[5, 6, 7, 8, 9], help="REOPOLD and OPD only")
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "sample_efficiency")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
-    ap.add_argument("--runs", type=Path, default=ROOT / "logs" / "sample_efficiency")
-    ap.add_argument("--target-frac", type=float, nargs="+", default=[0.9, 0.35],
-                    help="targets = these fractions of the teacher's accuracy")
-    ap.add_argument("--teacher-acc", type=float, default=None, help="default: read from the teacher's stage.json")
-    ap.add_argument("--summarise-only", action="store_true")
-    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    ap.add_argument("--analyse-only", action="store_true")
+    ap.add_argument("--steps", type=int, default=STEPS, help="a quick check of the pipeline: fewer steps")
+    ap.add_argument("--eval-every", type=int, default=EVAL_EVERY)
+    ap.add_argument("--test-prompts", type=int, default=TEST_PROMPTS)
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / "sample_efficiency.csv"
-    if not args.summarise_only:
-        rows = []
-        total = len(args.methods) * len(args.seeds)
-        for i, (seed, method) in enumerate((s, m) for s in args.seeds for m in args.methods):
-            print(f"[{i + 1}/{total}] {method} seed {seed}", flush=True)
-            try:
-                run_dir = run_one(method, seed, args.steps, args.eval_every, args.runs, args.overrides)
-            except RuntimeError as e:  # one failed run must not lose the others
-                print(f"  FAILED: {e}", flush=True)
-                continue
-            rows += [{"method": method, "seed": seed, "samples": s, "val_acc": a} for s, a in curve(run_dir)]
-            write_csv(rows, csv_path)  # after every run: nothing lost on interruption
-    rows = read_csv(csv_path)
-    teacher_acc = args.teacher_acc
-    if teacher_acc is None:  # the very teacher the runs used: same experiment, same config hash
-        from src.modules.models.stages import StageModel
+    STEPS, EVAL_EVERY, TEST_PROMPTS = args.steps, args.eval_every, args.test_prompts
+    args.runs.mkdir(parents=True, exist_ok=True)
+    refs_path = args.runs / "refs.json"
+    refs = json.loads(refs_path.read_text()) if refs_path.exists() else {}
+    if not args.analyse_only:
+        if "tune" in args.phases:
+            refs["lr"] = {**refs.get("lr", {}), **tune(args.methods, args.runs)}
+            refs_path.write_text(json.dumps(refs, indent=1))
+        if "refs" in args.phases:
+            teacher = teacher_ref(args.runs)
+            if teacher is not None:
+                refs["teacher_acc"] = teacher
+                refs_path.write_text(json.dumps(refs, indent=1))
+        if "runs" in args.phases:
+            plan = [(arm, method, seed) for seed in sorted(set(args.seeds) | set(args.extra_seeds))
+                    for arm in args.arms for method in args.methods
+                    if seed in args.seeds or method in ("reopold", "opd")]
+            for i, (arm, method, seed) in enumerate(plan):
+                lr = refs.get("lr", {}).get(method)
+                if lr is None:
+                    print(f"[{i + 1}/{len(plan)}] {arm} {method} seed {seed}: no tuned lr yet (--phases tune)")
+                    continue
+                print(f"[{i + 1}/{len(plan)}] {arm} {method} seed {seed} lr {lr:g}", flush=True)
+                run_dir = args.runs / arm / f"{method}-seed{seed}"
+                run_one(train_cmd(arm, method, seed, lr, run_dir, "test"), run_dir)
+    write_outputs(args.runs, args.out, refs)
 
-        cache = os.environ.get("REOPOLD_CACHE", str(ROOT / ".cache"))
-        teacher = StageModel("mini_math_teacher", cache_dir=cache)
-        teacher.stage_cfg
-        stage = Path(teacher.path) / "stage.json"
-        if stage.exists():
-            metrics = json.loads(stage.read_text())["metrics"]
-            teacher_acc = next((v for k, v in metrics.items() if k.startswith("test/") and k.endswith("/acc")), None)
-    scale = teacher_acc if teacher_acc is not None else 1.0
-    targets = [f * scale for f in args.target_frac]
-    table = summarise(rows, targets)
-    teacher_s = f"{100 * teacher_acc:.1f}%" if teacher_acc is not None else "n/a"
-    (args.out / "sample_efficiency.md").write_text(
-        "Targets: " + ", ".join(f"{100 * t:.1f}% ({f:.0%} of the teacher's {teacher_s})"
-                                for t, f in zip(targets, args.target_frac))
-        + " validation accuracy.\n\n" + table + "\n")
-    plot(rows, args.out / "sample_efficiency.png", teacher_acc)
-    print(table)
+
+def write_outputs(runs: Path, out: Path, refs: dict) -> None:
+    rows, greedy, lengths = [], defaultdict(list), defaultdict(list)
+    for done in sorted(runs.glob("*/*/done.json")):
+        run_dir = done.parent
+        arm = run_dir.parent.name
+        if arm not in ARMS:
+            continue
+        method, seed = run_dir.name.rsplit("-seed", 1)
+        rows += [{"arm": arm, "method": method, "seed": int(seed), "samples": x, "val_acc": a}
+                 for x, a in curve(run_dir)]
+        greedy[(arm, method)].append(curve(run_dir, SECONDARY)[-1][1])
+        lengths[(arm, method)].append(response_length(run_dir))
+    if not rows:
+        print("no finished runs yet")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "sample_efficiency.csv")
+    arm_refs = {}
+    for arm in ARMS:
+        warm = [r["val_acc"] for r in rows if r["arm"] == arm and r["samples"] == 0]
+        if warm and refs.get("teacher_acc") is not None:
+            arm_refs[arm] = {"teacher_acc": refs["teacher_acc"], "warm_acc": statistics.mean(warm)}
+    (out / "sample_efficiency_refs.json").write_text(json.dumps(
+        {**arm_refs, "metric": f"{PRIMARY} at temperature {TEMPERATURE} on {TEST_PROMPTS} test prompts",
+         "lr": refs.get("lr", {})}, indent=1))
+    if not arm_refs:
+        print("no teacher reference yet (--phases refs)")
+        return
+    budget = STEPS * PROMPTS_PER_STEP
+    result = analyse([r for r in rows if r["arm"] in arm_refs], {**arm_refs, "lr": refs.get("lr", {})}, budget)
+    n_student, n_teacher = parameter_counts()
+    flops = {k: flops_per_rollout(k[1], statistics.mean(v), n_student, n_teacher) for k, v in lengths.items()}
+    text = report(result, {**arm_refs, "lr": refs.get("lr", {})}, budget, greedy)
+    (out / "sample_efficiency_analysis.md").write_text(
+        "# Sample efficiency: the study's tables\n\nWritten by `python benchmarks/sample_efficiency.py` from the runs "
+        f"under `{runs.relative_to(ROOT) if runs.is_relative_to(ROOT) else runs}`; figure: "
+        "`sample_efficiency.png` (g against rollouts and against approximate FLOPs: student "
+        f"{n_student:,} and teacher {n_teacher:,} parameters, `flops_per_rollout`).\n\n" + text)
+    plot(result, flops, out / "sample_efficiency.png")
+    print(text)
+
+
+def parameter_counts() -> tuple[int, int]:
+    """The student's and the teacher's parameter counts, from the cached stages' configs (no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from src.modules.models.stages import StageModel
+
+    cache = os.environ.get("REOPOLD_CACHE", str(ROOT / ".cache"))
+    counts = []
+    for name in ("mini_math_student_init", "mini_math_teacher"):
+        stage = StageModel(name, cache_dir=cache)
+        _ = stage.stage_cfg  # resolves stage.path
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(stage.path))
+        counts.append(sum(p.numel() for p in model.parameters()))
+    return counts[0], counts[1]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The study's summary: samples-to-target, the table and the plot, on a synthetic CSV."""
+"""The study's analysis (gap closed, its area against log rollouts, rollouts to g = 0.5, paired t-intervals, the
+tables and the figure) on synthetic curves, and its commands."""
 
 from __future__ import annotations
 
@@ -12,40 +13,79 @@ ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("sample_efficiency", ROOT / "benchmarks" / "sample_efficiency.py")
 se = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(se)
+BUDGET = 12_800
 
 
 def _rows():
+    """Warm start 0.5, teacher 1.0: REOPOLD closes the gap by 1,600 rollouts, OPD by 6,400, seed by seed."""
     rows = []
-    for seed in (0, 1, 2):
-        for samples, a_fast, a_slow in ((0, 0.4, 0.4), (640, 0.8, 0.5), (1280, 0.95, 0.7), (1920, 0.97, 0.9)):
-            rows.append({"method": "reopold", "seed": seed, "samples": samples, "val_acc": a_fast})
-            rows.append({"method": "opd", "seed": seed, "samples": samples, "val_acc": a_slow})
+    for seed in range(3):
+        for samples, fast, slow in ((0, 0.5, 0.5), (1600, 0.9 + 0.01 * seed, 0.6), (6400, 1.0, 0.8 + 0.01 * seed),
+                                    (12800, 1.0, 0.95)):
+            rows.append({"arm": "regime", "method": "reopold", "seed": seed, "samples": samples, "val_acc": fast})
+            rows.append({"arm": "regime", "method": "opd", "seed": seed, "samples": samples, "val_acc": slow})
     return rows
 
 
-def test_samples_to_reach():
-    assert se.samples_to_reach([(0, 0.1), (10, 0.5), (20, 0.9)], 0.5) == 10
-    assert math.isinf(se.samples_to_reach([(0, 0.1)], 0.5))
+def test_gap_closed_and_its_area_against_log_rollouts():
+    assert se.gap_closed(0.75, 0.5, 1.0) == 0.5
+    # g = 1 from the first evaluation on: area 1; g = 0 throughout: 0; values outside [0, 1] are clipped
+    assert se.area_under_g([(0, 0.0), (100, 1.0), (BUDGET, 1.0)], BUDGET) == pytest.approx(1.0)
+    assert se.area_under_g([(0, 0.0), (100, -0.3), (BUDGET, 0.0)], BUDGET) == pytest.approx(0.0)
+    assert se.area_under_g([(100, 1.7), (BUDGET, 1.2)], BUDGET) == pytest.approx(1.0)
+    # a linear rise in log(rollouts) from 0 to 1: one half; the last value is held to the budget
+    assert se.area_under_g([(100, 0.0), (BUDGET, 1.0)], BUDGET) == pytest.approx(0.5)
+    assert se.area_under_g([(100, 0.0), (1000, 1.0)], 10_000) == pytest.approx(0.75)
+    assert math.isnan(se.area_under_g([(0, 0.2), (100, 0.4)], BUDGET))  # one evaluation after the start
 
 
-def test_summary_table_and_ratio():
-    table = se.summarise(_rows(), target=0.9)
-    assert "| reopold | 3 | 97.0 ± 0.0 | 1,280 | 1.00x |" in table
-    assert "| opd | 3 | 90.0 ± 0.0 | 1,920 | 1.50x |" in table
+def test_rollouts_to_half_are_censored_at_the_budget():
+    assert se.rollouts_to([(0, 0.0), (1600, 0.4), (3200, 0.6)], 0.5) == 3200
+    assert math.isinf(se.rollouts_to([(0, 0.0), (1600, 0.4)], 0.5))
+    assert se.fmt_rollouts([3200, 1600, math.inf], BUDGET) == "3,200 (2/3)"
+    assert se.fmt_rollouts([3200, math.inf, math.inf], BUDGET) == "> 12,800 (1/3)"
 
 
-def test_csv_round_trip_and_plot(tmp_path):
+def test_paired_t_interval():
+    mean, _, hi = se.t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and hi - mean == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert math.isnan(se.t_interval([1.0])[1])
+
+
+def test_analysis_ranks_the_faster_method_and_pairs_by_seed():
+    refs = {"regime": {"teacher_acc": 1.0, "warm_acc": 0.5}}
+    result = se.analyse(_rows(), refs, BUDGET)
+    reopold, opd = result["regime"]["reopold"], result["regime"]["opd"]
+    assert all(reopold[s]["auc"] > opd[s]["auc"] for s in range(3))
+    assert [reopold[s]["to_half"] for s in range(3)] == [1600] * 3 and [opd[s]["to_half"] for s in range(3)] == [6400] * 3
+    n, (mean, lo, hi) = se.paired(result, "regime", "reopold", "opd")
+    assert n == 3 and 0 < lo < mean < hi
+    text = se.report(result, {**refs, "lr": {"reopold": 1e-4}}, BUDGET, greedy={})
+    assert "| reopold | 0.0001 | 3 | 100.0 ± 0.0 |" in text
+    assert "| opd | 3 | +" in text  # REOPOLD - OPD, positive
+    assert "Primary comparisons, stated before the runs" in text
+
+
+def test_csv_round_trip_and_figure(tmp_path):
     pytest.importorskip("matplotlib")
     se.write_csv(_rows(), tmp_path / "s.csv")
-    rows = se.read_csv(tmp_path / "s.csv")
-    assert rows == _rows()
-    se.plot(rows, tmp_path / "s.png", teacher_acc=1.0)
+    assert se.read_csv(tmp_path / "s.csv") == _rows()
+    assert (tmp_path / "s.csv").read_text().splitlines()[0] == "arm,method,seed,samples,val_acc"
+    result = se.analyse(_rows(), {"regime": {"teacher_acc": 1.0, "warm_acc": 0.5}}, BUDGET)
+    se.plot(result, {("regime", "reopold"): 1e8, ("regime", "opd"): 1e8}, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 10_000
 
 
-def test_summary_with_two_targets_reports_each():
-    table = se.summarise(_rows(), target=[0.9, 0.75])
-    assert "samples to reach 90.0% (mean) | ratio to reopold | samples to reach 75.0% (mean) |" in table
-    assert "| opd | 3 | 90.0 ± 0.0 | 1,920 | 1.50x | 1,920 | 3.00x |" in table
-    rows = [r for r in _rows() if not (r["method"] == "opd" and r["samples"] == 1920)]
-    assert "| opd | 3 | 70.0 ± 0.0 | not reached (0/3 seeds) | — |" in se.summarise(rows, target=0.9)
+def test_flops_count_the_teachers_decoding_for_sft_and_its_scoring_on_policy():
+    assert se.flops_per_rollout("sft", 10, 1, 100) == 10 * (200 + 6)
+    assert se.flops_per_rollout("reopold", 10, 1, 100) == 10 * (8 + 200)
+    assert se.flops_per_rollout("grpo", 10, 1, 100) == 80
+
+
+def test_each_run_is_the_main_job_with_its_method_arm_and_evaluation():
+    cmd = se.train_cmd("control", "gkd_reverse_kl", 3, 1e-4, Path("/tmp/x"), "test")
+    assert "experiment=mini_math" in cmd and "algorithm=gkd" in cmd and "objective.beta=1.0" in cmd
+    assert "model.student.overrides=['data.train.carry_forgotten=1.0']" in cmd
+    assert {"seed=3", "module.optimizer.lr=0.0001", "data.val.split=test", f"data.val.n={se.TEST_PROMPTS}",
+            f"module.eval_samples={se.EVAL_SAMPLES}", "validate_before=true"} <= set(cmd)
+    assert "data.val.split=val" in se.train_cmd("regime", "sft", se.TUNE_SEED, 1e-3, Path("/tmp/x"), "val")
