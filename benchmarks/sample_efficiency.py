@@ -14,6 +14,9 @@ samples: the same 64 rollouts a step). Each run is its own ``src/train.py`` proc
 job's temperature, evaluated before training and every ``EVAL_EVERY`` steps on a fixed test set of
 ``TEST_PROMPTS`` prompts, greedy and ``avg@4`` at the sampling temperature (the primary metric).
 
+Every run but GRPO's (no teacher) also logs the exact reverse and forward KL to the teacher over the full
+vocabulary on 64 fixed held-out teacher traces at every evaluation (``src/callbacks/diagnostics.py``).
+
 Phases, each resumable (a finished run keeps ``done.json`` and is skipped; a failed one keeps ``failed.json`` with
 its log's tail and is retried on the next call):
 
@@ -64,8 +67,9 @@ METHODS = {
 ARMS = {"regime": [], "control": ["model.student.overrides=['data.train.carry_forgotten=1.0']"]}
 # a run takes minutes: an interrupted one is rerun, not resumed, so no Lightning checkpoints (the student is kept in
 # checkpoints/hf/final)
+DIAGNOSTICS = "src.callbacks.diagnostics.HeldOutKL"
 QUIET = ["trainer.enable_progress_bar=false", "callbacks.progress_bar=null", "callbacks.report=null",
-         "callbacks.model_checkpoint=null", "trainer.enable_checkpointing=false"]
+         "callbacks.model_checkpoint=null", "+trainer.enable_checkpointing=false"]
 # two-sided 95% quantiles of Student's t, by degrees of freedom (beyond 30: the normal's)
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
@@ -74,6 +78,8 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 def train_cmd(arm: str, method: str, seed: int, lr: float, run_dir: Path, split: str) -> list[str]:
     """The command of one run: ``split`` is what it evaluates on (``test``: the fixed test set; ``val``: tuning)."""
     evaluated = [f"data.val.split={split}", f"data.val.n={TEST_PROMPTS if split == 'test' else 256}"]
+    if method != "grpo":  # the exact KLs to the teacher on fixed held-out teacher traces, at every evaluation
+        evaluated += [f"+callbacks.diagnostics._target_={DIAGNOSTICS}", "+callbacks.diagnostics.n_prompts=64"]
     return [sys.executable, "src/train.py", "experiment=mini_math", *METHODS[method], *ARMS[arm], f"seed={seed}",
             f"module.optimizer.lr={lr}", f"rollout.temperature={TEMPERATURE}", f"trainer.max_steps={STEPS}",
             f"trainer.val_check_interval={EVAL_EVERY}", f"module.eval_samples={EVAL_SAMPLES}", "validate_before=true",
@@ -208,7 +214,10 @@ def fmt_rollouts(values: list[float], budget: float) -> str:
            f"({len(reached)}/{len(values)})".replace("inf", f"> {budget:,.0f}")
 
 
-def report(result: dict, refs: dict, budget: float, greedy: dict) -> str:
+def report(result: dict, refs: dict, budget: float, greedy: dict, kls: dict | None = None) -> str:
+    """The analysis's text; ``greedy``: final greedy accuracies per (arm, method); ``kls``: final (reverse, forward)
+    exact KLs to the teacher on the held-out traces per (arm, method)."""
+    kls = kls or {}
     lines = [("Primary comparisons, stated before the runs: on the regime arm, (1) REOPOLD vs vanilla OPD and (2) "
               "REOPOLD vs SFT on teacher samples, by the area under g against log(rollouts) (paired by seed); (3) "
               "GRPO's rollouts to g = 0.5 over REOPOLD's. The control arm is read the same way."), ""]
@@ -221,8 +230,9 @@ def report(result: dict, refs: dict, budget: float, greedy: dict) -> str:
                    f"(mean over the arm's runs before training), {TEST_PROMPTS} test prompts, budget "
                    f"{budget:,.0f} rollouts."), "",
                   (f"| method | lr | seeds | final {PRIMARY} (mean ± sd) | final greedy (mean) | final g (mean) | "
-                   "area under g (mean ± sd) | rollouts to g = 0.5 (median; seeds reaching) |"),
-                  "|---|---|---|---|---|---|---|---|"]
+                   "area under g (mean ± sd) | rollouts to g = 0.5 (median; seeds reaching) | "
+                   "final KL(student ‖ teacher) / KL(teacher ‖ student), held-out traces (mean) |"),
+                  "|---|---|---|---|---|---|---|---|---|"]
         for method in METHODS:
             seeds = result[arm].get(method)
             if not seeds:
@@ -237,7 +247,9 @@ def report(result: dict, refs: dict, budget: float, greedy: dict) -> str:
                 + (f"{100 * statistics.mean(greedy_final):.1f}" if greedy_final else "-")
                 + f" | {statistics.mean(g_final):.2f} | "
                 + (f"{statistics.mean(aucs):.3f} ± {sd(aucs):.3f}" if aucs else "-")
-                + f" | {fmt_rollouts([s['to_half'] for s in seeds.values()], budget)} |")
+                + f" | {fmt_rollouts([s['to_half'] for s in seeds.values()], budget)} | "
+                + (" / ".join(f"{statistics.mean(v):.4f}" for v in zip(*kls[(arm, method)]))
+                   if kls.get((arm, method)) else "-") + " |")
         lines += ["", "Paired differences against REOPOLD (same seed, same prompts), area under g, 95% t-interval:", "",
                   "| method | seeds paired | REOPOLD - method | 95% interval |", "|---|---|---|---|"]
         for method in METHODS:
@@ -381,7 +393,7 @@ def main(argv=None) -> None:
 
 
 def write_outputs(runs: Path, out: Path, refs: dict) -> None:
-    rows, greedy, lengths = [], defaultdict(list), defaultdict(list)
+    rows, greedy, lengths, kls = [], defaultdict(list), defaultdict(list), defaultdict(list)
     for done in sorted(runs.glob("*/*/done.json")):
         run_dir = done.parent
         arm = run_dir.parent.name
@@ -391,6 +403,8 @@ def write_outputs(runs: Path, out: Path, refs: dict) -> None:
         rows += [{"arm": arm, "method": method, "seed": int(seed), "samples": x, "val_acc": a}
                  for x, a in curve(run_dir)]
         greedy[(arm, method)].append(curve(run_dir, SECONDARY)[-1][1])
+        if method != "grpo":
+            kls[(arm, method)].append((curve(run_dir, "reverse_kl")[-1][1], curve(run_dir, "forward_kl")[-1][1]))
         lengths[(arm, method)].append(response_length(run_dir))
     if not rows:
         print("no finished runs yet")
@@ -412,7 +426,7 @@ def write_outputs(runs: Path, out: Path, refs: dict) -> None:
     result = analyse([r for r in rows if r["arm"] in arm_refs], {**arm_refs, "lr": refs.get("lr", {})}, budget)
     n_student, n_teacher = parameter_counts()
     flops = {k: flops_per_rollout(k[1], statistics.mean(v), n_student, n_teacher) for k, v in lengths.items()}
-    text = report(result, {**arm_refs, "lr": refs.get("lr", {})}, budget, greedy)
+    text = report(result, {**arm_refs, "lr": refs.get("lr", {})}, budget, greedy, kls)
     (out / "sample_efficiency_analysis.md").write_text(
         "# Sample efficiency: the study's tables\n\nWritten by `python benchmarks/sample_efficiency.py` from the runs "
         f"under `{runs.relative_to(ROOT) if runs.is_relative_to(ROOT) else runs}`; figure: "

@@ -1,0 +1,108 @@
+"""How far the student is from the teacher, measured the same way at every validation: the exact per-token KL
+over the full vocabulary on fixed held-out traces.
+
+The traces are the teacher's samples (at the rollout temperature) of the first ``n_prompts`` validation prompts,
+drawn once at the first validation and kept (in checkpoints too), so every evaluation of a run, and every run of a
+seed, measures on the same tokens. On each response token both models' full distributions at the sampling temperature (banned ids
+renormalised away, ``Scorer.vocab_logp``) give
+
+    val/diag/reverse_kl = KL(student || teacher)    what on-policy distillation minimises, sampled
+    val/diag/forward_kl = KL(teacher || student)    what SFT on teacher samples minimises, sampled
+
+averaged over the traces' response tokens.
+
+    python src/train.py ... +callbacks.diagnostics._target_=src.callbacks.diagnostics.HeldOutKL
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from src.modules.method.losses import generalized_jsd
+from src.modules.rollout.batch import Rollout
+
+TRACES_STREAM = 1_000_003  # the sampling stream of the traces: apart from every evaluation batch's
+
+
+def first_rows(loader, n: int, pad_id: int) -> dict:
+    """The first ``n`` prompts of ``loader``'s batches as one left-padded batch (text prompts)."""
+    parts, have = [], 0
+    for batch in loader:
+        if batch.get("model_kwargs"):
+            raise ValueError("callbacks.diagnostics: text prompts only (this split's batches carry images)")
+        parts.append(batch)
+        have += len(batch["input_ids"])
+        if have >= n:
+            break
+    if not parts:
+        raise ValueError("callbacks.diagnostics: the validation split is empty")
+    width = max(p["input_ids"].shape[1] for p in parts)
+
+    def left_padded(key, value):
+        return torch.cat([torch.nn.functional.pad(p[key], (width - p[key].shape[1], 0), value=value)
+                          for p in parts])[:n]
+
+    return {"input_ids": left_padded("input_ids", pad_id), "attention_mask": left_padded("attention_mask", 0),
+            "references": [r for p in parts for r in p["references"]][:n]}
+
+
+@torch.no_grad()
+def exact_kls(scorer, ro, chunk: int = 4096) -> tuple[float, float]:
+    """Mean per-token reverse and forward KL between ``scorer``'s student and teacher over ``ro``'s response
+    tokens, over the full vocabulary, ``chunk`` positions at a time."""
+    hs, head_s = scorer.hidden(scorer.student, ro)
+    ht, head_t = scorer.hidden(scorer.teacher, ro)
+    mask = ro.response_mask_BT.reshape(-1).bool()
+    hs, ht = hs.reshape(-1, hs.shape[-1])[mask], ht.reshape(-1, ht.shape[-1])[mask]
+    reverse, forward = 0.0, 0.0
+    for i in range(0, hs.shape[0], chunk):
+        s, t = scorer.vocab_logp(hs[i:i + chunk], head_s), scorer.vocab_logp(ht[i:i + chunk], head_t)
+        reverse += float(generalized_jsd(s, t, 1.0).sum())  # beta 1: KL(student || teacher)
+        forward += float(generalized_jsd(s, t, 0.0).sum())  # beta 0: KL(teacher || student)
+    n = max(int(mask.sum()), 1)
+    return reverse / n, forward / n
+
+
+class HeldOutKL(Callback):
+    """Logs ``val/diag/reverse_kl`` and ``val/diag/forward_kl`` after every validation (see the module's text).
+
+    Args:
+        n_prompts: held-out validation prompts whose teacher samples are the traces.
+    """
+
+    def __init__(self, n_prompts: int = 64):
+        if n_prompts < 1:
+            raise ValueError(f"callbacks.diagnostics.n_prompts must be >= 1, got {n_prompts}")
+        self.n_prompts = n_prompts
+        self.traces = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if pl_module.teacher_spec is None or not pl_module.objective.needs_teacher:  # loaded in configure_model
+            raise ValueError("callbacks.diagnostics: the KL to the teacher needs a teacher (this run has none)")
+        if pl_module._fsdp2() is not None or pl_module._deepspeed():
+            raise ValueError("callbacks.diagnostics reads hidden states outside a forward, which a sharded model "
+                             "does not allow: use it with an unsharded strategy (the miniature, DDP)")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        was_training = pl_module.student.training
+        if self.traces is None:
+            batch = first_rows(trainer.val_dataloaders, self.n_prompts, pl_module.tokenizer.pad_token_id)
+            batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            self.traces = pl_module.sampler(pl_module.teacher, batch, eval_batch=TRACES_STREAM)
+        pl_module.student.eval()
+        try:
+            reverse, forward = exact_kls(pl_module.scorer, self.traces)
+        finally:
+            pl_module.student.train(was_training)
+        pl_module.log_dict({"val/diag/reverse_kl": reverse, "val/diag/forward_kl": forward}, sync_dist=True)
+
+    def state_dict(self) -> dict:  # a resumed run measures on the same traces
+        return {"traces": None if self.traces is None else dataclasses.asdict(self.traces)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.traces = None if state.get("traces") is None else Rollout(**state["traces"])
