@@ -15,7 +15,9 @@ job's temperature, evaluated before training and every ``EVAL_EVERY`` steps on a
 ``TEST_PROMPTS`` prompts, greedy and ``avg@4`` at the sampling temperature (the primary metric).
 
 Every run but GRPO's (no teacher) also logs the exact reverse and forward KL to the teacher over the full
-vocabulary on 64 fixed held-out teacher traces at every evaluation (``src/callbacks/diagnostics.py``).
+vocabulary on 64 fixed held-out teacher traces at every evaluation (``src/callbacks/diagnostics.py``), and every
+``EVAL_EVERY`` steps the cosine between its gradient and the exact reverse KL's on the same batch
+(``module.grad_cosine_every``).
 
 Phases, each resumable (a finished run keeps ``done.json`` and is skipped; a failed one keeps ``failed.json`` with
 its log's tail and is retried on the next call):
@@ -79,7 +81,8 @@ def train_cmd(arm: str, method: str, seed: int, lr: float, run_dir: Path, split:
     """The command of one run: ``split`` is what it evaluates on (``test``: the fixed test set; ``val``: tuning)."""
     evaluated = [f"data.val.split={split}", f"data.val.n={TEST_PROMPTS if split == 'test' else 256}"]
     if method != "grpo":  # the exact KLs to the teacher on fixed held-out teacher traces, at every evaluation
-        evaluated += [f"+callbacks.diagnostics._target_={DIAGNOSTICS}", "+callbacks.diagnostics.n_prompts=64"]
+        evaluated += [f"+callbacks.diagnostics._target_={DIAGNOSTICS}", "+callbacks.diagnostics.n_prompts=64",
+                      f"module.grad_cosine_every={EVAL_EVERY}"]
     return [sys.executable, "src/train.py", "experiment=mini_math", *METHODS[method], *ARMS[arm], f"seed={seed}",
             f"module.optimizer.lr={lr}", f"rollout.temperature={TEMPERATURE}", f"trainer.max_steps={STEPS}",
             f"trainer.val_check_interval={EVAL_EVERY}", f"module.eval_samples={EVAL_SAMPLES}", "validate_before=true",
@@ -130,6 +133,12 @@ def response_length(run_dir: Path) -> float:
     with next(run_dir.rglob("metrics.csv")).open() as f:
         lengths = [float(r["train/response_len"]) for r in csv.DictReader(f) if r.get("train/response_len")]
     return statistics.mean(lengths) if lengths else float("nan")
+
+
+def grad_cosines(run_dir: Path) -> list[float]:
+    """The run's logged cosines between its gradient and the exact reverse KL's (``module.grad_cosine_every``)."""
+    with next(run_dir.rglob("metrics.csv")).open() as f:
+        return [float(r["train/grad_cos_exact_rkl"]) for r in csv.DictReader(f) if r.get("train/grad_cos_exact_rkl")]
 
 
 def flops_per_rollout(method: str, length: float, n_student: int, n_teacher: int) -> float:
@@ -214,10 +223,12 @@ def fmt_rollouts(values: list[float], budget: float) -> str:
            f"({len(reached)}/{len(values)})".replace("inf", f"> {budget:,.0f}")
 
 
-def report(result: dict, refs: dict, budget: float, greedy: dict, kls: dict | None = None) -> str:
+def report(result: dict, refs: dict, budget: float, greedy: dict, kls: dict | None = None,
+           cosines: dict | None = None) -> str:
     """The analysis's text; ``greedy``: final greedy accuracies per (arm, method); ``kls``: final (reverse, forward)
-    exact KLs to the teacher on the held-out traces per (arm, method)."""
-    kls = kls or {}
+    exact KLs to the teacher on the held-out traces per (arm, method); ``cosines``: the method's gradient's cosines
+    with the exact reverse KL's, per (arm, method)."""
+    kls, cosines = kls or {}, cosines or {}
     lines = [("Primary comparisons, stated before the runs: on the regime arm, (1) REOPOLD vs vanilla OPD and (2) "
               "REOPOLD vs SFT on teacher samples, by the area under g against log(rollouts) (paired by seed); (3) "
               "GRPO's rollouts to g = 0.5 over REOPOLD's. The control arm is read the same way."), ""]
@@ -231,8 +242,9 @@ def report(result: dict, refs: dict, budget: float, greedy: dict, kls: dict | No
                    f"{budget:,.0f} rollouts."), "",
                   (f"| method | lr | seeds | final {PRIMARY} (mean ± sd) | final greedy (mean) | final g (mean) | "
                    "area under g (mean ± sd) | rollouts to g = 0.5 (median; seeds reaching) | "
-                   "final KL(student ‖ teacher) / KL(teacher ‖ student), held-out traces (mean) |"),
-                  "|---|---|---|---|---|---|---|---|---|"]
+                   "final KL(student ‖ teacher) / KL(teacher ‖ student), held-out traces (mean) | "
+                   "gradient cosine with exact reverse KL (mean over steps and seeds) |"),
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for method in METHODS:
             seeds = result[arm].get(method)
             if not seeds:
@@ -249,7 +261,8 @@ def report(result: dict, refs: dict, budget: float, greedy: dict, kls: dict | No
                 + (f"{statistics.mean(aucs):.3f} ± {sd(aucs):.3f}" if aucs else "-")
                 + f" | {fmt_rollouts([s['to_half'] for s in seeds.values()], budget)} | "
                 + (" / ".join(f"{statistics.mean(v):.4f}" for v in zip(*kls[(arm, method)]))
-                   if kls.get((arm, method)) else "-") + " |")
+                   if kls.get((arm, method)) else "-") + " | "
+                + (f"{statistics.mean(cosines[(arm, method)]):.3f}" if cosines.get((arm, method)) else "-") + " |")
         lines += ["", "Paired differences against REOPOLD (same seed, same prompts), area under g, 95% t-interval:", "",
                   "| method | seeds paired | REOPOLD - method | 95% interval |", "|---|---|---|---|"]
         for method in METHODS:
@@ -393,7 +406,7 @@ def main(argv=None) -> None:
 
 
 def write_outputs(runs: Path, out: Path, refs: dict) -> None:
-    rows, greedy, lengths, kls = [], defaultdict(list), defaultdict(list), defaultdict(list)
+    rows, greedy, lengths, kls, cosines = [], defaultdict(list), defaultdict(list), defaultdict(list), defaultdict(list)
     for done in sorted(runs.glob("*/*/done.json")):
         run_dir = done.parent
         arm = run_dir.parent.name
@@ -405,6 +418,7 @@ def write_outputs(runs: Path, out: Path, refs: dict) -> None:
         greedy[(arm, method)].append(curve(run_dir, SECONDARY)[-1][1])
         if method != "grpo":
             kls[(arm, method)].append((curve(run_dir, "reverse_kl")[-1][1], curve(run_dir, "forward_kl")[-1][1]))
+            cosines[(arm, method)] += grad_cosines(run_dir)
         lengths[(arm, method)].append(response_length(run_dir))
     if not rows:
         print("no finished runs yet")
@@ -426,7 +440,7 @@ def write_outputs(runs: Path, out: Path, refs: dict) -> None:
     result = analyse([r for r in rows if r["arm"] in arm_refs], {**arm_refs, "lr": refs.get("lr", {})}, budget)
     n_student, n_teacher = parameter_counts()
     flops = {k: flops_per_rollout(k[1], statistics.mean(v), n_student, n_teacher) for k, v in lengths.items()}
-    text = report(result, {**arm_refs, "lr": refs.get("lr", {})}, budget, greedy, kls)
+    text = report(result, {**arm_refs, "lr": refs.get("lr", {})}, budget, greedy, kls, cosines)
     (out / "sample_efficiency_analysis.md").write_text(
         "# Sample efficiency: the study's tables\n\nWritten by `python benchmarks/sample_efficiency.py` from the runs "
         f"under `{runs.relative_to(ROOT) if runs.is_relative_to(ROOT) else runs}`; figure: "

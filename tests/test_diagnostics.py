@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.callbacks.diagnostics import HeldOutKL, exact_kls, first_rows
+from src.callbacks.diagnostics import HeldOutKL, first_rows
+from src.modules.diagnostics import exact_kls
 from src.train import train
 
 
@@ -87,3 +88,28 @@ def test_it_needs_a_teacher(make_cfg):
                    "test=false")
     with pytest.raises(ValueError, match="needs a teacher"):
         train(cfg)
+
+
+def _logged(cfg, key):
+    with next(Path(cfg.paths.output_dir).rglob("metrics.csv")).open() as f:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+
+
+def test_the_gradient_cosine_is_one_for_exact_reverse_kl_and_less_for_sampled_methods(make_cfg):
+    """GKD at beta 1 over every token is the exact reverse KL: its gradient's cosine with it is 1. REOPOLD's
+    sampled-token, clipped, selected gradient points elsewhere. Logged on the steps asked for only."""
+    cfg = make_cfg("algorithm=gkd", "objective.beta=1.0", "module.grad_cosine_every=2", "test=false")
+    train(cfg)
+    cos = _logged(cfg, "train/grad_cos_exact_rkl")
+    assert sorted(cos) == [0, 2] and all(v == pytest.approx(1.0, abs=1e-4) for v in cos.values()), cos
+    cfg = make_cfg("algorithm=reopold", "module.grad_cosine_every=1", "test=false")
+    train(cfg)
+    cos = _logged(cfg, "train/grad_cos_exact_rkl")
+    assert sorted(cos) == [0, 1, 2, 3] and all(-1 <= v < 0.99 for v in cos.values()), cos
+
+
+def test_the_gradient_cosine_needs_a_teacher(make_cfg):
+    from src.utils.instantiate import plain_errors
+
+    with pytest.raises(ValueError, match="grad_cosine_every compares with the exact reverse KL"):
+        plain_errors(train)(make_cfg("algorithm=grpo", "module.grad_cosine_every=1", "test=false"))

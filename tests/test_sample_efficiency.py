@@ -63,9 +63,10 @@ def test_analysis_ranks_the_faster_method_and_pairs_by_seed():
     text = se.report(result, {**refs, "lr": {"reopold": 1e-4}}, BUDGET, greedy={})
     assert "| reopold | 0.0001 | 3 | 100.0 ± 0.0 |" in text
     rows = [line for line in text.splitlines() if line.startswith(("| reopold | 0.0001", "| opd | - | 3"))]
-    assert len(rows) == 2 and all(line.endswith(" | - |") for line in rows)  # no KLs given
-    with_kls = se.report(result, refs, BUDGET, greedy={}, kls={("regime", "opd"): [(0.5, 0.25), (0.25, 0.75)]})
-    assert "| 0.3750 / 0.5000 |" in with_kls
+    assert len(rows) == 2 and all(line.endswith(" | - | - |") for line in rows)  # no KLs or cosines given
+    with_kls = se.report(result, refs, BUDGET, greedy={}, kls={("regime", "opd"): [(0.5, 0.25), (0.25, 0.75)]},
+                         cosines={("regime", "opd"): [0.5, 0.25, 0.0]})
+    assert "| 0.3750 / 0.5000 | 0.250 |" in with_kls
     assert "| opd | 3 | +" in text  # REOPOLD - OPD, positive
     assert "Primary comparisons, stated before the runs" in text
 
@@ -90,7 +91,7 @@ def test_each_run_is_the_main_job_with_its_method_arm_and_evaluation():
     cmd = se.train_cmd("control", "gkd_reverse_kl", 3, 1e-4, Path("/tmp/x"), "test")
     assert "experiment=mini_math" in cmd and "algorithm=gkd" in cmd and "objective.beta=1.0" in cmd
     assert "model.student.overrides=['data.train.carry_forgotten=1.0']" in cmd
-    assert f"+callbacks.diagnostics._target_={se.DIAGNOSTICS}" in cmd
+    assert f"+callbacks.diagnostics._target_={se.DIAGNOSTICS}" in cmd and f"module.grad_cosine_every={se.EVAL_EVERY}" in cmd
     assert not [c for c in se.train_cmd("regime", "grpo", 0, 1e-4, Path("/tmp/x"), "test") if "diagnostics" in c]
     assert {"seed=3", "module.optimizer.lr=0.0001", "data.val.split=test", f"data.val.n={se.TEST_PROMPTS}",
             f"module.eval_samples={se.EVAL_SAMPLES}", "validate_before=true"} <= set(cmd)

@@ -21,7 +21,7 @@ import dataclasses
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from src.modules.method.losses import generalized_jsd
+from src.modules.diagnostics import exact_kls
 from src.modules.rollout.batch import Rollout
 
 TRACES_STREAM = 1_000_003  # the sampling stream of the traces: apart from every evaluation batch's
@@ -47,23 +47,6 @@ def first_rows(loader, n: int, pad_id: int) -> dict:
 
     return {"input_ids": left_padded("input_ids", pad_id), "attention_mask": left_padded("attention_mask", 0),
             "references": [r for p in parts for r in p["references"]][:n]}
-
-
-@torch.no_grad()
-def exact_kls(scorer, ro, chunk: int = 4096) -> tuple[float, float]:
-    """Mean per-token reverse and forward KL between ``scorer``'s student and teacher over ``ro``'s response
-    tokens, over the full vocabulary, ``chunk`` positions at a time."""
-    hs, head_s = scorer.hidden(scorer.student, ro)
-    ht, head_t = scorer.hidden(scorer.teacher, ro)
-    mask = ro.response_mask_BT.reshape(-1).bool()
-    hs, ht = hs.reshape(-1, hs.shape[-1])[mask], ht.reshape(-1, ht.shape[-1])[mask]
-    reverse, forward = 0.0, 0.0
-    for i in range(0, hs.shape[0], chunk):
-        s, t = scorer.vocab_logp(hs[i:i + chunk], head_s), scorer.vocab_logp(ht[i:i + chunk], head_t)
-        reverse += float(generalized_jsd(s, t, 1.0).sum())  # beta 1: KL(student || teacher)
-        forward += float(generalized_jsd(s, t, 0.0).sum())  # beta 0: KL(teacher || student)
-    n = max(int(mask.sum()), 1)
-    return reverse / n, forward / n
 
 
 class HeldOutKL(Callback):

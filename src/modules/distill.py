@@ -25,6 +25,7 @@ import warnings
 import torch
 from lightning import LightningModule
 
+from src.modules.diagnostics import exact_reverse_kl_cosine
 from src.modules.distributed import check_sharding, check_strategy, over_ranks
 from src.modules.evaluation.evaluator import Evaluator
 from src.modules.guards import NonFiniteError, NonFiniteGuard, nonfinite_parameters, nonfinite_tensors
@@ -60,6 +61,9 @@ class DistillationModule(LightningModule):
         grad_clip: max gradient norm (None disables).
         nonfinite: the non-finite guard's settings (``policy``, ``max_skips``, ``warn_empty_steps``:
             ``src/modules/guards.py``); None: stop at the first NaN or inf.
+        grad_cosine_every: every this many steps (0: never), log ``train/grad_cos_exact_rkl``: the cosine between
+            the method's gradient and the exact full-vocabulary reverse-KL gradient on the same batch (an extra
+            forward and backward; ``src/callbacks/diagnostics.py``). Unsharded strategies, with a teacher.
     """
 
     not_checkpointed = ("teacher.",)  # reloaded from its spec
@@ -67,7 +71,7 @@ class DistillationModule(LightningModule):
     def __init__(self, student, teacher, rollout, objective, optimizer, scheduler=None, selection=None,
                  grader=None, answer_fn=None, task: str = "math", chunk_size: int = 1024,
                  grad_clip: float | None = 1.0, seed: int = 0, eval_samples: int = 0, record_samples: bool = False,
-                 backbone=None, nonfinite: dict | None = None):
+                 backbone=None, nonfinite: dict | None = None, grad_cosine_every: int = 0):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # the teacher is not in checkpoints
@@ -85,6 +89,11 @@ class DistillationModule(LightningModule):
         self.evaluator = Evaluator(grader, answer_fn, eval_samples, record_samples)
         self.chunk_size, self.grad_clip, self.seed = chunk_size, grad_clip, seed
         self.guard = NonFiniteGuard(**dict(nonfinite or {}))
+        if grad_cosine_every < 0 or (grad_cosine_every and teacher is None):
+            raise ValueError("module.grad_cosine_every compares with the exact reverse KL to the teacher: it needs "
+                             f"a teacher and a value >= 0 (0: off), got {grad_cosine_every}"
+                             + (" without a teacher" if teacher is None else ""))
+        self.grad_cosine_every = grad_cosine_every
         self.backbone = backbone or hf_backbone
         self.student = self.teacher = self.tokenizer = self.processor = None
         self.scorer: Scorer | None = None  # set by configure_model
@@ -98,6 +107,9 @@ class DistillationModule(LightningModule):
             check_strategy(self.trainer.strategy, self.grad_clip if fitting else None)
             check_sharding(getattr(self.trainer, "strategy", None), self.objective, self.rollout,
                            self.objective.micro_batch_tokens)
+            if self.grad_cosine_every and (self._fsdp2() is not None or self._deepspeed()):
+                raise ValueError("module.grad_cosine_every reads hidden states outside a forward, which a sharded "
+                                 "model does not allow: set it to 0 under this strategy")
         if self.student is not None:
             return
         self.tokenizer = self.student_spec.load_tokenizer()
@@ -260,6 +272,10 @@ class DistillationModule(LightningModule):
         logs.update(peaks.logs)
         logs["skipped_steps"] = float(self.guard.skipped)
         logs = over_ranks(logs, summed=("samples", "rollout_tok_per_s", "train_tok_per_s"))
+        if "grad_cos_exact_rkl" in logs:  # on some steps only: Lightning would repeat its last value on the others
+            cosine = {"train/grad_cos_exact_rkl": float(logs.pop("grad_cos_exact_rkl"))}
+            for logger in self.loggers if self.trainer.is_global_zero else []:
+                logger.log_metrics(cosine, step=step)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=ro.input_ids.shape[0])
         self.log("train/loss_step", logs["loss"], prog_bar=True, logger=False)
         return logs["loss"]
@@ -273,6 +289,10 @@ class DistillationModule(LightningModule):
             for mb in ro.minibatches(self.objective.minibatches, shuffle):
                 opt.zero_grad(set_to_none=True)
                 loss, metrics = accumulate(self.objective, mb, self.scorer, self.manual_backward)
+                step = self.trainer.global_step // self.updates_per_rollout
+                if self.grad_cosine_every and step % self.grad_cosine_every == 0 and n_updates == 0:
+                    metrics["grad_cos_exact_rkl"] = exact_reverse_kl_cosine(self.scorer, mb,
+                                                                            list(self.student.parameters()))
                 grads = [p.grad for p in self.student.parameters() if p.grad is not None]
                 if grads:  # empty under DeepSpeed, which keeps gradients in its own buffers
                     logs["grad_norm"] = full(torch.nn.utils.get_total_norm(grads))  # FSDP2: over every shard
