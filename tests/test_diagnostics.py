@@ -102,10 +102,11 @@ def test_the_gradient_cosine_is_one_for_exact_reverse_kl_and_less_for_sampled_me
     train(cfg)
     cos = _logged(cfg, "train/grad_cos_exact_rkl")
     assert sorted(cos) == [0, 2] and all(v == pytest.approx(1.0, abs=1e-4) for v in cos.values()), cos
-    cfg = make_cfg("algorithm=reopold", "module.grad_cosine_every=1", "test=false")
-    train(cfg)
-    cos = _logged(cfg, "train/grad_cos_exact_rkl")
-    assert sorted(cos) == [0, 1, 2, 3] and all(-1 <= v < 0.99 for v in cos.values()), cos
+    for algorithm in ("reopold", "sft"):  # SFT: its gradient on the teacher's samples
+        cfg = make_cfg(f"algorithm={algorithm}", "module.grad_cosine_every=1", "test=false")
+        train(cfg)
+        cos = _logged(cfg, "train/grad_cos_exact_rkl")
+        assert sorted(cos) == [0, 1, 2, 3] and all(-1 <= v < 0.99 for v in cos.values()), (algorithm, cos)
 
 
 def test_the_gradient_cosine_needs_a_teacher(make_cfg):
