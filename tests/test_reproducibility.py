@@ -28,7 +28,8 @@ def test_a_stage_that_misses_its_check_is_reported_as_such(tmp_path, monkeypatch
     strict = STAGE + ["stage_check={metric: val/mini_math/acc, min: 0.99}"]
     monkeypatch.setitem(repro.MINIATURES, "strict", [
         "trainer.max_steps=1", "data.train.digits=2", "data.train.n=64", "data.val.n=8", "data.test.n=8",
-        "data.batch_size=8", f"model.teacher.overrides=[{','.join(repr(o) for o in strict)}]"])
+        "data.batch_size=8", f"model.teacher.overrides=[{','.join(repr(o) for o in strict)}]",
+        f"model.student.overrides=[{','.join(repr(o) for o in STAGE + ['stage_check=null'])}]"])  # built first
     row = repro.run(tmp_path, "strict", 1, 0)
     assert row["status"].startswith("stage check failed: stage 'mini_math_teacher' reached val/mini_math/acc"), row
     assert "stage check failed" in repro.table([row]) and "| strict | 0 of 1 |" in repro.table([row])
