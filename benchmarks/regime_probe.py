@@ -3,7 +3,7 @@ warm start, where the teacher adds a capability the student never saw?
 
 Arms (same teacher: the miniature's, trained on 3-digit addition; the same 3-digit test split):
 - ``capability``: the student's warm start is trained on 2-digit problems only, then distilled on 3-digit prompts;
-- ``control``: the miniature's own warm start (3-digit), the mechanism absent.
+- ``control``: a 3-digit warm start of the same recipe (``RECIPE``), the mechanism absent.
 Methods: ``sft`` (the teacher samples, the student imitates), ``opd`` (vanilla on-policy distillation) and
 ``reopold``, each for ``--steps`` steps at sampling temperature ``--temperature``, per seed.
 
@@ -25,10 +25,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# the probe's warm-start recipe: 230 SFT steps on clean demonstrations (the main job's warm start trains 800 steps on
+# noisy ones)
+RECIPE = ["data.train.carry_forgotten=0.0", "trainer.max_steps=230", "trainer.val_check_interval=115",
+          "stage_check=null"]
 WARM_STARTS = {  # overrides of the student's warm-start stage (mini_math_student_init)
-    "capability": ["data.train.digits=2", "data.train.n=6000", "data.val.digits=2", "data.test.digits=2"],
-    "control": [],
+    "capability": [*RECIPE, "data.train.digits=2", "data.train.n=6000", "data.val.digits=2", "data.test.digits=2"],
+    "control": RECIPE,
 }
+DEFAULT_LR = 1e-3  # the main job's rate when the probe ran
 
 
 def run(out: Path, arm: str, method: str, seed: int, steps: int, temperature: float, lr: float | None = None) -> dict:
@@ -41,7 +46,7 @@ def run(out: Path, arm: str, method: str, seed: int, steps: int, temperature: fl
     cmd = [sys.executable, "src/train.py", "experiment=mini_math", f"algorithm={method}", f"seed={seed}",
            f"trainer.max_steps={steps}", f"rollout.temperature={temperature}", f"model.student.overrides={stage}",
            f"paths.log_dir={folder / 'logs'}", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
-           *([] if lr is None else [f"module.optimizer.lr={lr}"])]
+           f"module.optimizer.lr={DEFAULT_LR if lr is None else lr}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     (folder / "train.log").write_text(proc.stdout + proc.stderr)
@@ -63,7 +68,7 @@ def main() -> int:
     parser.add_argument("--arms", nargs="+", default=list(WARM_STARTS), choices=list(WARM_STARTS))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the main job's, 1e-3)")
+    parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {DEFAULT_LR:g})")
     args = parser.parse_args()
     results = []
     for arm in args.arms:
@@ -79,7 +84,7 @@ def main() -> int:
         writer.writeheader()
         writer.writerows(results)
     lines = ["| arm | method | lr | seed | teacher | student before | student after |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['arm']} | {r['method']} | {r.get('lr') or 1e-3:g} | {r['seed']} | {r['teacher']:.1%} | "
+    lines += [f"| {r['arm']} | {r['method']} | {r.get('lr') or DEFAULT_LR:g} | {r['seed']} | {r['teacher']:.1%} | "
               f"{r['student_before']:.1%} | {r['student_after']:.1%} |" for r in results]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
