@@ -32,7 +32,8 @@ def exact_kls(scorer, ro, chunk: int = 4096) -> tuple[float, float]:
 def exact_reverse_kl_cosine(scorer, ro, params: list[torch.nn.Parameter]) -> float:
     """The cosine between the gradient the parameters hold now (the method's, from its sampled tokens) and the
     gradient of the exact per-token reverse KL(student || teacher) over the full vocabulary on the same rollout's
-    response tokens (GKD at beta 1, token mean). 1: the method moves the student as exact reverse KL would."""
+    response tokens (GKD at beta 1, token mean). 1: the method moves the student as exact reverse KL would. Under
+    DDP the method's gradient is already the ranks' mean and the exact one this rank's batch's: a noisier cosine."""
     exact = dataclasses.replace(ro, loss_mask_BT=ro.response_mask_BT, batch_loss_mask_BT=None)
     loss, _ = GeneralizedJSD(beta=1.0).loss(exact, scorer)
     held = [(p, p.grad) for p in params if p.grad is not None]
