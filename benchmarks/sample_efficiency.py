@@ -44,6 +44,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,8 +95,6 @@ def run_one(cmd: list[str], run_dir: Path) -> Path | None:
     if (run_dir / "done.json").exists():
         return run_dir
     if run_dir.exists():  # an interrupted or failed attempt: start it again from nothing
-        import shutil
-
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     start = time.time()
@@ -111,11 +110,19 @@ def run_one(cmd: list[str], run_dir: Path) -> Path | None:
     return run_dir
 
 
-def curve(run_dir: Path, metric: str = PRIMARY) -> list[tuple[int, float]]:
-    """(rollouts consumed, metric) at each evaluation of a run, from its CSV log; the first precedes any update."""
-    metrics = next(run_dir.rglob("metrics.csv"))
-    with metrics.open() as f:
-        rows = list(csv.DictReader(f))
+def metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's CSV log."""
+    with next(run_dir.rglob("metrics.csv")).open() as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows: list[dict], key: str) -> list[float]:
+    """The values ``key`` was logged with, in order."""
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def curve(rows: list[dict], metric: str = PRIMARY) -> list[tuple[int, float]]:
+    """(rollouts consumed, metric) at each evaluation of a run (``metrics``); the first precedes any update."""
     key = next(k for k in rows[0] if k.startswith("val/") and k.endswith(f"/{metric}"))
     per_step = {int(r["step"]): float(r["train/samples"]) for r in rows if r.get("train/samples")}
     points = []
@@ -126,19 +133,6 @@ def curve(run_dir: Path, metric: str = PRIMARY) -> list[tuple[int, float]]:
         rollouts = 0 if not points else int(sum(v for s, v in per_step.items() if s <= step))
         points.append((rollouts, float(r[key])))
     return points
-
-
-def response_length(run_dir: Path) -> float:
-    """Mean sampled response length over the run's steps (tokens), for the FLOPs count."""
-    with next(run_dir.rglob("metrics.csv")).open() as f:
-        lengths = [float(r["train/response_len"]) for r in csv.DictReader(f) if r.get("train/response_len")]
-    return statistics.mean(lengths) if lengths else float("nan")
-
-
-def grad_cosines(run_dir: Path) -> list[float]:
-    """The run's logged cosines between its gradient and the exact reverse KL's (``module.grad_cosine_every``)."""
-    with next(run_dir.rglob("metrics.csv")).open() as f:
-        return [float(r["train/grad_cos_exact_rkl"]) for r in csv.DictReader(f) if r.get("train/grad_cos_exact_rkl")]
 
 
 def flops_per_rollout(method: str, length: float, n_student: int, n_teacher: int) -> float:
@@ -216,11 +210,11 @@ def sd(values: list[float]) -> float:
 
 
 def fmt_rollouts(values: list[float], budget: float) -> str:
-    reached = [v for v in values if math.isfinite(v)]
-    if not reached:
-        return f"> {budget:,.0f} (0/{len(values)})"
-    return f"{statistics.median(values) if len(reached) * 2 > len(values) else math.inf:,.0f} " \
-           f"({len(reached)}/{len(values)})".replace("inf", f"> {budget:,.0f}")
+    """The median of rollouts to a target, censored at ``budget`` unless more than half the seeds reach it."""
+    reached = sum(math.isfinite(v) for v in values)
+    if 2 * reached <= len(values):
+        return f"> {budget:,.0f} ({reached}/{len(values)})"
+    return f"{statistics.median(values):,.0f} ({reached}/{len(values)})"
 
 
 def report(result: dict, refs: dict, budget: float, greedy: dict, kls: dict | None = None,
@@ -338,7 +332,7 @@ def tune(methods: list[str], runs: Path) -> dict:
             run_dir = runs / "tune" / f"{method}-lr{lr:g}"
             print(f"[tune] {method} lr {lr:g}", flush=True)
             if run_one(train_cmd("regime", method, TUNE_SEED, lr, run_dir, "val"), run_dir):
-                scores[lr] = statistics.mean(a for _, a in curve(run_dir)[1:])
+                scores[lr] = statistics.mean(a for _, a in curve(metrics(run_dir))[1:])
         if scores:
             chosen[method] = max(scores, key=scores.get)
             print(f"[tune] {method}: " + ", ".join(f"{lr:g} -> {s:.3f}" for lr, s in scores.items())
@@ -413,13 +407,14 @@ def write_outputs(runs: Path, out: Path, refs: dict) -> None:
         if arm not in ARMS:
             continue
         method, seed = run_dir.name.rsplit("-seed", 1)
+        logged = metrics(run_dir)
         rows += [{"arm": arm, "method": method, "seed": int(seed), "samples": x, "val_acc": a}
-                 for x, a in curve(run_dir)]
-        greedy[(arm, method)].append(curve(run_dir, SECONDARY)[-1][1])
-        if method != "grpo":
-            kls[(arm, method)].append((curve(run_dir, "reverse_kl")[-1][1], curve(run_dir, "forward_kl")[-1][1]))
-            cosines[(arm, method)] += grad_cosines(run_dir)
-        lengths[(arm, method)].append(response_length(run_dir))
+                 for x, a in curve(logged)]
+        greedy[(arm, method)].append(curve(logged, SECONDARY)[-1][1])
+        if method != "grpo":  # the diagnostics need a teacher
+            kls[(arm, method)].append((curve(logged, "reverse_kl")[-1][1], curve(logged, "forward_kl")[-1][1]))
+            cosines[(arm, method)] += column(logged, "train/grad_cos_exact_rkl")
+        lengths[(arm, method)] += column(logged, "train/response_len")  # for the FLOPs count
     if not rows:
         print("no finished runs yet")
         return
@@ -437,9 +432,9 @@ def write_outputs(runs: Path, out: Path, refs: dict) -> None:
         print("no teacher reference yet (--phases refs)")
         return
     budget = STEPS * PROMPTS_PER_STEP
-    result = analyse([r for r in rows if r["arm"] in arm_refs], {**arm_refs, "lr": refs.get("lr", {})}, budget)
+    result = analyse([r for r in rows if r["arm"] in arm_refs], arm_refs, budget)
     n_student, n_teacher = parameter_counts()
-    flops = {k: flops_per_rollout(k[1], statistics.mean(v), n_student, n_teacher) for k, v in lengths.items()}
+    flops = {k: flops_per_rollout(k[1], statistics.mean(v), n_student, n_teacher) for k, v in lengths.items() if v}
     text = report(result, {**arm_refs, "lr": refs.get("lr", {})}, budget, greedy, kls, cosines)
     (out / "sample_efficiency_analysis.md").write_text(
         "# Sample efficiency: the study's tables\n\nWritten by `python benchmarks/sample_efficiency.py` from the runs "

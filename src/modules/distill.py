@@ -285,12 +285,13 @@ class DistillationModule(LightningModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         shuffle = torch.Generator().manual_seed(self.step_seed())
         logs, n_updates = {}, 0
+        step = self.trainer.global_step // self.updates_per_rollout
+        cosine_step = self.grad_cosine_every and step % self.grad_cosine_every == 0
         for _ in range(self.objective.epochs):
             for mb in ro.minibatches(self.objective.minibatches, shuffle):
                 opt.zero_grad(set_to_none=True)
                 loss, metrics = accumulate(self.objective, mb, self.scorer, self.manual_backward)
-                step = self.trainer.global_step // self.updates_per_rollout
-                if self.grad_cosine_every and step % self.grad_cosine_every == 0 and n_updates == 0:
+                if cosine_step and n_updates == 0:  # the step's first update
                     metrics["grad_cos_exact_rkl"] = exact_reverse_kl_cosine(self.scorer, mb,
                                                                             list(self.student.parameters()))
                 grads = [p.grad for p in self.student.parameters() if p.grad is not None]
