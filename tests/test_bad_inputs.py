@@ -65,6 +65,45 @@ def test_jsonl_rows_with_a_null_or_numeric_field_are_named_by_file_and_line(tmp_
     assert JsonlPrompts(str(path), on_error="skip")() == [{"prompt": "1+1=", "answer": "2", "id": 1}]
 
 
+def test_chat_messages_without_text_and_answers_that_are_not_answers_are_named_by_file_and_line(tmp_path):
+    from src.datamodules.prompts import JsonlPrompts
+    from src.datamodules.rows import DataRowError
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"prompt": [{"role": "user", "content": null}], "answer": "2"}\n'
+                    '{"prompt": [{"role": null, "content": "hi"}], "answer": "2"}\n'
+                    '{"prompt": "1+1=", "answer": {"x": 1}}\n{"prompt": "1+1=", "answer": true}\n'
+                    '{"prompt": [{"role": "user", "content": "1+1="}], "answer": 2}\n')
+    with pytest.raises(DataRowError) as e:
+        JsonlPrompts(str(path))()
+    message = str(e.value)
+    assert f"{path.name}:1: prompt message 0 (user) has content None, neither text nor a list of parts" in message
+    assert f"{path.name}:2: prompt message 0 has role None, not a role name" in message
+    assert f"{path.name}:3: answer is a dict ({{'x': 1}}), not text or a number" in message
+    assert f"{path.name}:4: answer is a bool (True), not text or a number" in message
+    assert ":5:" not in message
+
+
+def test_tool_rows_with_a_prompt_or_answer_that_is_not_text_are_named_by_file_and_line(tmp_path):
+    from src.datamodules.rows import DataRowError
+    from src.datamodules.tool_use import ToolPrompts
+
+    tools = '[{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object", "properties": {}}}}]'
+    path = tmp_path / "tools.jsonl"
+    path.write_text(f'{{"question": 42, "answer": "1", "tools": {tools}}}\n'
+                    f'{{"question": ["x"], "answer": "1", "tools": {tools}}}\n'
+                    f'{{"question": "1+1?", "answer": "", "tools": {tools}}}\n'
+                    f'{{"question": "1+1?", "answer": 2, "tools": {tools}}}\n')
+    with pytest.raises(DataRowError) as e:
+        ToolPrompts(str(path))()
+    message = str(e.value)
+    assert f"{path.name}:1: prompt is an int, neither text nor a list of chat messages" in message
+    assert f"{path.name}:2: prompt is a list, neither text nor a list of chat messages" in message
+    assert f"{path.name}:3: empty answer (field 'answer' is '')" in message
+    assert ":4:" not in message
+    assert ToolPrompts(str(path), on_error="skip")()[0]["answer"] == "2"
+
+
 @pytest.fixture
 def saved_model(tmp_path):
     from src.modules.models.tiny import TinyQwen2

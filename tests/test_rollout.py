@@ -105,3 +105,15 @@ def test_bad_objective_settings_name_the_key():
             make(agg="nope")
     with pytest.raises(ValueError, match="objective.epochs and objective.minibatches must be >= 1"):
         GeneralizedJSD(minibatches=0)
+
+
+def test_minibatches_are_exactly_n_and_more_than_the_rows_is_refused_by_key(tiny):
+    model, tok, ids, mask = tiny
+    torch.manual_seed(0)
+    ro = HFGenerateRollout(max_new_tokens=4, num_samples=4)(model, ids, mask, [tok.eos_token_id], tok.pad_token_id)
+    rows = ro.input_ids.shape[0]
+    parts = list(ro.minibatches(rows - 1))
+    assert len(parts) == rows - 1 and sum(p.input_ids.shape[0] for p in parts) == rows
+    with pytest.raises(ValueError, match=rf"objective.minibatches is {rows + 1}, but a rollout on this rank has "
+                                         rf"{rows} rows: at most {rows}"):
+        list(ro.minibatches(rows + 1))

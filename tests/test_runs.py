@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -32,6 +33,25 @@ def test_a_second_run_on_the_same_output_folder_is_refused_and_the_first_is_kept
     after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     assert after == before  # the first run's checkpoints, export and config are untouched
     assert json.loads((folder / "run.json").read_text())["pid"] > 0
+
+
+def test_a_run_stopped_by_a_config_check_leaves_its_folder_to_the_corrected_command(make_cfg, tmp_path, capsys):
+    folder = tmp_path / "fix"
+    with pytest.raises(Exception, match="data.batch_size must be a positive whole number, got 0"):
+        train(_run_in(make_cfg, folder, "data.batch_size=0"))
+    assert (folder / "run.json").exists() and not (folder / "config_resolved.yaml").exists()
+    train(_run_in(make_cfg, folder))
+    assert "which ended before writing its config or a checkpoint: taking it over" in capsys.readouterr().out
+    assert (folder / "config_resolved.yaml").exists()
+
+
+def test_a_folder_of_a_run_still_running_elsewhere_is_refused_even_before_it_wrote_anything(make_cfg, tmp_path):
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    # pid 1 is alive on every machine; the run it records has written nothing yet (it is still loading)
+    (folder / "run.json").write_text(json.dumps({"started": "now", "host": socket.gethostname(), "pid": 1}))
+    with pytest.raises(FileExistsError, match=r"already holds a run started now .*\(pid 1\)"):
+        train(_run_in(make_cfg, folder))
 
 
 def _task_run(make_cfg, name: str, *overrides):
@@ -76,6 +96,14 @@ def test_a_truncated_checkpoint_is_named_with_the_newest_intact_one(make_cfg, tm
     with pytest.raises(ValueError, match="corrupt or truncated"):
         eval_checkpoint(str(last))
     assert torch.load(intact[0], map_location="cpu", weights_only=False)["global_step"] >= 1
+    # damaged inside, its zip directory intact
+    middle = ckpts / "middle.ckpt"
+    data = bytearray(intact[0].read_bytes())
+    data[len(data) // 2: len(data) // 2 + 4096] = bytes(4096)
+    middle.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"checkpoint {middle} is corrupt or truncated \(BadZipFile: member .* "
+                                         r"fails its CRC check\)"):
+        eval_checkpoint(str(middle))
 
 
 def test_a_checkpoint_of_another_config_resumes_with_a_warning_naming_the_keys(make_cfg, tmp_path):
@@ -106,5 +134,6 @@ def test_only_the_first_process_of_a_launch_claims_the_folder(tmp_path, monkeypa
     monkeypatch.setenv(variable, "1")  # another rank of the same launch, same folder: no claim, no refusal
     claim_output_dir(cfg, None)
     monkeypatch.setenv(variable, "0")
+    (tmp_path / "run" / "config_resolved.yaml").write_text("seed: 0\n")  # the first run got as far as its config
     with pytest.raises(FileExistsError, match="already holds a run"):
         claim_output_dir(cfg, None)

@@ -355,12 +355,22 @@ def test_sandbox_refuses_reads_sqlite_fifos_and_ctypes_escapes(python, tmp_path)
                        ("import ctypes\nctypes.CDLL(None).mkfifoat(-100, b'/tmp/f', 420)", "through ctypes"),
                        ("import os\nfd = os.open('/usr/share/zoneinfo', os.O_RDONLY)", "opening a directory outside"),
                        ("import os\nos.makedirs('a/b')\nos.chdir('a/b')", "changing the working directory"),
-                       ("import _posixsubprocess\n_posixsubprocess.fork_exec()", "starting processes is disabled")]:
+                       ("import _posixsubprocess\n_posixsubprocess.fork_exec()", "starting processes is disabled"),
+                       # C modules that reach files or processes without an audit event, and fresh copies of the
+                       # ones the prelude disarmed
+                       ("import readline\nreadline.read_history_file('/etc/passwd')", "importing readline"),
+                       ("import readline\nreadline.write_history_file('/tmp/outside')", "importing readline"),
+                       ("import pwd\nprint(pwd.getpwuid(0))", "importing pwd"),
+                       ("import sys\ndel sys.modules['_posixsubprocess']\nimport _posixsubprocess",
+                        "importing _posixsubprocess"),
+                       ("import sys\ndel sys.modules['posix']\nimport posix\nposix.mkfifo('/tmp/f')", "importing posix"),
+                       ("import importlib.util as u\nu.module_from_spec(u.find_spec('_posixsubprocess'))",
+                        "importing _posixsubprocess")]:
         out = python(code=code)
         assert out.startswith("error:") and says in out, (code, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.txt"]
     # what a model's program needs still works: the standard library, numpy, sympy, files of its own
-    ok = ("import ctypes, numpy, sympy, fractions, datetime, os\n"
+    ok = ("import ctypes, numpy, sympy, fractions, datetime, os, shutil\n"
           "os.makedirs('d')\nopen('d/x', 'w').write('5')\n"
           "print(int(open('d/x').read()), int(numpy.arange(4).sum()), fractions.Fraction(1, 3) * 3, sympy.isprime(97))")
     assert python(code=ok) == "5 6 1 True"

@@ -177,6 +177,11 @@ def test_hf_export_is_collective_and_written_by_rank_zero(tmp_path, monkeypatch)
     reloaded = Qwen2ForCausalLM.from_pretrained(tmp_path / "step_3")
     assert all(torch.equal(v, own[k]) for k, v in reloaded.state_dict().items())
     assert (tmp_path / "step_3" / "processor").exists()
+    # an export of a name that exists (a resumed run's final) replaces it whole, through a folder beside it
+    (tmp_path / "step_3" / "stale.bin").write_bytes(b"x")
+    export.export(trainer, module, "step_3")
+    assert not (tmp_path / "step_3" / "stale.bin").exists() and (tmp_path / "step_3" / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_3"]  # nothing half-written or set aside is left
 
 
 def test_hf_export_gathers_an_fsdp_student(tmp_path):

@@ -16,6 +16,9 @@ FullyShardedDataParallel in one CPU process, and a ZeRO-3 gather mocked), FSDP2'
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from lightning import Callback
@@ -81,10 +84,19 @@ class HFExport(Callback):
         out = None
         if trainer.is_global_zero:
             out = self._root(trainer) / name
-            out.mkdir(parents=True, exist_ok=True)
-            pl_module.student.save_pretrained(out, state_dict=state_dict)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # written beside it, then renamed into place: an interrupted export never leaves a half-written folder
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
+            pl_module.student.save_pretrained(tmp, state_dict=state_dict)
             processor = getattr(pl_module, "processor", None) or pl_module.tokenizer
-            processor.save_pretrained(out)  # a vision-language processor saves its tokenizer with it
+            processor.save_pretrained(tmp)  # a vision-language processor saves its tokenizer with it
+            if out.exists():  # an earlier export of this name (a resumed run's final): replaced whole
+                aside = out.parent / f".old-{name}-{os.getpid()}"
+                os.rename(out, aside)
+                os.rename(tmp, out)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.rename(tmp, out)
         trainer.strategy.barrier("hf_export")  # no rank reads the folder before rank 0 has written it
         return out
 

@@ -49,6 +49,8 @@ def reference_text(value: Any, unwrap_math: bool = False) -> str:
     """A reference answer as text: ``27.0`` -> ``"27"``, ``["$1$", "$2$"]`` -> ``"1, 2"``; "" if none."""
     if value is None or value != value:  # value != value: NaN, a missing value in a Parquet float column
         return ""
+    if isinstance(value, (bool, dict)):  # not an answer: "True" or "{'x': 1}" would be graded as one
+        raise BadRow(f"answer is {'a bool' if isinstance(value, bool) else 'a dict'} ({value!r}), not text or a number")
     if isinstance(value, (list, tuple)):
         return ", ".join(t for t in (reference_text(v, unwrap_math) for v in value) if t)
     if isinstance(value, float) and value.is_integer():
@@ -64,6 +66,14 @@ def prompt_value(value: Any) -> str | list:
     if isinstance(value, str):
         return value if value.strip() else ""
     if isinstance(value, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value):
+        for i, m in enumerate(value):
+            content = m["content"]
+            if not isinstance(m["role"], str) or not m["role"]:
+                raise BadRow(f"prompt message {i} has role {m['role']!r}, not a role name")
+            # text, or a list of parts (images and text); None only beside the tool calls it stands for
+            if not (isinstance(content, (str, list)) or (content is None and m.get("tool_calls"))):
+                raise BadRow(f"prompt message {i} ({m['role']}) has content {content!r}, neither text nor a list of "
+                             f"parts")
         return value
     kind = type(value).__name__
     raise BadRow(f"prompt is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, neither text nor a list of chat messages")

@@ -27,7 +27,7 @@ import json
 import random
 from typing import Any
 
-from src.datamodules.rows import BadRow, RowReader, check_on_error, checked_rows, reference_text, row_id
+from src.datamodules.rows import BadRow, RowReader, check_on_error, checked_rows, prompt_value, reference_text, row_id
 
 PROMPT_FIELDS = ("messages", "question", "prompt", "query", "problem")
 
@@ -82,8 +82,14 @@ class ToolPrompts:
         field = next((f for f in fields if record.get(f)), None)
         if field is None:
             raise BadRow(f"missing or empty prompt: none of {list(fields)} (has {sorted(record)})")
+        prompt = prompt_value(record[field])
+        if not prompt:
+            raise BadRow(f"empty prompt (field {field!r})")
         if record.get(self.answer_field) is None:
             raise BadRow(f"missing field {self.answer_field!r} (has {sorted(record)})")
+        answer = reference_text(record[self.answer_field])
+        if not answer:
+            raise BadRow(f"empty answer (field {self.answer_field!r} is {record[self.answer_field]!r})")
         tools = record.get(self.tools_field)
         if isinstance(tools, str):
             try:
@@ -92,7 +98,7 @@ class ToolPrompts:
                 raise BadRow(f"field {self.tools_field!r} is not JSON ({e.msg})") from e
         if not isinstance(tools, list) or not tools:
             raise BadRow(f"field {self.tools_field!r} must be a non-empty list of function definitions")
-        return {"id": row_id(record, pos), "prompt": record[field], "answer": reference_text(record[self.answer_field]),
+        return {"id": row_id(record, pos), "prompt": prompt, "answer": answer,
                 "tools": [function_schema(t) for t in tools]}
 
 

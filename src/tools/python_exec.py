@@ -20,7 +20,10 @@ system files such as ``/dev/urandom`` and the time zones), and opening a directo
 ``dir_fd=`` paths); changing the working directory; SQLite (files, URIs, ``ATTACH`` and ``VACUUM INTO`` all reach
 the disk); every network socket, connection and name lookup; starting processes (``subprocess``, ``os.system``,
 ``fork``, ``exec*``, and ``_posixsubprocess.fork_exec``, which raises no event and is replaced); signalling other
-processes; changing resource limits; looking up any C function through ``ctypes``. ``os.mkfifo`` and
+processes; changing resource limits; looking up any C function through ``ctypes``; importing the C modules that
+reach files, shared memory or processes without an audit event (``readline``'s history files, the ``dbm`` and
+``curses`` backends, ``pwd``/``grp``, ``_posixshmem``, ``_multiprocessing``, ``syslog``), and importing a fresh
+copy of ``posix`` or ``_posixsubprocess`` (which would give back what the prelude removed). ``os.mkfifo`` and
 ``os.mknod``, which raise no audit event, are removed. The environment is rebuilt from scratch (no proxy
 variables, no credentials; ``-I`` ignores ``PYTHON*`` variables and the user site).
 
@@ -79,6 +82,10 @@ def _make_hook(root, pid, af_unix, readable):
                "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo"}
     processes = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "os.fork",
                  "os.forkpty"}
+    # extension modules that open files, shared memory or processes from C without an audit event; importing one
+    # afresh (``del sys.modules[...]`` first) also gives back what the prelude removed from posix/_posixsubprocess
+    unaudited = {"posix", "_posixsubprocess", "readline", "_dbm", "_gdbm", "_curses", "_curses_panel", "_tkinter",
+                 "_posixshmem", "_multiprocessing", "syslog", "nis", "spwd", "grp", "pwd", "_testcapi", "_testinternalcapi", "_xxsubinterpreters", "_xxinterpchannels"}
 
     def resolved(path):
         try:
@@ -110,6 +117,10 @@ def _make_hook(root, pid, af_unix, readable):
         return real
 
     def hook(event, args):
+        if event == "import" and args[0] in unaudited:
+            # an ImportError: the standard library's optional imports (shutil's pwd, for one) do without it
+            raise ImportError(f"sandbox: importing {args[0]} is not allowed (it reaches files or processes "
+                              f"without an audit event)")
         if event == "open":
             path, mode, flags = args
             if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & write_flags:

@@ -2,7 +2,8 @@
 
 - ``claim_output_dir``: a run claims its output folder with ``run.json``, created exclusively (two runs started on
   one folder cannot both get it); a folder that already holds a run is refused, unless this run resumes that run's
-  own checkpoint.
+  own checkpoint, or that run has ended on this host without writing its config or a checkpoint (a run stopped by
+  a config check: the corrected command may use the folder).
 - ``resolve_ckpt_path``: ``ckpt_path=last`` resumes the newest ``last.ckpt`` among this task's runs whose config
   matches this one (``config_resolved.yaml``, the config each run writes), up to the keys that say where a
   run writes and how long it trains (``RESUMABLE_DIFFERENCES``); with no such run it stops, naming the newest run
@@ -59,12 +60,32 @@ def claim_output_dir(cfg: DictConfig, resume_from: str | None) -> None:
             earlier = json.loads(marker.read_text())
             who = f"a run started {earlier.get('started')} on {earlier.get('host')} (pid {earlier.get('pid')})"
         except (OSError, ValueError):
-            who = "another run"
+            earlier, who = {}, "another run"
+        if _ended_with_nothing_written(out, earlier):  # e.g. stopped by a config check: the fixed command goes on
+            print(f"[run] {out} held {who}, which ended before writing its config or a checkpoint: taking it over")
+            marker.write_text(json.dumps(record, indent=1))
+            return
         raise FileExistsError(f"output folder {out} already holds {who}: its checkpoints, export and config would be "
                               f"overwritten. Give this run its own folder (hydra.run.dir=...), or resume that run "
                               f"with ckpt_path={out / 'checkpoints' / 'last.ckpt'}") from None
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(record, indent=1))
+
+
+def _ended_with_nothing_written(out: Path, earlier: dict) -> bool:
+    """The run recorded in ``out`` is not running on this host and left neither its config nor a checkpoint."""
+    if earlier.get("host") != socket.gethostname() or not isinstance(earlier.get("pid"), int):
+        return False
+    try:
+        if earlier["pid"] != os.getpid():  # this process runs one run at a time: an earlier one of its own has ended
+            os.kill(earlier["pid"], 0)
+            return False  # still running (or its pid reused: refusing is the safe side)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return False
+    checkpoints = out / "checkpoints"
+    return not (out / RUN_CONFIG).exists() and not (checkpoints.exists() and any(checkpoints.iterdir()))
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -98,7 +119,9 @@ def check_checkpoint(path: Path) -> None:
         return
     try:
         with zipfile.ZipFile(path) as z:
-            z.namelist()
+            damaged = z.testzip()  # every member read against its CRC: damage inside the file, not only truncation
+        if damaged is not None:
+            raise zipfile.BadZipFile(f"member {damaged} fails its CRC check")
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         intact = [p for p in sorted(path.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
                   if p != path and zipfile.is_zipfile(p)]
