@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.modules.distributed import check_strategy
+from src.modules.models.specs import follow_trainer_dtype
 from src.utils.instantiate import instantiate_loggers, plain_errors
 from src.utils.runs import claim_output_dir, existing_checkpoint
 from src.utils.sharding import count_params
@@ -74,6 +75,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict]:
         data = OmegaConf.to_container(cfg.data, resolve=True)  # val/test may refer to train's settings
         data["train"] = None
         cfg.data = data
+    follow_trainer_dtype(cfg)
     claim_output_dir(cfg, None)  # a folder that holds another run's samples is refused
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=instantiate_loggers(cfg.get("logger")))
     check_strategy(trainer.strategy)  # before a stage, model or dataset is built

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from src.modules.distributed import check_sharding, check_strategy
 from src.modules.memory_plan import check_hardware
+from src.modules.models.specs import follow_trainer_dtype
 from src.utils.allocator import keep_freed_memory
 from src.utils.instantiate import (
     instantiate_callbacks,
@@ -39,6 +40,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     if cfg.get("keep_freed_memory", True):
         keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.data.get("purpose") == "evaluation":
+        raise ValueError(f"data={cfg.data.get('task')} is an evaluation preset (data.purpose=evaluation): its train "
+                         f"split is the benchmark's test file. Evaluate with src/eval.py data={cfg.data.get('task')}; "
+                         f"to train, use data=math or data=jsonl with data.train.path=<a training file>")
+    follow_trainer_dtype(cfg)  # model.teacher.dtype: null -> the dtype the trainer computes in
     check_hardware(cfg)  # a GPU experiment on a CPU machine, or a plan that does not fit: stop before anything loads
     ckpt_path = resolve_ckpt_path(cfg)  # a matching, intact checkpoint, or a message naming what is wrong
     claim_output_dir(cfg, ckpt_path)  # a folder that holds another run is refused

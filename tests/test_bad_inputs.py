@@ -200,3 +200,15 @@ def test_an_optimiser_step_that_overflows_stops_the_run_naming_the_learning_rate
     for ckpt in Path(cfg.paths.output_dir).rglob("*.ckpt"):  # huge but finite weights at most, never NaN
         state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
+
+
+def test_an_evaluation_preset_is_refused_as_training_data(make_cfg, tmp_path):
+    from src.train import train
+
+    cfg = make_cfg("experiment=reopold_tiny", "data=gsm8k", fast=False)
+    with pytest.raises(ValueError, match=r"data=gsm8k is an evaluation preset \(data.purpose=evaluation\): its train "
+                                         r"split is the benchmark's test file. Evaluate with src/eval.py data=gsm8k"):
+        train(cfg)
+    assert not Path(cfg.paths.output_dir).exists()  # refused before the run claimed a folder
+    with pytest.raises(Exception, match="data.purpose must be 'training' or 'evaluation', got 'fit'"):
+        train(make_cfg("data.purpose=fit"))

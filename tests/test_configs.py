@@ -9,7 +9,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from src.modules.distributed import check_strategy
-from src.modules.models.specs import PretrainedLM
+from src.modules.models.specs import PretrainedLM, follow_trainer_dtype
 from src.modules.models.tiny import TinyQwen2
 from src.train import train
 
@@ -41,6 +41,7 @@ def test_experiment_composes_and_instantiates_with_tiny_models(make_cfg, name):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_keeps_its_real_settings(make_cfg, name):
     cfg = make_cfg(f"experiment={name}", fast=False)
+    follow_trainer_dtype(cfg)  # as src/train.py does first
     for role in ("student", "teacher"):
         if cfg.model.get(role) is not None:  # specs are cheap: composing and building them loads nothing
             spec = hydra.utils.instantiate(cfg.model[role])
@@ -198,6 +199,7 @@ def test_the_cpu_wing_builds_with_every_experiment(make_cfg, name):
     from src.accel.cpu import FusedBackbone, FusedDecoder
 
     cfg = make_cfg(f"experiment={name}", "accel=cpu", fast=False)
+    follow_trainer_dtype(cfg)
     rollout = hydra.utils.instantiate(cfg.rollout)
     assert isinstance(getattr(rollout, "turn", rollout).decoder, FusedDecoder)
     assert isinstance(hydra.utils.instantiate(cfg.module).backbone, FusedBackbone)

@@ -78,13 +78,21 @@ def test_a_padded_copy_scores_exactly_as_the_model_over_the_shared_ids(tiny):
 
 
 def test_self_distillation_against_a_padded_copy_has_zero_reward(make_cfg, monkeypatch):
-    real = DistillationModule._load
+    real, real_empty = DistillationModule._load, TinyQwen2.load_empty
 
     def load(self, spec, sharded):
         model = real(self, spec, sharded)
         return _padded(model, 64) if spec is self.teacher_spec else model
 
+    def load_empty(spec):  # what the preflight reads before any weights: the padded rows too
+        model = real_empty(spec)
+        if spec.key == "model.teacher":
+            with torch.device("meta"):
+                model.resize_token_embeddings(model.get_output_embeddings().weight.shape[0] + 64, mean_resizing=False)
+        return model
+
     monkeypatch.setattr(DistillationModule, "_load", load)
+    monkeypatch.setattr(TinyQwen2, "load_empty", load_empty)
     cfg = make_cfg("model.teacher.hidden_size=${model.student.hidden_size}", "model.teacher.seed=${model.student.seed}",
                    "model.teacher.num_layers=${model.student.num_layers}", "trainer.max_steps=1",
                    "test=false", "trainer.val_check_interval=100")
@@ -92,3 +100,42 @@ def test_self_distillation_against_a_padded_copy_has_zero_reward(make_cfg, monke
     assert obj["module"].scorer.vocab_size == len(obj["module"].tokenizer)
     assert metrics["train/rev_kl"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["train/reward_mean"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_preflight_refuses_a_pair_before_any_weights_are_read(make_cfg, monkeypatch):
+    def no_weights(spec):
+        raise AssertionError(f"{spec.key}: weights read before the preflight")
+
+    real_tokenizer = TinyQwen2.load_tokenizer
+    monkeypatch.setattr(TinyQwen2, "load_model", no_weights)
+    monkeypatch.setattr(TinyQwen2, "load_tokenizer", lambda spec: _swapped(real_tokenizer(spec), "1", "2")
+                        if spec.key == "model.teacher" else real_tokenizer(spec))
+    with pytest.raises(Exception, match="tokenizers differ in content"):
+        train(make_cfg("trainer.max_steps=1", "test=false"))
+
+
+def test_teacher_dtype_follows_the_trainer_and_self_distillation_refuses_a_mismatch(make_cfg, capsys):
+    from omegaconf import OmegaConf
+
+    from src.modules.models.preflight import preflight_dtypes
+    from src.modules.models.specs import PretrainedLM, follow_trainer_dtype
+
+    for trainer, expected in ((dict(precision="32-true"), "float32"), (dict(precision="bf16-mixed"), "bfloat16"),
+                              (dict(precision="16-mixed"), "float16"),
+                              (dict(precision="32-true", strategy=dict(plan=dict(param_dtype="bfloat16"))), "bfloat16")):
+        cfg = OmegaConf.create({"trainer": trainer, "model": {"teacher": {"path": "t", "dtype": None}}})
+        follow_trainer_dtype(cfg)
+        assert cfg.model.teacher.dtype == expected
+    assert "model.teacher.dtype follows the trainer" in capsys.readouterr().out
+    cfg = OmegaConf.create({"trainer": {"precision": "bf16-mixed"}, "model": {"teacher": {"dtype": "float32"}}})
+    follow_trainer_dtype(cfg)
+    assert cfg.model.teacher.dtype == "float32"  # set: kept
+
+    one = dict(path="/ckpt/same")
+    with pytest.raises(ValueError, match=r"self-distillation .* model.student.dtype=float32, "
+                                         r"model.teacher.dtype=bfloat16: the dtype's rounding alone would be rewarded"):
+        preflight_dtypes(PretrainedLM(**one, dtype="float32", key="model.student"),
+                         PretrainedLM(**one, dtype="bfloat16", key="model.teacher"))
+    preflight_dtypes(PretrainedLM("/ckpt/small", dtype="float32", key="model.student"),
+                     PretrainedLM("/ckpt/big", dtype="bfloat16", key="model.teacher"))
+    assert "model.teacher.dtype=bfloat16: the teacher scores in its own precision" in capsys.readouterr().out

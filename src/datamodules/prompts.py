@@ -90,8 +90,11 @@ class PromptDataModule(LightningDataModule):
     def __init__(self, train: Callable[[], list[dict]], val=None, test=None, batch_size: int = 64,
                  eval_batch_size: int | None = None, instruction: str | None = None,
                  system_prompt: str | None = None, max_prompt_tokens: int | None = None,
-                 num_workers: int = 0, seed: int = 0, task: str = "math", tools=None):
+                 num_workers: int = 0, seed: int = 0, task: str = "math", tools=None, purpose: str = "training"):
         super().__init__()
+        if purpose not in ("training", "evaluation"):
+            raise ValueError(f"data.purpose must be 'training' or 'evaluation', got {purpose!r}")
+        self.purpose = purpose
         self.tools = tools.schemas() if hasattr(tools, "schemas") else (list(tools) if tools else None)
         self.sources = {"train": train, "val": val, "test": test}
         for key, value in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size),

@@ -33,7 +33,7 @@ from src.modules.memory_plan import PhasePeaks
 from src.modules.method.objectives import accumulate
 from src.modules.method.selection import AllTokens
 from src.modules.models.multimodal import preflight_processors, vision_token_ids
-from src.modules.models.preflight import preflight
+from src.modules.models.preflight import preflight, preflight_dtypes
 from src.modules.rollout.sampler import Sampler
 from src.modules.scoring import Scorer, hf_backbone
 from src.modules.sharding import DTYPES, FSDP2Strategy, full
@@ -114,25 +114,28 @@ class DistillationModule(LightningModule):
             return
         self.tokenizer = self.student_spec.load_tokenizer()
         self.processor = self.student_spec.load_processor()  # the tokenizer itself for text-only models
+        needs_teacher = self.teacher_spec is not None and self.objective.needs_teacher
+        shared_vocab = None  # set by the preflight where the pair's output heads differ in padding rows
+        if needs_teacher:  # before any weights are read: tokenizers, templates, and output rows from the configs
+            shared_vocab = preflight(self.student_spec.load_empty(), self.tokenizer, self.teacher_spec.load_empty(),
+                                     self.teacher_spec.load_tokenizer(), self.student_spec.key, self.teacher_spec.key)
+            preflight_processors(self.processor, self.teacher_spec.load_processor(), self.student_spec.key,
+                                 self.teacher_spec.key)
+            preflight_dtypes(self.student_spec, self.teacher_spec)
         self.student = self._load(self.student_spec, sharded=True)
         # counted now, before a sharding strategy flattens or partitions the weights (meta.json, FLOP counts)
         self.student_n_params = count_params(self.student)
         if (message := nonfinite_parameters(self.student, self.student_spec.key)) is not None:
             raise ValueError(f"preflight: {message} ({self.student_spec.path})")
         self.student.train()  # from_pretrained returns eval mode
-        shared_vocab = None  # set by the preflight where the pair's output heads differ in padding rows
-        if self.teacher_spec is not None and self.objective.needs_teacher:
+        if needs_teacher:
             strategy = self._fsdp2()
             sharded = strategy is not None and strategy.plan.teacher_placement == "sharded"
             teacher = self._load(self.teacher_spec, sharded=sharded)
             teacher.requires_grad_(False)
             teacher.eval()
-            shared_vocab = preflight(self.student, self.tokenizer, teacher, self.teacher_spec.load_tokenizer(),
-                                     self.student_spec.key, self.teacher_spec.key)
             if (message := nonfinite_parameters(teacher, self.teacher_spec.key)) is not None:
                 raise ValueError(f"preflight: {message} ({self.teacher_spec.path})")
-            preflight_processors(self.processor, self.teacher_spec.load_processor(), self.student_spec.key,
-                                 self.teacher_spec.key)
             self.teacher = teacher
         self._check_positions()
         banned = vision_token_ids(self.processor)

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from src.modules.models.specs import trainer_compute_dtype
+
 GB = 1e9
 RESERVE_GB = 3.0
 SHAPES = Path(__file__).resolve().parents[2] / "configs" / "model" / "shapes"
@@ -189,7 +191,7 @@ def plan(cfg, gpu_gb: float = 80.0, gpus: int | None = None, prompt_tokens: int 
     param_dtype = sharding.get("param_dtype", "bfloat16") if strategy == "fsdp2" else None
     precision = str(cfg.trainer.get("precision", "32-true"))
     compute = DTYPE_BYTES[param_dtype] if param_dtype else (2 if "16" in precision else master)
-    teacher_bytes = DTYPE_BYTES[str(teacher_cfg.get("dtype", "float32"))] if t else 0
+    teacher_bytes = DTYPE_BYTES[str(teacher_cfg.get("dtype") or trainer_compute_dtype(cfg.trainer))] if t else 0
     teacher_sharded = strategy == "fsdp2" and sharding.get("teacher_placement", "sharded") == "sharded"
     checkpointing = strategy == "fsdp2" and bool(sharding.get("activation_checkpointing", True))
 

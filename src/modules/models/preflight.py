@@ -72,3 +72,18 @@ def preflight(student, student_tok, teacher, teacher_tok, student_key="model.stu
     print(f"[preflight] one tokenizer ({n_tok} tokens); output heads padded to {rows[student_key]} ({student_key}) "
           f"and {rows[teacher_key]} ({teacher_key}) rows: both are scored over the tokenizer's {n_tok} ids")
     return n_tok
+
+
+def preflight_dtypes(student_spec, teacher_spec) -> None:
+    """Say where the teacher's weights have another dtype than the student's; refuse it in self-distillation (one
+    checkpoint as both), where the rounding alone would give every token a reward (bf16 against fp32: about 0.05)."""
+    s, t = getattr(student_spec, "dtype", None), getattr(teacher_spec, "dtype", None)
+    if s is None or t is None or s == t:
+        return
+    names = f"{student_spec.key}.dtype={str(s).removeprefix('torch.')}, {teacher_spec.key}.dtype=" \
+            f"{str(t).removeprefix('torch.')}"
+    if getattr(student_spec, "path", None) and student_spec.path == getattr(teacher_spec, "path", None):
+        raise ValueError(f"preflight: self-distillation ({student_spec.key} and {teacher_spec.key} are both "
+                         f"{student_spec.path!r}) with {names}: the dtype's rounding alone would be rewarded. Give "
+                         f"both one dtype")
+    print(f"[preflight] {names}: the teacher scores in its own precision")

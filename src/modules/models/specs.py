@@ -22,6 +22,28 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def trainer_compute_dtype(trainer_cfg) -> str:
+    """The dtype a trainer config computes in: an FSDP2 plan's ``param_dtype``, else its ``precision``'s
+    (``bf16-mixed``/``bf16-true``: bfloat16, ``16-mixed``/``16-true``: float16, ``32-true``: float32)."""
+    strategy = trainer_cfg.get("strategy")
+    plan = strategy.get("plan") if hasattr(strategy, "get") else None
+    if plan is not None and plan.get("param_dtype"):
+        return str(plan.get("param_dtype"))
+    precision = str(trainer_cfg.get("precision") or "32-true")
+    return "bfloat16" if precision.startswith("bf16") else "float16" if precision.startswith("16") else "float32"
+
+
+def follow_trainer_dtype(cfg) -> None:
+    """``model.teacher.dtype: null`` (the default of ``model=pretrained``): the teacher is loaded in the dtype the
+    trainer computes in (``trainer_compute_dtype``), so an fp32 run scores with an fp32 teacher."""
+    teacher = cfg.model.get("teacher")
+    if teacher is None or "dtype" not in teacher or teacher.get("dtype") is not None:
+        return
+    teacher.dtype = trainer_compute_dtype(cfg.trainer)
+    print(f"[config] model.teacher.dtype follows the trainer: {teacher.dtype} (trainer.precision="
+          f"{cfg.trainer.get('precision')})")
+
+
 def _dtype(name: str, key: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"{key}.dtype must be one of {sorted(DTYPES)}, got {name!r}")
