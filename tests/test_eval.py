@@ -124,3 +124,13 @@ def test_parameter_counts_survive_sharding():
         p.data = torch.empty(0)
     assert sum(p.numel() for p in partitioned.parameters()) == 0
     assert count_params(partitioned) == 6 * 2 + 2
+
+
+def test_each_evaluation_says_its_size_and_after_the_first_how_long_it_will_take(make_cfg, single_thread, capsys):
+    cfg = make_cfg("trainer.max_steps=4", "trainer.val_check_interval=2", "validate_before=true", "test=true")
+    train(cfg)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("[val]", "[test]"))]
+    assert lines[0] == "[val] step 0: 8 prompts, greedy each, up to 12 new tokens"
+    assert any(line.startswith("[val] step 2: 8 prompts") and "min at the last val evaluation's pace" in line
+               for line in lines)
+    assert lines[-1].startswith("[test] step 4: 8 prompts")

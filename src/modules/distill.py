@@ -375,9 +375,38 @@ class DistillationModule(LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.evaluator.records = []  # the records of the latest evaluation only
+        self._announce_evaluation("val")
 
     def on_test_epoch_start(self) -> None:
         self.evaluator.records = []
+        self._announce_evaluation("test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._time_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._time_evaluation("test")
+
+    def _announce_evaluation(self, stage: str) -> None:
+        """One line before an evaluation: how many prompts, how many responses each, and how long the last one of
+        this split took per prompt times this one's size (a real model's full split can take hours)."""
+        loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        n = sum(len(loader.dataset) for loader in loaders if loader is not None and hasattr(loader, "dataset"))
+        seconds = getattr(self, "_eval_seconds_per_prompt", {}).get(stage)
+        estimate = f"; about {seconds * n / 60:.1f} min at the last {stage} evaluation's pace" if seconds else ""
+        k = self.evaluator.eval_samples
+        if self.trainer.is_global_zero:
+            print(f"[{stage}] step {self.global_step}: {n} prompts, greedy{f' + {k} samples' if k else ''} each, up "
+                  f"to {self.rollout.val_max_new_tokens} new tokens{estimate}", flush=True)
+        self._eval_started = (time.perf_counter(), n)
+
+    def _time_evaluation(self, stage: str) -> None:
+        started, n = getattr(self, "_eval_started", (None, 0))
+        if started is not None and n:
+            if not hasattr(self, "_eval_seconds_per_prompt"):
+                self._eval_seconds_per_prompt = {}
+            self._eval_seconds_per_prompt[stage] = (time.perf_counter() - started) / n
 
     # ---------------------------------------------------------------- optimisation
     def _compute_dtype(self) -> torch.dtype | None:
