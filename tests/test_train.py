@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,14 @@ def test_reopold_end_to_end(make_cfg):
     assert phases, "train/phase was not logged"
     # the CSV's step is the rollout step the row belongs to: 0, 1 explore; 2, 3 refine
     assert phases == {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0}, phases
+    # per-step counts: the exploration rule keeps tokens before the switch, the entropy rule after, with its threshold
+    counted = {int(r["step"]): r for r in rows if r.get("train/tokens_kept_entropy")}
+    for step, r in counted.items():
+        exploring = step < 2
+        assert (float(r["train/tokens_kept_exploration"]) > 0) == exploring or float(r["train/kept_frac"]) == 0
+        assert (float(r["train/tokens_kept_entropy"]) > 0) == (not exploring)
+        assert math.isnan(float(r["train/entropy_threshold"])) == exploring
+        assert float(r["train/tokens_clipped"]) >= 0
     for key in ("train/reward_mean", "train/clip_frac", "train/kept_frac", "train/entropy", "train/response_len",
                 "train/truncation_rate", "train/rev_kl", "train/rollout_tok_per_s", "train/train_tok_per_s"):
         assert any(r.get(key) for r in rows), f"{key} never logged"

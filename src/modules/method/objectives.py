@@ -130,8 +130,17 @@ class PolicyGradient(OnPolicy):
         n_valid = valid_BT.sum().clamp(min=1)
         m = ro.metrics
         m.update(_quantiles(reward_BT[valid_BT], "reward"))
-        m["clip_frac"] = ((reward_BT < self.clipping.floor) & valid_BT).sum() / n_valid
+        clipped = ((reward_BT < self.clipping.floor) & valid_BT).sum()
+        m["clip_frac"] = clipped / n_valid
         m["kept_frac"] = ro.loss_mask_BT.sum() / n_valid
+        # per-step counts on this rank: which rule kept how many tokens (the other rule's count is 0), the entropy
+        # threshold in force (NaN while the entropy rule is not)
+        rule = getattr(selection, "rule", None)
+        m["tokens_clipped"] = clipped.float()
+        for name in ("exploration", "entropy"):
+            m[f"tokens_kept_{name}"] = ro.loss_mask_BT.sum().float() if rule == name else torch.tensor(0.0)
+        m["entropy_threshold"] = torch.tensor(getattr(selection, "threshold", float("nan")) if rule == "entropy"
+                                              else float("nan"))
         if ro.teacher_logp_BT is not None:
             # sampled-token estimate of KL(student || teacher) per token
             m["rev_kl"] = ((ro.old_logp_BT - ro.teacher_logp_BT) * valid_BT).sum() / n_valid

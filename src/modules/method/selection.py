@@ -19,6 +19,8 @@ from src.modules.method.losses import data_parallel_ranks
 
 
 class AllTokens:
+    rule = "all"  # what the per-step counts call the tokens it keeps
+
     def __call__(self, x_BT: torch.Tensor | None, valid_BT: torch.Tensor) -> torch.Tensor:
         return valid_BT.bool()
 
@@ -50,6 +52,8 @@ class EntropyTopQuantile:
     it up to ties and rounding.
     """
 
+    rule = "entropy"  # what the per-step counts call the tokens it keeps
+
     def __init__(self, ratio: float = 0.2):
         if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
             raise ValueError(f"selection.ratio must lie in (0, 1], got {ratio!r}")
@@ -59,10 +63,12 @@ class EntropyTopQuantile:
         valid_BT = valid_BT.bool()
         values = _all_ranks(entropy_BT.detach()[valid_BT])  # the batch quantile over every rank's tokens
         if values.numel() == 0:
+            self.threshold = float("nan")
             return valid_BT.clone()
         # The k-th largest value is the threshold: exact for the "top ratio" reading, no interpolation.
         k = max(1, int(round(self.ratio * values.numel())))
         tau = torch.topk(values, k, sorted=False).values.min()
+        self.threshold = float(tau)  # the threshold in force at the latest selection (logged by the objective)
         return valid_BT & (entropy_BT.detach() >= tau)
 
     def select(self, reward_BT, entropy_BT, valid_BT):
@@ -71,6 +77,8 @@ class EntropyTopQuantile:
 
 class RewardFloor:
     """Keep tokens whose reward is at least ``floor`` (REOPOLD's exploration phase uses ``c(lam)``)."""
+
+    rule = "exploration"  # what the per-step counts call the tokens it keeps
 
     def __init__(self, floor: float):
         self.floor = float(floor)
