@@ -365,7 +365,14 @@ def test_sandbox_refuses_reads_sqlite_fifos_and_ctypes_escapes(python, tmp_path)
                         "importing _posixsubprocess"),
                        ("import sys\ndel sys.modules['posix']\nimport posix\nposix.mkfifo('/tmp/f')", "importing posix"),
                        ("import importlib.util as u\nu.module_from_spec(u.find_spec('_posixsubprocess'))",
-                        "importing _posixsubprocess")]:
+                        "importing _posixsubprocess"),
+                       # rebinding what the hook calls, or reaching its closure
+                       ("import __main__\n__main__.isinstance = lambda *a: True\nopen('/etc/passwd').read()",
+                        "reading outside the working directory"),
+                       ("import os\nos.path.realpath = lambda p, **k: os.getcwd()\nopen('/etc/passwd').read()",
+                        "reading outside the working directory"),
+                       ("import gc\n[f for f in gc.get_objects() if getattr(f, '__name__', '') == 'hook']",
+                        "walking the interpreter's objects through gc")]:
         out = python(code=code)
         assert out.startswith("error:") and says in out, (code, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.txt"]

@@ -27,9 +27,14 @@ copy of ``posix`` or ``_posixsubprocess`` (which would give back what the prelud
 ``os.mknod``, which raise no audit event, are removed. The environment is rebuilt from scratch (no proxy
 variables, no credentials; ``-I`` ignores ``PYTHON*`` variables and the user site).
 
+Every name the hook calls is bound in its closure (rebinding builtins, ``os.path`` or the prelude's globals does not
+change its checks), and the gc's object walks, the way to the hook's function and closure, are refused.
+
 What the hook does not hold: it is a guard against a model's accidents, not a boundary. Code that reaches the
 kernel without an audit event (a native extension; a standard-library function that the list above misses) can do
-whatever the process may. The boundary, where the machine allows it, is ``isolation``: ``auto`` (the default:
+whatever the process may. One such way is known: ``importlib.util.module_from_spec`` on ``posix``'s spec builds a
+fresh copy of that built-in module without an ``import`` event, with ``mkfifo`` and ``mknod`` back (a FIFO or an
+empty file outside the directory). The boundary, where the machine allows it, is ``isolation``: ``auto`` (the default:
 kernel namespaces where ``unshare`` can create them), ``namespaces`` (required) or ``audit`` (the hook only).
 The child then runs under ``unshare`` in its own user, network, PID and mount namespaces: it has no network
 interface but loopback, and it is PID 1 of its namespace, so every process it starts, detached with ``setsid`` or
@@ -73,6 +78,11 @@ for _name in ("mkfifo", "mknod"):  # no audit event: removed (a FIFO or device n
             delattr(_mod, _name)
 
 def _make_hook(root, pid, af_unix, readable):
+    # every name the hook calls is bound here, in its closure: the user's code can rebind builtins, the prelude's
+    # globals (``import __main__``) and ``os.path``'s functions, but not these (their function objects are out of
+    # reach: the gc's object walks are refused below)
+    isinstance_, any_, isdir, sep = isinstance, any, os.path.isdir, os.sep
+    realpath, fsdecode = os.path.realpath, os.fsdecode
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     # event -> how many leading arguments are paths it changes
     path_events = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1, "os.chown": 1,
@@ -80,24 +90,27 @@ def _make_hook(root, pid, af_unix, readable):
                    "shutil.rmtree": 1, "shutil.chown": 1, "os.rename": 2, "os.link": 2}
     network = {"socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
                "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo"}
-    processes = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "os.fork",
-                 "os.forkpty"}
+    processes = frozenset({"os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "os.fork",
+                 "os.forkpty"})
     # extension modules that open files, shared memory or processes from C without an audit event; importing one
     # afresh (``del sys.modules[...]`` first) also gives back what the prelude removed from posix/_posixsubprocess
-    unaudited = {"posix", "_posixsubprocess", "readline", "_dbm", "_gdbm", "_curses", "_curses_panel", "_tkinter",
-                 "_posixshmem", "_multiprocessing", "syslog", "nis", "spwd", "grp", "pwd", "_testcapi", "_testinternalcapi", "_xxsubinterpreters", "_xxinterpchannels"}
+    unaudited = frozenset({"posix", "_posixsubprocess", "readline", "_dbm", "_gdbm", "_curses", "_curses_panel",
+                           "_tkinter", "_posixshmem", "_multiprocessing", "syslog", "nis", "spwd", "grp", "pwd",
+                           "_testcapi", "_testinternalcapi", "_xxsubinterpreters", "_xxinterpchannels"})
+    # reaching the hook's own function object (and so its closure) goes through the gc's object walks
+    introspection = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_referents"})
 
     def resolved(path):
         try:
-            return os.path.realpath(os.fsdecode(path))
+            return realpath(fsdecode(path))
         except Exception:
             return None
 
     def under(real, top):
-        return real is not None and (real == top or real.startswith(top.rstrip(os.sep) + os.sep))
+        return real is not None and (real == top or real.startswith(top.rstrip(sep) + sep))
 
     def inside(path):
-        return isinstance(path, int) or under(resolved(path), root)  # an int: an already-open descriptor
+        return isinstance_(path, int) or under(resolved(path), root)  # an int: an already-open descriptor
 
     def refuse_write(path):
         if not inside(path):
@@ -106,12 +119,12 @@ def _make_hook(root, pid, af_unix, readable):
     def refuse_read(path):
         """Refuse a path outside the working directory and the readable places; the resolved path when it is
         outside the working directory (None: inside, or a descriptor)."""
-        if isinstance(path, int) or path is None:
+        if isinstance_(path, int) or path is None:
             return None
         real = resolved(path)
         if under(real, root):
             return None
-        if not any(under(real, r) for r in readable):
+        if not any_(under(real, r) for r in readable):
             raise PermissionError(f"sandbox: reading outside the working directory and the Python installation "
                                   f"is not allowed: {path}")
         return real
@@ -121,14 +134,16 @@ def _make_hook(root, pid, af_unix, readable):
             # an ImportError: the standard library's optional imports (shutil's pwd, for one) do without it
             raise ImportError(f"sandbox: importing {args[0]} is not allowed (it reaches files or processes "
                               f"without an audit event)")
+        if event in introspection:
+            raise PermissionError("sandbox: walking the interpreter's objects through gc is not allowed")
         if event == "open":
             path, mode, flags = args
-            if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & write_flags:
+            if (isinstance_(mode, str) and any_(c in mode for c in "wax+")) or (flags or 0) & write_flags:
                 refuse_write(path)
             else:
                 outside = refuse_read(path)
                 # a directory descriptor outside would let dir_fd= paths escape the checks above
-                if outside is not None and os.path.isdir(outside):
+                if outside is not None and isdir(outside):
                     raise PermissionError(f"sandbox: opening a directory outside the working directory is not "
                                           f"allowed: {path}")
         elif event in ("os.listdir", "os.scandir"):
