@@ -1,0 +1,203 @@
+"""See where the credit goes: a token-level page of a few rollouts every ``every_n_steps`` steps.
+
+Each page is one self-contained HTML file under ``<run>/rollouts/step_<N>.html``: the student's responses to a
+fixed set of prompts (the first ``n_prompts`` of the validation split, so pages compare across steps), sampled at
+the rollout temperature with the student of that step, scored by the teacher and passed through the run's own
+reward, clip and token selection (``objective.prepare`` with the selection in force: the exploration rule before
+the phase switch, the entropy rule after). Every response token is coloured by its reward ``log pi_t - log pi_s``
+(green above 0, red below), struck through where the floor clipped it, faded where the selection dropped it; its
+title (hover) gives the reward, the student's entropy and both log-probs. The header gives the phase, the step and
+the step's batch scalars. ``index.html`` links every page; ``python src/inspect.py <run dir>`` lists them (and
+opens the index) without loading a model.
+
+With a TensorBoard logger, each page's step also gets histograms of the reward, the advantage and the student's
+entropy of the kept and of the dropped tokens (``rollouts/...``).
+
+The page's rollout is drawn on its own sampling stream (the sampler forks the RNG), so the training run is the
+same with or without the viewer; it costs one extra rollout and teacher scoring of ``n_prompts`` prompts per page.
+Only that page's rows are held in memory.
+
+    python src/train.py ... callbacks.rollout_viewer.every_n_steps=25
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from src.callbacks.diagnostics import first_rows
+from src.callbacks.phase import EXPLORATION, PhaseSchedule
+
+VIEWER_STREAM = 1_000_033  # the sampling stream of the pages' rollouts: apart from training and evaluation
+PAGE_STYLE = """
+body { font-family: sans-serif; margin: 1.5em; } .tok { white-space: pre-wrap; font-family: monospace; }
+.clipped { text-decoration: line-through; } .dropped { opacity: 0.45; } .row { margin: 1em 0; padding: 0.5em;
+border: 1px solid #ccc; } .prompt { color: #555; white-space: pre-wrap; } table.scalars td { padding: 0 0.8em; }
+"""
+
+
+def reward_colour(reward: float, scale: float = 2.0) -> str:
+    """Green for a positive reward, red for a negative one, stronger up to ``|reward| = scale``."""
+    if not math.isfinite(reward):
+        return "rgb(200,200,200)"
+    a = min(abs(reward) / scale, 1.0)
+    return f"rgba(0,160,0,{a:.2f})" if reward >= 0 else f"rgba(220,0,0,{a:.2f})"
+
+
+def page_rows(ro, tokenizer, floor: float, n: int) -> list[dict]:
+    """The first ``n`` rows of a prepared rollout as plain data: prompt text and, per response token, its text,
+    reward, clip and selection marks, entropy and both log-probs."""
+    rows = []
+    response = ro.response_ids_BT
+    for b in range(min(n, response.shape[0])):
+        prompt_ids = ro.input_ids[b, : ro.response_start][ro.attention_mask[b, : ro.response_start].bool()]
+        tokens = []
+        for t in torch.nonzero(ro.response_mask_BT[b]).flatten().tolist():
+            reward = float(ro.reward_BT[b, t])
+            tokens.append({
+                "text": tokenizer.decode([int(response[b, t])]),
+                "reward": reward,
+                "clipped": bool(reward < floor),
+                "kept": bool(ro.loss_mask_BT[b, t]),
+                "entropy": float(ro.entropy_BT[b, t]) if ro.entropy_BT is not None else float("nan"),
+                "teacher_logp": float(ro.teacher_logp_BT[b, t]) if ro.teacher_logp_BT is not None else float("nan"),
+                "student_logp": float(ro.old_logp_BT[b, t]) if ro.old_logp_BT is not None else float("nan"),
+            })
+        rows.append({"prompt": tokenizer.decode(prompt_ids, skip_special_tokens=False), "tokens": tokens,
+                     "reference": ro.references[b] if ro.references else None})
+    return rows
+
+
+def render_page(rows: list[dict], header: dict) -> str:
+    """One self-contained HTML page (no scripts, no external files)."""
+    scalars = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{v:.4g}</td></tr>" if isinstance(v, float) else
+                      f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+                      for k, v in header.items())
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>step {header.get('step')}</title>"
+             f"<style>{PAGE_STYLE}</style></head><body>",
+             f"<h1>Rollouts at step {header.get('step')} ({html.escape(str(header.get('phase')))})</h1>",
+             f"<table class='scalars'>{scalars}</table>",
+             "<p>Colour: reward log pi_t - log pi_s (green &gt; 0, red &lt; 0); struck through: clipped by the floor; "
+             "faded: dropped by the selection. Hover a token for its numbers.</p>"]
+    for i, row in enumerate(rows):
+        parts.append(f"<div class='row' data-row='{i}'><div class='prompt'>{html.escape(row['prompt'])}</div><div>")
+        for tok in row["tokens"]:
+            classes = "tok" + (" clipped" if tok["clipped"] else "") + ("" if tok["kept"] else " dropped")
+            title = (f"reward {tok['reward']:.4f} | entropy {tok['entropy']:.4f} | teacher logp "
+                     f"{tok['teacher_logp']:.4f} | student logp {tok['student_logp']:.4f}")
+            parts.append(f"<span class='{classes}' style='background:{reward_colour(tok['reward'])}' "
+                         f"title='{html.escape(title, quote=True)}' data-reward='{tok['reward']!r}' "
+                         f"data-clipped='{int(tok['clipped'])}' data-kept='{int(tok['kept'])}'>"
+                         f"{html.escape(tok['text'])}</span>")
+        reference = f"<div class='prompt'>reference: {html.escape(str(row['reference']))}</div>" \
+            if row["reference"] is not None else ""
+        parts.append(f"</div>{reference}</div>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def render_index(pages: list[str]) -> str:
+    links = "".join(f"<li><a href='{html.escape(p, quote=True)}'>{html.escape(p)}</a></li>" for p in pages)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>rollouts</title></head><body>"
+            f"<h1>Rollout pages</h1><ul>{links}</ul></body></html>")
+
+
+class RolloutViewer(Callback):
+    """Writes a token-level page of ``n_prompts`` rollouts every ``every_n_steps`` training steps (see the module
+    docstring).
+
+    Args:
+        every_n_steps: rollout steps between pages (a page at step 0 too).
+        n_prompts: the first validation prompts shown on every page.
+        dirname: the folder under the run's output folder.
+    """
+
+    def __init__(self, every_n_steps: int = 50, n_prompts: int = 4, dirname: str = "rollouts"):
+        for key, value in (("every_n_steps", every_n_steps), ("n_prompts", n_prompts)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"callbacks.rollout_viewer.{key} must be a positive whole number, got {value!r}")
+        self.every_n_steps, self.n_prompts, self.dirname = every_n_steps, n_prompts, dirname
+        self.batch = None
+        self.last_rollout = None  # the rollout of the latest page (tests compare the page with it)
+        self.seconds = 0.0  # time spent writing pages
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # token rewards exist under the policy-gradient objectives (REOPOLD, OPD, their ablations, GRPO); SFT, GKD
+        # and the stage builds have none to show
+        self.enabled = getattr(pl_module.objective, "reward", None) is not None
+
+    def folder(self, trainer) -> Path:
+        return Path(trainer.default_root_dir) / self.dirname
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step // max(1, pl_module.updates_per_rollout) - 1  # the rollout step just taken
+        if getattr(self, "enabled", False) and step % self.every_n_steps == 0:
+            self.write_page(trainer, pl_module, step)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._fit_started, self.pages = time.perf_counter(), 0
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.pages and trainer.is_global_zero:
+            total = time.perf_counter() - self._fit_started
+            print(f"[rollout_viewer] {self.pages} pages in {self.seconds:.1f} s, {100 * self.seconds / total:.1f}% of "
+                  f"the training's {total:.0f} s: {self.folder(trainer) / 'index.html'}")
+
+    @torch.no_grad()
+    def write_page(self, trainer, pl_module, step: int) -> Path | None:
+        start = time.perf_counter()
+        if self.batch is None:
+            loader = trainer.val_dataloaders if trainer.val_dataloaders is not None else \
+                trainer.datamodule.val_dataloader()
+            self.batch = first_rows(loader, self.n_prompts, pl_module.tokenizer.pad_token_id)
+        batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in self.batch.items()}
+        ro = pl_module.sampler(pl_module.scorer.student, batch, eval_batch=VIEWER_STREAM + step, num_samples=1)
+        pl_module.objective.prepare(ro, pl_module.scorer, pl_module.selection)
+        self.last_rollout = ro
+        floor = float(getattr(pl_module.objective.clipping, "floor", -math.inf))
+        rows = page_rows(ro, pl_module.tokenizer, floor, self.n_prompts)
+        metrics = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items()
+                   if k.startswith("train/") and torch.as_tensor(v).numel() == 1}
+        schedule = next((c for c in trainer.callbacks if isinstance(c, PhaseSchedule)), None)
+        phase = "-" if schedule is None else "exploration" if schedule.phase == EXPLORATION else "refinement"
+        metrics.pop("phase", None)  # the schedule's own, below (the logged value may be the step before's)
+        header = {"step": step, "phase": phase,
+                  "selection": getattr(pl_module.selection, "rule", type(pl_module.selection).__name__),
+                  "floor": floor, **dict(sorted(metrics.items()))}
+        path = None
+        if trainer.is_global_zero:
+            folder = self.folder(trainer)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"step_{step:06d}.html"
+            path.write_text(render_page(rows, header), encoding="utf-8")
+            (folder / f"step_{step:06d}.json").write_text(json.dumps({"header": header, "rows": rows}))
+            pages = sorted(p.name for p in folder.glob("step_*.html"))
+            (folder / "index.html").write_text(render_index(pages), encoding="utf-8")
+            self._histograms(trainer, ro, step)
+        self.seconds += time.perf_counter() - start
+        self.pages = getattr(self, "pages", 0) + 1
+        return path
+
+    @staticmethod
+    def _histograms(trainer, ro, step: int) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        valid = ro.response_mask_BT
+        kept = ro.loss_mask_BT & valid
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            writer = logger.experiment
+            writer.add_histogram("rollouts/reward", ro.reward_BT[valid].float(), step)
+            writer.add_histogram("rollouts/advantage", ro.advantage_BT[valid].float(), step)
+            if ro.entropy_BT is not None:
+                if kept.any():
+                    writer.add_histogram("rollouts/entropy_kept", ro.entropy_BT[kept].float(), step)
+                if (valid & ~kept).any():
+                    writer.add_histogram("rollouts/entropy_dropped", ro.entropy_BT[valid & ~kept].float(), step)
