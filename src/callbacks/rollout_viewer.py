@@ -26,9 +26,11 @@ import html
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 
 from src.callbacks.diagnostics import first_rows
@@ -138,7 +140,12 @@ class RolloutViewer(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step // max(1, pl_module.updates_per_rollout) - 1  # the rollout step just taken
         if getattr(self, "enabled", False) and step % self.every_n_steps == 0:
-            self.write_page(trainer, pl_module, step)
+            try:
+                self.write_page(trainer, pl_module, step)
+            except Exception as e:  # a debugging page never stops a run: said once, then no more pages
+                self.enabled = False
+                warnings.warn(f"callbacks.rollout_viewer: no page at step {step} ({type(e).__name__}: {e}); no "
+                              f"more pages in this run", stacklevel=2)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._fit_started, self.pages = time.perf_counter(), 0
@@ -155,8 +162,11 @@ class RolloutViewer(Callback):
         if self.batch is None:
             loader = trainer.val_dataloaders if trainer.val_dataloaders is not None else \
                 trainer.datamodule.val_dataloader()
-            self.batch = first_rows(loader, self.n_prompts, pl_module.tokenizer.pad_token_id)
-        batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in self.batch.items()}
+            first = next(iter(loader))
+            # image rows carry their pixels per batch: the first batch as it is (its first rows are shown)
+            self.batch = first if first.get("model_kwargs") else \
+                first_rows(loader, self.n_prompts, pl_module.tokenizer.pad_token_id)
+        batch = move_data_to_device(self.batch, pl_module.device)  # nested: an image batch's model_kwargs too
         ro = pl_module.sampler(pl_module.scorer.student, batch, eval_batch=VIEWER_STREAM + step, num_samples=1)
         pl_module.objective.prepare(ro, pl_module.scorer, pl_module.selection)
         self.last_rollout = ro
