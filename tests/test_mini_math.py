@@ -165,6 +165,9 @@ def test_a_chained_stage_hashes_the_stage_it_builds_on():
     # how a stage computes is part of what it is: without the CPU wing it rounds differently, another stage
     base = stage_digest(compose_stage("mini_math_teacher"))
     assert stage_digest(compose_stage("mini_math_teacher", ["accel=none"])) != base
+    # what a run shows (rollout pages) and a data preset's declared use are not what it trains
+    assert stage_digest(compose_stage("mini_math_teacher", ["callbacks.rollout_viewer.every_n_steps=7",
+                                                            "data.purpose=evaluation"])) == base
 
 
 def test_main_job_shortened_prints_the_table(tmp_path):

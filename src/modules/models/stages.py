@@ -96,7 +96,9 @@ def stage_digest(cfg) -> str:
     container = _upstream_digests(OmegaConf.to_container(cfg, resolve=False))
     for key in VOLATILE:
         container.pop(key, None)
-    container.get("callbacks", {}).pop("progress_bar", None)
+    for key in ("progress_bar", "rollout_viewer"):  # what a run shows, not what it trains
+        container.get("callbacks", {}).pop(key, None)
+    container.get("data", {}).pop("purpose", None)  # a preset's intended use, checked before a run starts
     for key in EVAL_ONLY:
         container.get("module", {}).pop(key, None)
     for key in ("enable_progress_bar", "enable_model_summary"):
