@@ -394,7 +394,9 @@ class DistillationModule(LightningModule):
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         n = sum(len(loader.dataset) for loader in loaders if loader is not None and hasattr(loader, "dataset"))
         seconds = getattr(self, "_eval_seconds_per_prompt", {}).get(stage)
-        estimate = f"; about {seconds * n / 60:.1f} min at the last {stage} evaluation's pace" if seconds else ""
+        total = seconds * n if seconds else None
+        took = None if total is None else f"{total:.0f} s" if total < 90 else f"{total / 60:.1f} min"
+        estimate = f"; about {took} at the last {stage} evaluation's pace" if took else ""
         k = self.evaluator.eval_samples
         if self.trainer.is_global_zero:
             print(f"[{stage}] step {self.global_step}: {n} prompts, greedy{f' + {k} samples' if k else ''} each, up "
