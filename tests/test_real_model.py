@@ -68,7 +68,7 @@ def test_a_two_step_run_exports_a_model_that_reloads_equal_and_evaluates(pair, m
 
     ev = make_cfg("model=pretrained", f"model.student.path={exported}", "model.student.dtype=float32",
                   "data.test.n=2", "rollout.max_new_tokens=8", "k=1", config="eval", fast=False)
-    metrics, _ = evaluate(ev)
+    evaluate(ev)
     out = Path(ev.paths.output_dir)
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 and all(isinstance(r["response"], str) for r in rows)  # greedy + 1 sample each

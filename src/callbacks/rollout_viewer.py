@@ -81,12 +81,12 @@ def render_page(rows: list[dict], header: dict) -> str:
     scalars = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{v:.4g}</td></tr>" if isinstance(v, float) else
                       f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
                       for k, v in header.items())
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>step {header.get('step')}</title>"
-             f"<style>{PAGE_STYLE}</style></head><body>",
+    parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>step {header.get('step')}</title>"
+              f"<style>{PAGE_STYLE}</style></head><body>"),
              f"<h1>Rollouts at step {header.get('step')} ({html.escape(str(header.get('phase')))})</h1>",
              f"<table class='scalars'>{scalars}</table>",
-             "<p>Colour: reward log pi_t - log pi_s (green &gt; 0, red &lt; 0); struck through: clipped by the floor; "
-             "faded: dropped by the selection. Hover a token for its numbers.</p>"]
+             ("<p>Colour: reward log pi_t - log pi_s (green &gt; 0, red &lt; 0); struck through: clipped by the "
+              "floor; faded: dropped by the selection. Hover a token for its numbers.</p>")]
     for i, row in enumerate(rows):
         parts.append(f"<div class='row' data-row='{i}'><div class='prompt'>{html.escape(row['prompt'])}</div><div>")
         for tok in row["tokens"]:
@@ -142,7 +142,7 @@ class RolloutViewer(Callback):
         if getattr(self, "enabled", False) and step % self.every_n_steps == 0:
             try:
                 self.write_page(trainer, pl_module, step)
-            except Exception as e:  # a debugging page never stops a run: said once, then no more pages
+            except Exception as e:  # noqa: BLE001 - a debugging page never stops a run: said once, then no more pages
                 self.enabled = False
                 warnings.warn(f"callbacks.rollout_viewer: no page at step {step} ({type(e).__name__}: {e}); no "
                               f"more pages in this run", stacklevel=2)
