@@ -127,7 +127,9 @@ class RolloutViewer(Callback):
         self.every_n_steps, self.n_prompts, self.dirname = every_n_steps, n_prompts, dirname
         self.batch = None
         self.last_rollout = None  # the rollout of the latest page (tests compare the page with it)
-        self.seconds = 0.0  # time spent writing pages
+        self.seconds, self.pages = 0.0, 0  # time spent writing pages, and how many
+        self.enabled = True  # set by setup: whether the objective has token rewards to show
+        self._fit_started = time.perf_counter()
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # token rewards exist under the policy-gradient objectives (REOPOLD, OPD, their ablations, GRPO); SFT, GKD
@@ -139,7 +141,7 @@ class RolloutViewer(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step // max(1, pl_module.updates_per_rollout) - 1  # the rollout step just taken
-        if getattr(self, "enabled", False) and step % self.every_n_steps == 0:
+        if self.enabled and step % self.every_n_steps == 0:
             try:
                 self.write_page(trainer, pl_module, step)
             except Exception as e:  # noqa: BLE001 - a debugging page never stops a run: said once, then no more pages
@@ -148,7 +150,7 @@ class RolloutViewer(Callback):
                               f"more pages in this run", stacklevel=2)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._fit_started, self.pages = time.perf_counter(), 0
+        self._fit_started, self.seconds, self.pages = time.perf_counter(), 0.0, 0
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.pages and trainer.is_global_zero:
@@ -191,7 +193,7 @@ class RolloutViewer(Callback):
             (folder / "index.html").write_text(render_index(pages), encoding="utf-8")
             self._histograms(trainer, ro, step)
         self.seconds += time.perf_counter() - start
-        self.pages = getattr(self, "pages", 0) + 1
+        self.pages += 1
         return path
 
     @staticmethod

@@ -99,6 +99,8 @@ class DistillationModule(LightningModule):
         self.scorer: Scorer | None = None  # set by configure_model
         self.sampler: Sampler | None = None
         self.student_n_params = None
+        self._eval_seconds_per_prompt: dict[str, float] = {}  # per split, from its latest evaluation (estimates)
+        self._eval_started: tuple[float, int] | None = None
 
     # ---------------------------------------------------------------- models
     def configure_model(self) -> None:
@@ -393,7 +395,7 @@ class DistillationModule(LightningModule):
         loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         n = sum(len(loader.dataset) for loader in loaders if loader is not None and hasattr(loader, "dataset"))
-        seconds = getattr(self, "_eval_seconds_per_prompt", {}).get(stage)
+        seconds = self._eval_seconds_per_prompt.get(stage)
         total = seconds * n if seconds else None
         took = None if total is None else f"{total:.0f} s" if total < 90 else f"{total / 60:.1f} min"
         estimate = f"; about {took} at the last {stage} evaluation's pace" if took else ""
@@ -404,10 +406,8 @@ class DistillationModule(LightningModule):
         self._eval_started = (time.perf_counter(), n)
 
     def _time_evaluation(self, stage: str) -> None:
-        started, n = getattr(self, "_eval_started", (None, 0))
-        if started is not None and n:
-            if not hasattr(self, "_eval_seconds_per_prompt"):
-                self._eval_seconds_per_prompt = {}
+        if self._eval_started is not None and self._eval_started[1]:
+            started, n = self._eval_started
             self._eval_seconds_per_prompt[stage] = (time.perf_counter() - started) / n
 
     # ---------------------------------------------------------------- optimisation

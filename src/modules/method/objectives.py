@@ -132,13 +132,14 @@ class PolicyGradient(OnPolicy):
         m.update(_quantiles(reward_BT[valid_BT], "reward"))
         clipped = ((reward_BT < self.clipping.floor) & valid_BT).sum()
         m["clip_frac"] = clipped / n_valid
-        m["kept_frac"] = ro.loss_mask_BT.sum() / n_valid
+        kept = ro.loss_mask_BT.sum()
+        m["kept_frac"] = kept / n_valid
         # per-step counts on this rank: which rule kept how many tokens (the other rule's count is 0), the entropy
         # threshold in force (NaN while the entropy rule is not)
         rule = getattr(selection, "rule", None)
         m["tokens_clipped"] = clipped.float()
         for name in ("exploration", "entropy"):
-            m[f"tokens_kept_{name}"] = ro.loss_mask_BT.sum().float() if rule == name else torch.tensor(0.0)
+            m[f"tokens_kept_{name}"] = kept.float() if rule == name else torch.tensor(0.0)
         m["entropy_threshold"] = torch.tensor(getattr(selection, "threshold", float("nan")) if rule == "entropy"
                                               else float("nan"))
         if ro.teacher_logp_BT is not None:
