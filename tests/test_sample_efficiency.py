@@ -96,3 +96,14 @@ def test_each_run_is_the_main_job_with_its_method_arm_and_evaluation():
     assert {"seed=3", "module.optimizer.lr=0.0001", "data.val.split=test", f"data.val.n={se.TEST_PROMPTS}",
             f"module.eval_samples={se.EVAL_SAMPLES}", "validate_before=true"} <= set(cmd)
     assert "data.val.split=val" in se.train_cmd("regime", "sft", se.TUNE_SEED, 1e-3, Path("/tmp/x"), "val")
+
+
+def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path):
+    import json
+
+    cmd = se.train_cmd("regime", "opd", 0, 1e-4, tmp_path, "test")
+    assert not se.finished(tmp_path, cmd)
+    (tmp_path / "done.json").write_text(json.dumps({"seconds": 1.0, "cmd": ["/another/python", *cmd[1:]]}))
+    assert se.finished(tmp_path, cmd)  # another interpreter path: the same run
+    assert not se.finished(tmp_path, se.train_cmd("regime", "opd", 0, 3e-4, tmp_path, "test"))  # another rate
+    assert not se.finished(tmp_path, [c.replace(f"max_steps={se.STEPS}", "max_steps=7") for c in cmd])
