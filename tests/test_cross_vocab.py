@@ -3,6 +3,7 @@ scoring of the response text under its own template and tokenizer, and the span 
 
 from __future__ import annotations
 
+import math
 import string
 
 import pytest
@@ -259,3 +260,147 @@ def test_last_and_spread_give_the_same_span_sums(bpe_pair, tokenizers, single_th
         span_rewards(student_logp, teacher_logp, spans, rule="first")
     with pytest.raises(ValueError, match="cover"):
         span_rewards(student_logp[:-1], teacher_logp, spans)
+
+
+# --- the wired path: sampled tokenisations, credits, the scorer, the preflight, a run ---
+
+def test_sampled_char_spans_place_a_non_canonical_tokenisation(tokenizers):
+    from src.modules.cross_vocab import sampled_char_spans
+
+    tok = tokenizers["byte-bpe"]
+    text = "12 + 34 = 46"
+    canonical = tok(text, add_special_tokens=False)["input_ids"]
+    assert sampled_char_spans(tok, canonical, text) == token_char_spans(tok, text)
+    # one character per token: a tokenisation the tokenizer never writes, each token completing its character
+    pieces = [i for ch in text for i in tok(ch, add_special_tokens=False)["input_ids"]]
+    assert pieces != canonical and tok.decode(pieces) == text
+    assert sampled_char_spans(tok, pieces, text) == [(k, k + 1) for k in range(len(text))]
+    # a multi-byte character split over byte pieces: the first pieces complete nothing, the last completes it
+    emoji = "a😀"
+    byte_ids = [tok.convert_tokens_to_ids(t) for t in tok.convert_ids_to_tokens(tok(emoji)["input_ids"])]
+    ranges = sampled_char_spans(tok, byte_ids, emoji)
+    assert_tiles(ranges, emoji) and ranges[-1][1] == len(emoji)
+    with pytest.raises(ValueError, match="do not decode to a prefix"):
+        sampled_char_spans(tok, canonical, "something else")
+
+
+@pytest.mark.parametrize("rule", ["last", "spread"])
+def test_credited_teacher_logp_gives_span_rewards_and_is_exact_on_one_token_spans(rule):
+    from src.modules.cross_vocab import credited_teacher_logp
+
+    torch.manual_seed(0)
+    student, teacher = -torch.rand(6) * 3, -torch.rand(5) * 3
+    spans = [(range(0, 1), range(0, 1)), (range(1, 4), range(1, 2)), (range(4, 5), range(2, 4)),
+             (range(5, 6), range(4, 5))]
+    credit, carries = credited_teacher_logp(student, teacher, spans, rule)
+    reward, carries_ref = span_rewards(student, teacher, spans, rule)
+    torch.testing.assert_close(credit - student, reward, rtol=0, atol=1e-6)
+    assert torch.equal(carries, carries_ref)
+    for s, t in spans:  # a span's credits sum to the teacher's log-prob of its text
+        torch.testing.assert_close(credit[list(s)].sum(), teacher[list(t)].sum(), rtol=0, atol=1e-6)
+    assert credit[0] == teacher[0] and credit[5] == teacher[4]  # one token on each side: the teacher's, bit for bit
+    if rule == "last":
+        assert torch.equal(credit[1:3], student[1:3])  # before a span's last token: reward 0 exactly
+
+
+def _rollout(tok, prompt: list[int], responses: list[list[int]], model, temperature: float, eos: int):
+    """A rollout of ``responses`` (each ending in EOS or truncated) after ``prompt``, with the student's log-probs."""
+    from src.modules.rollout.batch import Rollout
+
+    T = max(len(r) for r in responses) + 2  # padding past the longest response, as a sampled batch has
+    resp = torch.full((len(responses), T), tok.pad_token_id)
+    mask = torch.zeros((len(responses), T), dtype=torch.bool)
+    for b, r in enumerate(responses):
+        resp[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), True
+    P = len(prompt)
+    ids = torch.cat([torch.tensor([prompt] * len(responses)), resp], dim=1)
+    attention = torch.cat([torch.ones(len(responses), P, dtype=torch.long), mask.long()], dim=1)
+    logp = torch.zeros(mask.shape)
+    for b, r in enumerate(responses):
+        logp[b, : len(r)] = reference_logp(model, prompt, r, temperature)
+    return Rollout(input_ids=ids, attention_mask=attention, response_start=P, response_mask_BT=mask, old_logp_BT=logp,
+                   entropy_BT=None, truncated_B=torch.tensor([r[-1] != eos for r in responses]),
+                   teacher_prompt_ids=torch.tensor([prompt] * len(responses)),
+                   teacher_prompt_mask=torch.ones(len(responses), P, dtype=torch.long))
+
+
+def test_the_cross_vocabulary_scorer_with_identical_tokenizers_gives_the_same_vocabulary_reward(char_pair,
+                                                                                                single_thread):
+    from src.modules.cross_vocab import CrossVocabTeacher
+    from src.modules.method.rewards import LogRatioReward
+    from src.modules.scoring import Scorer
+
+    model, tok = char_pair
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    responses = [tok(r, add_special_tokens=False)["input_ids"] + [eos] for r in RESPONSES[:3]]
+    responses.append(tok(RESPONSES[3], add_special_tokens=False)["input_ids"])  # truncated: no EOS
+    ro = _rollout(tok, prompt_ids(tok, "chatml"), responses, model, 0.7, eos)
+    same = Scorer(model, model, 0.7)
+    cross = Scorer(model, model, 0.7, cross_vocab=CrossVocabTeacher(tok, tok, [eos]))
+    expected = LogRatioReward()(dataclass_replace(ro, teacher_logp_BT=same.teacher_logp(ro)))
+    got_logp = cross.teacher_logp(ro)
+    got = LogRatioReward()(dataclass_replace(ro, teacher_logp_BT=got_logp))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert torch.equal(ro.scored_mask_BT, ro.response_mask_BT)  # every span one token: every token carries
+
+
+def dataclass_replace(ro, **kw):
+    import dataclasses
+
+    return dataclasses.replace(ro, **kw)
+
+
+def test_the_cross_vocabulary_scorer_scores_the_text_under_the_teachers_template(char_pair, bpe_pair, single_thread):
+    """A BPE student's sampled tokens, a character-level ChatML teacher: each carrying token's reward is its span's
+    log-ratio, the teacher's side the likelihood of the span's text under its own prompt; the EOS is scored too."""
+    from src.modules.cross_vocab import CrossVocabTeacher
+    from src.modules.scoring import Scorer
+
+    (teacher, t_tok), (student, s_tok) = char_pair, bpe_pair
+    s_eos = s_tok.eos_token_id
+    texts = ["Step 1: 12 + 34 = 46", "46 46"]
+    responses = [s_tok(t, add_special_tokens=False)["input_ids"] + [s_eos] for t in texts]
+    ro = _rollout(s_tok, prompt_ids(s_tok, "plain"), responses, student, 0.8, s_eos)
+    t_prompt = prompt_ids(t_tok, "chatml")
+    ro.teacher_prompt_ids = torch.tensor([t_prompt] * 2)
+    ro.teacher_prompt_mask = torch.ones(2, len(t_prompt), dtype=torch.long)
+    cv = CrossVocabTeacher(s_tok, t_tok, [s_eos])
+    credited = Scorer(student, teacher, 0.8, cross_vocab=cv).teacher_logp(ro)
+    for b, text in enumerate(texts):
+        n = len(responses[b])
+        t_ids, spans = cv.align_row(responses[b])
+        assert t_ids[:-1] == t_tok(text, add_special_tokens=False)["input_ids"] and t_ids[-1] == t_tok.eos_token_id
+        t_logp = reference_logp(teacher, t_prompt, t_ids, 0.8)
+        for s, t in spans:
+            torch.testing.assert_close(credited[b, list(s)].sum(), t_logp[list(t)].sum(), rtol=0, atol=2e-5)
+        assert ro.scored_mask_BT[b, :n].sum() == len(spans) and not ro.scored_mask_BT[b, n:].any()
+        assert (credited[b, n:] == 0).all()
+
+
+def test_the_preflight_names_the_cross_vocabulary_switch_and_what_differs(char_pair, bpe_pair, capsys):
+    from src.modules.models.preflight import preflight, preflight_cross_vocab
+
+    (teacher, t_tok), (student, s_tok) = char_pair, bpe_pair
+    with pytest.raises(ValueError, match=r"model\.teacher\.cross_vocab=true"):
+        preflight(student, s_tok, teacher, t_tok)
+    preflight_cross_vocab(s_tok, t_tok)
+    out = capsys.readouterr().out
+    assert "model.teacher.cross_vocab" in out and "chat templates" in out and "vocabularies of" in out
+    no_template = bpe_tokenizer(byte_level=True)
+    no_template.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        preflight_cross_vocab(s_tok, no_template)
+
+
+def test_a_run_with_a_bpe_student_and_a_character_teacher(make_cfg, single_thread, capsys):
+    from src.train import train
+
+    common = ("+model.student.tokenizer=bpe", "trainer.max_steps=2", "test=false", "trainer.val_check_interval=100",
+              "callbacks.rollout_viewer=null")
+    with pytest.raises(ValueError, match=r"model\.teacher\.cross_vocab=true"):
+        train(make_cfg(*common))
+    metrics, obj = train(make_cfg(*common, "+model.teacher.cross_vocab=true"))
+    module = obj["module"]
+    assert module.scorer.cross_vocab is not None and "[preflight] model.teacher.cross_vocab" in capsys.readouterr().out
+    assert all(math.isfinite(metrics[k]) for k in ("train/loss", "train/reward_mean", "train/rev_kl"))
+    assert 0 < metrics["train/kept_frac"] <= 1

@@ -65,6 +65,9 @@ class HeldOutKL(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if pl_module.teacher_spec is None or not pl_module.objective.needs_teacher:  # loaded in configure_model
             raise ValueError("callbacks.diagnostics: the KL to the teacher needs a teacher (this run has none)")
+        if pl_module.teacher_reads_its_own_input:
+            raise ValueError("callbacks.diagnostics compares full distributions over one vocabulary and prompt: not "
+                             "with model.teacher=self or a cross-vocabulary teacher")
         if pl_module._fsdp2() is not None or pl_module._deepspeed():
             raise ValueError("callbacks.diagnostics reads hidden states outside a forward, which a sharded model "
                              "does not allow: use it with an unsharded strategy (the miniature, DDP)")

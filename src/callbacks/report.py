@@ -70,7 +70,9 @@ class DistillationReport(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.global_step > 0 or "student before" in self.rows:  # a resumed run keeps its "before"
             return
-        if pl_module.teacher is not None:
+        # a teacher that reads its own prompt or tokens (cross-vocabulary, self-distillation) is not evaluated on the
+        # student's: its own stage reports it
+        if pl_module.teacher is not None and not pl_module.teacher_reads_its_own_input:
             self.rows["teacher"] = greedy_eval(pl_module, self._loader(trainer), pl_module.teacher)
         self.rows["student before"] = greedy_eval(pl_module, self._loader(trainer), pl_module.student)
 

@@ -6,16 +6,20 @@ the rollout temperature with the student of that step, scored by the teacher and
 reward, clip and token selection (``objective.prepare`` with the selection in force: the exploration rule before
 the phase switch, the entropy rule after). Every response token is coloured by its reward ``log pi_t - log pi_s``
 (green above 0, red below), struck through where the floor clipped it, faded where the selection dropped it; its
-title (hover) gives the reward, the student's entropy and both log-probs. The header gives the phase, the step and
-the step's batch scalars. ``index.html`` links every page; ``python src/inspect.py <run dir>`` lists them (and
-opens the index) without loading a model.
+title (hover) gives the reward, the student's entropy and both log-probs. A tool-use episode's environment replies
+(the tool's answer and the chat template around it: attended by both models, neither sampled nor scored, so
+``response_mask_BT`` is 0 on them inside the episode) stand between the turns as grey blocks without a reward. A
+vision-language row shows its images as the model saw them, embedded as PNG data (rebuilt from the batch's pixels,
+after the resize: ``src/callbacks/seen_images.py``). The header gives the phase, the step and the step's batch
+scalars. ``index.html`` links every page; ``python src/inspect_run.py <run dir>`` lists them (and opens the index)
+without loading a model, and with ``--step N --screenshot out.png`` renders a page in headless Chromium.
 
-With a TensorBoard logger, each page's step also gets histograms of the reward, the advantage and the student's
-entropy of the kept and of the dropped tokens (``rollouts/...``).
+With a TensorBoard or a Weights & Biases logger, each page's step also gets histograms of the reward, the advantage
+and the student's entropy of the kept and of the dropped tokens (``rollouts/...``).
 
 The page's rollout is drawn on its own sampling stream (the sampler forks the RNG), so the training run is the
 same with or without the viewer; it costs one extra rollout and teacher scoring of ``n_prompts`` prompts per page.
-Only that page's rows are held in memory.
+Only that page's rows are held in memory (of an image batch, its first ``n_prompts`` rows with their own images).
 
     python src/train.py ... callbacks.rollout_viewer.every_n_steps=25
 """
@@ -35,12 +39,17 @@ from lightning.pytorch.callbacks import Callback
 
 from src.callbacks.diagnostics import first_rows
 from src.callbacks.phase import EXPLORATION, PhaseSchedule
+from src.callbacks.seen_images import png_data_uri, row_images
+from src.modules.models.multimodal import has_images, kwargs_of_rows
 
 VIEWER_STREAM = 1_000_033  # the sampling stream of the pages' rollouts: apart from training and evaluation
 PAGE_STYLE = """
 body { font-family: sans-serif; margin: 1.5em; } .tok { white-space: pre-wrap; font-family: monospace; }
 .clipped { text-decoration: line-through; } .dropped { opacity: 0.45; } .row { margin: 1em 0; padding: 0.5em;
-border: 1px solid #ccc; } .prompt { color: #555; white-space: pre-wrap; } table.scalars td { padding: 0 0.8em; }
+border: 1px solid #ccc; } .prompt { color: #555; white-space: pre-wrap; } .scalars { columns: 16em; font-size: 0.9em; }
+.tool { margin: 0.3em 0; padding: 0.2em 0.5em; background: #eee; color: #444; border-left: 3px solid #999;
+white-space: pre-wrap; font-family: monospace; } .tool-label { font-family: sans-serif; font-size: 0.8em; color: #777; }
+.images img { min-height: 56px; image-rendering: pixelated; margin: 0 0.5em 0.3em 0; border: 1px solid #ccc; }
 """
 
 
@@ -52,15 +61,24 @@ def reward_colour(reward: float, scale: float = 2.0) -> str:
     return f"rgba(0,160,0,{a:.2f})" if reward >= 0 else f"rgba(220,0,0,{a:.2f})"
 
 
-def page_rows(ro, tokenizer, floor: float, n: int) -> list[dict]:
-    """The first ``n`` rows of a prepared rollout as plain data: prompt text and, per response token, its text,
-    reward, clip and selection marks, entropy and both log-probs."""
+def page_rows(ro, tokenizer, floor: float, n: int, image_processor=None) -> list[dict]:
+    """The first ``n`` rows of a prepared rollout as plain data: prompt text; per token the policy sampled, its
+    text, reward, clip and selection marks, entropy and both log-probs (``tokens``); a tool episode's environment
+    replies, each its text and the number of sampled tokens before it (``tool_replies``); with an
+    ``image_processor``, the row's images as PNG data URIs (``images``)."""
     rows = []
     response = ro.response_ids_BT
+    sampled_BT = ro.response_mask_BT.bool()
+    environment_BT = ro.attention_mask[:, ro.response_start :].bool() & ~sampled_BT  # attended, not sampled
     for b in range(min(n, response.shape[0])):
         prompt_ids = ro.input_ids[b, : ro.response_start][ro.attention_mask[b, : ro.response_start].bool()]
-        tokens = []
-        for t in torch.nonzero(ro.response_mask_BT[b]).flatten().tolist():
+        tokens, replies = [], []
+        for t in torch.nonzero(sampled_BT[b] | environment_BT[b]).flatten().tolist():
+            if environment_BT[b, t]:  # one reply runs on until the policy's next turn
+                if not replies or replies[-1]["at"] != len(tokens):
+                    replies.append({"at": len(tokens), "ids": []})
+                replies[-1]["ids"].append(int(response[b, t]))
+                continue
             reward = float(ro.reward_BT[b, t])
             tokens.append({
                 "text": tokenizer.decode([int(response[b, t])]),
@@ -71,25 +89,34 @@ def page_rows(ro, tokenizer, floor: float, n: int) -> list[dict]:
                 "teacher_logp": float(ro.teacher_logp_BT[b, t]) if ro.teacher_logp_BT is not None else float("nan"),
                 "student_logp": float(ro.old_logp_BT[b, t]) if ro.old_logp_BT is not None else float("nan"),
             })
+        images = [] if image_processor is None else row_images(ro.model_kwargs, b, image_processor)
         rows.append({"prompt": tokenizer.decode(prompt_ids, skip_special_tokens=False), "tokens": tokens,
+                     "tool_replies": [{"at": r["at"], "text": tokenizer.decode(r["ids"], skip_special_tokens=False)}
+                                      for r in replies],
+                     "images": [png_data_uri(image) for image in images],
                      "reference": ro.references[b] if ro.references else None})
     return rows
 
 
 def render_page(rows: list[dict], header: dict) -> str:
     """One self-contained HTML page (no scripts, no external files)."""
-    scalars = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{v:.4g}</td></tr>" if isinstance(v, float) else
-                      f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
-                      for k, v in header.items())
+    scalars = "".join(f"<div><b>{html.escape(str(k))}</b> {v:.4g}</div>" if isinstance(v, float) else
+                      f"<div><b>{html.escape(str(k))}</b> {html.escape(str(v))}</div>" for k, v in header.items())
     parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>step {header.get('step')}</title>"
               f"<style>{PAGE_STYLE}</style></head><body>"),
              f"<h1>Rollouts at step {header.get('step')} ({html.escape(str(header.get('phase')))})</h1>",
-             f"<table class='scalars'>{scalars}</table>",
+             f"<div class='scalars'>{scalars}</div>",
              ("<p>Colour: reward log pi_t - log pi_s (green &gt; 0, red &lt; 0); struck through: clipped by the "
-              "floor; faded: dropped by the selection. Hover a token for its numbers.</p>")]
+              "floor; faded: dropped by the selection; grey blocks: tool replies, read by the policy but neither "
+              "sampled nor scored. Hover a token for its numbers.</p>")]
     for i, row in enumerate(rows):
-        parts.append(f"<div class='row' data-row='{i}'><div class='prompt'>{html.escape(row['prompt'])}</div><div>")
-        for tok in row["tokens"]:
+        images = "".join(f"<img src='{uri}' alt='row {i}, image {k}'>" for k, uri in enumerate(row["images"]))
+        parts.append(f"<div class='row' data-row='{i}'>" + (f"<div class='images'>{images}</div>" if images else "") +
+                     f"<div class='prompt'>{html.escape(row['prompt'])}</div><div>")
+        replies = {r["at"]: r["text"] for r in row["tool_replies"]}
+        for k, tok in enumerate(row["tokens"]):
+            if k in replies:
+                parts.append(tool_reply(replies.pop(k)))
             classes = "tok" + (" clipped" if tok["clipped"] else "") + ("" if tok["kept"] else " dropped")
             title = (f"reward {tok['reward']:.4f} | entropy {tok['entropy']:.4f} | teacher logp "
                      f"{tok['teacher_logp']:.4f} | student logp {tok['student_logp']:.4f}")
@@ -97,11 +124,17 @@ def render_page(rows: list[dict], header: dict) -> str:
                          f"title='{html.escape(title, quote=True)}' data-reward='{tok['reward']!r}' "
                          f"data-clipped='{int(tok['clipped'])}' data-kept='{int(tok['kept'])}'>"
                          f"{html.escape(tok['text'])}</span>")
+        parts += [tool_reply(text) for text in replies.values()]  # after the last sampled token
         reference = f"<div class='prompt'>reference: {html.escape(str(row['reference']))}</div>" \
             if row["reference"] is not None else ""
         parts.append(f"</div>{reference}</div>")
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def tool_reply(text: str) -> str:
+    return (f"<div class='tool' data-tool-reply='1'><div class='tool-label'>tool reply (context, not scored)</div>"
+            f"{html.escape(text)}</div>")
 
 
 def render_index(pages: list[str]) -> str:
@@ -162,18 +195,14 @@ class RolloutViewer(Callback):
     def write_page(self, trainer, pl_module, step: int) -> Path | None:
         start = time.perf_counter()
         if self.batch is None:
-            loader = trainer.val_dataloaders if trainer.val_dataloaders is not None else \
-                trainer.datamodule.val_dataloader()
-            first = next(iter(loader))
-            # image rows carry their pixels per batch: the first batch as it is (its first rows are shown)
-            self.batch = first if first.get("model_kwargs") else \
-                first_rows(loader, self.n_prompts, pl_module.tokenizer.pad_token_id)
+            self.batch = self._page_batch(trainer, pl_module)
         batch = move_data_to_device(self.batch, pl_module.device)  # nested: an image batch's model_kwargs too
         ro = pl_module.sampler(pl_module.scorer.student, batch, eval_batch=VIEWER_STREAM + step, num_samples=1)
         pl_module.objective.prepare(ro, pl_module.scorer, pl_module.selection)
         self.last_rollout = ro
         floor = float(getattr(pl_module.objective.clipping, "floor", -math.inf))
-        rows = page_rows(ro, pl_module.tokenizer, floor, self.n_prompts)
+        image_processor = pl_module.processor.image_processor if has_images(ro.model_kwargs) else None
+        rows = page_rows(ro, pl_module.tokenizer, floor, self.n_prompts, image_processor)
         metrics = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items()
                    if k.startswith("train/") and torch.as_tensor(v).numel() == 1}
         schedule = next((c for c in trainer.callbacks if isinstance(c, PhaseSchedule)), None)
@@ -196,20 +225,38 @@ class RolloutViewer(Callback):
         self.pages += 1
         return path
 
+    def _page_batch(self, trainer, pl_module) -> dict:
+        """The first ``n_prompts`` validation prompts as one batch."""
+        loader = trainer.val_dataloaders if trainer.val_dataloaders is not None else \
+            trainer.datamodule.val_dataloader()
+        first = next(iter(loader))
+        if not first.get("model_kwargs"):
+            return first_rows(loader, self.n_prompts, pl_module.tokenizer.pad_token_id)
+        # image rows carry their pixels per batch (flat, by image): the first batch's first rows, with their images
+        B = len(first["input_ids"])
+        rows = torch.arange(min(self.n_prompts, B))
+        return {k: kwargs_of_rows(v, rows, B) if k == "model_kwargs" else
+                v[: len(rows)] if isinstance(v, (torch.Tensor, list)) and len(v) == B else v
+                for k, v in first.items()}
+
     @staticmethod
     def _histograms(trainer, ro, step: int) -> None:
-        from lightning.pytorch.loggers import TensorBoardLogger
+        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
         valid = ro.response_mask_BT
         kept = ro.loss_mask_BT & valid
+        values = {"rollouts/reward": ro.reward_BT[valid], "rollouts/advantage": ro.advantage_BT[valid]}
+        if ro.entropy_BT is not None:
+            values["rollouts/entropy_kept"] = ro.entropy_BT[kept]
+            values["rollouts/entropy_dropped"] = ro.entropy_BT[valid & ~kept]
+        values = {tag: v.detach().float().cpu() for tag, v in values.items() if v.numel()}
         for logger in trainer.loggers:
-            if not isinstance(logger, TensorBoardLogger):
-                continue
-            writer = logger.experiment
-            writer.add_histogram("rollouts/reward", ro.reward_BT[valid].float(), step)
-            writer.add_histogram("rollouts/advantage", ro.advantage_BT[valid].float(), step)
-            if ro.entropy_BT is not None:
-                if kept.any():
-                    writer.add_histogram("rollouts/entropy_kept", ro.entropy_BT[kept].float(), step)
-                if (valid & ~kept).any():
-                    writer.add_histogram("rollouts/entropy_dropped", ro.entropy_BT[valid & ~kept].float(), step)
+            if isinstance(logger, TensorBoardLogger):
+                for tag, v in values.items():
+                    logger.experiment.add_histogram(tag, v, step)
+            elif isinstance(logger, WandbLogger):  # wandb is there: the logger could not be made without it
+                import wandb
+
+                # on the x-axis WandbLogger gives every metric (trainer/global_step), the step this page follows
+                logger.experiment.log({**{tag: wandb.Histogram(v.numpy()) for tag, v in values.items()},
+                                       "trainer/global_step": trainer.global_step})

@@ -9,6 +9,12 @@ multi-turn tool-use episode ``[assistant, tool, ..., assistant]`` rendered as ``
 (``src.tools.episodes.render_episode``); batches then carry ``target_mask``, 1 on the assistant's tokens only.
 The tokenizer reaches the datamodule through ``set_tokenizer`` (it belongs to the student, which the
 LightningModule loads).
+
+The teacher may see another prompt than the student (``teacher_prompts``): one rendered with its own tokenizer and
+chat template (a cross-vocabulary teacher, ``set_teacher_tokenizer``), or one holding privileged context the
+student does not see (``teacher_context``: a template filled from the row, e.g. ``"Reference answer: {answer}"``,
+appended to the last user message; self-distillation). Batches then carry ``teacher_input_ids`` and
+``teacher_attention_mask``, left-padded like the student's.
 """
 
 from __future__ import annotations
@@ -60,9 +66,11 @@ class JsonlPrompts:
 
 class _Tokenized(torch.utils.data.Dataset):
     def __init__(self, ids: list[list[int]], answers: list[str], targets: list[list[int]] | None = None,
-                 row_ids: list | None = None, target_masks: list[list[bool]] | None = None):
+                 row_ids: list | None = None, target_masks: list[list[bool]] | None = None,
+                 teacher_ids: list[list[int]] | None = None):
         self.ids, self.answers, self.targets, self.target_masks = ids, answers, targets, target_masks
         self.row_ids = row_ids if row_ids is not None else list(range(len(ids)))
+        self.teacher_ids = teacher_ids
 
     def __len__(self):
         return len(self.ids)
@@ -70,7 +78,8 @@ class _Tokenized(torch.utils.data.Dataset):
     def __getitem__(self, i):
         target = self.targets[i] if self.targets is not None else None
         target_mask = self.target_masks[i] if self.target_masks is not None else None
-        return self.ids[i], self.answers[i], target, self.row_ids[i], target_mask
+        teacher = self.teacher_ids[i] if self.teacher_ids is not None else None
+        return self.ids[i], self.answers[i], target, self.row_ids[i], target_mask, teacher
 
 
 class PromptDataModule(LightningDataModule):
@@ -85,13 +94,20 @@ class PromptDataModule(LightningDataModule):
         task: name used in metric keys.
         tools: function schemas (or a ``ToolEnvironment``, whose ``schemas()`` are taken) announced to the
             model through the chat template's ``tools=`` argument.
+        teacher_context: privileged context for the teacher's prompt only: a ``str.format`` template over the row's
+            fields (``"The answer is {answer}."``), appended to the last user message (module docstring).
     """
 
     def __init__(self, train: Callable[[], list[dict]], val=None, test=None, batch_size: int = 64,
                  eval_batch_size: int | None = None, instruction: str | None = None,
                  system_prompt: str | None = None, max_prompt_tokens: int | None = None,
-                 num_workers: int = 0, seed: int = 0, task: str = "math", tools=None, purpose: str = "training"):
+                 num_workers: int = 0, seed: int = 0, task: str = "math", tools=None, purpose: str = "training",
+                 teacher_context: str | None = None):
         super().__init__()
+        if teacher_context is not None and (not isinstance(teacher_context, str) or not teacher_context.strip()):
+            raise ValueError(f"data.teacher_context must be a non-empty template string or null, got "
+                             f"{teacher_context!r}")
+        self.teacher_context, self.teacher_tokenizer = teacher_context, None
         if purpose not in ("training", "evaluation"):
             raise ValueError(f"data.purpose must be 'training' or 'evaluation', got {purpose!r}")
         self.purpose = purpose
@@ -111,6 +127,15 @@ class PromptDataModule(LightningDataModule):
 
     def set_tokenizer(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+
+    def set_teacher_tokenizer(self, tokenizer) -> None:
+        """The tokenizer (and chat template) the teacher's prompts are rendered with: a cross-vocabulary teacher's."""
+        self.teacher_tokenizer = tokenizer
+
+    @property
+    def teacher_prompts(self) -> bool:
+        """Whether the teacher sees a prompt of its own (its template, or privileged context)."""
+        return self.teacher_tokenizer is not None or self.teacher_context is not None
 
     def longest_prompts(self) -> dict[str, tuple[int, object]]:
         """Per tokenised split, its longest prompt's (token count, row id)."""
@@ -132,6 +157,29 @@ class PromptDataModule(LightningDataModule):
             msgs = [{"role": "system", "content": self.system_prompt}] + msgs
         return msgs
 
+    def teacher_messages(self, row: dict) -> list[dict]:
+        """The teacher's chat: the student's, with ``teacher_context`` filled from ``row`` appended to the last user
+        message."""
+        msgs = [dict(m) for m in self.messages(row)]
+        if self.teacher_context is None:
+            return msgs
+        try:
+            context = self.teacher_context.format(**row)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"data.teacher_context {self.teacher_context!r} cannot be filled from row "
+                             f"{row.get('id')!r} (fields {sorted(row)}): {type(e).__name__}: {e}") from e
+        last = next((m for m in reversed(msgs) if m["role"] == "user"), None)
+        if last is None or not isinstance(last["content"], str):
+            raise ValueError(f"data.teacher_context: row {row.get('id')!r} has no user message with text content to "
+                             "append the context to")
+        last["content"] = f"{last['content']}\n\n{context}"
+        return msgs
+
+    def _render(self, tokenizer, messages: list[dict], tools) -> list[int]:
+        extra = {"tools": tools} if tools else {}
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
+        return ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
             raise RuntimeError("PromptDataModule.set_tokenizer(tokenizer) must be called before setup()")
@@ -139,13 +187,12 @@ class PromptDataModule(LightningDataModule):
             if source is None or split in self.splits:
                 continue
             rows = source()
-            ids = []
-            for r in rows:  # a row's own tools (tool-use data) win over the datamodule's
-                tools = r.get("tools") or self.tools
-                extra = {"tools": tools} if tools else {}
-                ids.append(self.tokenizer.apply_chat_template(self.messages(r), add_generation_prompt=True,
-                                                              tokenize=True, **extra))
-            ids = [x["input_ids"] if isinstance(x, dict) or hasattr(x, "keys") else x for x in ids]
+            # a row's own tools (tool-use data) win over the datamodule's
+            ids = [self._render(self.tokenizer, self.messages(r), r.get("tools") or self.tools) for r in rows]
+            teacher_ids = None
+            if self.teacher_prompts:
+                teacher_ids = [self._render(self.teacher_tokenizer or self.tokenizer, self.teacher_messages(r),
+                                            r.get("tools") or self.tools) for r in rows]
             if self.max_prompt_tokens:
                 for i, x in enumerate(ids):
                     if len(x) > self.max_prompt_tokens:
@@ -162,7 +209,8 @@ class PromptDataModule(LightningDataModule):
             if dup:
                 raise DataRowError(f"{split} split: row ids must be unique, repeated: {dup[:10]}"
                                    f"{' ...' if len(dup) > 10 else ''} (give each row its own 'id')")
-            self.splits[split] = _Tokenized(ids, [r["answer"] for r in rows], targets, row_ids, target_masks)
+            self.splits[split] = _Tokenized(ids, [r["answer"] for r in rows], targets, row_ids, target_masks,
+                                            teacher_ids)
 
     def episode_target(self, row: dict) -> tuple[list[int], list[bool]]:
         """A solution's tokens without the closing EOS (``reference_rollout`` appends it) and the mask of those
@@ -178,16 +226,13 @@ class PromptDataModule(LightningDataModule):
         return ids[:-1], mask[:-1]
 
     def collate(self, items) -> dict:
-        ids, answers, targets, row_ids, target_masks = zip(*items)
-        P = max(len(x) for x in ids)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(ids), P), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), P), dtype=torch.long)
-        for i, x in enumerate(ids):  # left padding: responses start at column P for every row
-            input_ids[i, P - len(x):] = torch.tensor(x)
-            attention_mask[i, P - len(x):] = 1
+        ids, answers, targets, row_ids, target_masks, teacher_ids = zip(*items)
+        input_ids, attention_mask = left_padded(ids, self.tokenizer.pad_token_id)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "references": list(answers),
                  "ids": list(row_ids)}
+        if teacher_ids[0] is not None:
+            batch["teacher_input_ids"], batch["teacher_attention_mask"] = left_padded(
+                teacher_ids, (self.teacher_tokenizer or self.tokenizer).pad_token_id)
         if targets[0] is not None:
             batch["target_ids"] = list(targets)
         if target_masks[0] is not None:
@@ -215,6 +260,17 @@ class PromptDataModule(LightningDataModule):
 
     def test_dataloader(self):
         return self._eval_loader("test")
+
+
+def left_padded(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded to one width (responses start in the same column for every row) and their mask."""
+    P = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), P), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), P), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, P - len(x):] = torch.tensor(x)
+        attention_mask[i, P - len(x):] = 1
+    return input_ids, attention_mask
 
 
 class PromptStream(torch.utils.data.IterableDataset):

@@ -302,6 +302,9 @@ class VisionPromptDataModule(PromptDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.processor is None:
             raise RuntimeError("VisionPromptDataModule.set_processor(processor) must come before setup()")
+        if self.teacher_prompts:
+            raise ValueError("a teacher prompt of its own (data.teacher_context, or a cross-vocabulary teacher) is not "
+                             "supported for vision-language data: the teacher scores the student's prompt")
         for split, source in self.sources.items():
             if source is None or split in self.splits:
                 continue

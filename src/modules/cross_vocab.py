@@ -196,3 +196,131 @@ def span_rewards(student_logp_T: torch.Tensor, teacher_logp_T: torch.Tensor, spa
         reward_T = (span_ratio / count)[span_of_student]
         carries_T[:] = True
     return reward_T, carries_T
+
+
+def sampled_char_spans(tokenizer, ids: Sequence[int], text: str) -> list[CharRange]:
+    """The ``[start, end)`` characters of ``text`` that each of the *sampled* ``ids`` completes, where ``text`` is
+    their decoding. A policy may sample a tokenisation the tokenizer would not produce (``"4" "6"`` where it writes
+    ``"46"``); its tokens are then placed by decoding growing prefixes (a piece ending inside a multi-byte character
+    decodes to ``U+FFFD`` and completes nothing yet). The canonical case goes through ``token_char_spans``."""
+    ids = [int(i) for i in ids]
+    if tokenizer(text, add_special_tokens=False)["input_ids"] == ids:
+        return token_char_spans(tokenizer, text)
+    ranges, pos = [], 0
+    for i in range(len(ids)):
+        piece = tokenizer.decode(ids[: i + 1], skip_special_tokens=False).rstrip("\ufffd")
+        if not text.startswith(piece):
+            raise ValueError(f"the sampled tokens do not decode to a prefix of their text at token {i}: "
+                             f"{piece[-40:]!r} is not the start of {text[:len(piece) + 10][-50:]!r}")
+        end = max(pos, len(piece))
+        ranges.append((pos, end))
+        pos = end
+    if ranges:
+        ranges[-1] = (ranges[-1][0], len(text))
+    return ranges
+
+
+def credited_teacher_logp(student_logp_T: torch.Tensor, teacher_logp_T: torch.Tensor,
+                          spans: Sequence[tuple[range, range]], rule: Literal["last", "spread"] = "last"
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's log-probability credited to each student token, and the mask of tokens that carry a reward.
+
+    ``credited - student_logp_T`` is ``span_rewards``' reward under ``rule``, so the same-vocabulary reward
+    ``log pi_t - log pi_s`` (``method/rewards.py``) applies to it unchanged: a span's credits sum to the teacher's
+    log-probability of its text. Under ``"last"`` the tokens before a span's last carry their own log-prob (reward
+    0) and only the last carries the rest; under ``"spread"`` each of ``k`` tokens gets its log-prob plus
+    ``R_span / k``. Where a span is one token on each side the credit is the teacher's log-prob itself, bit for bit,
+    so identical tokenisations give the same-vocabulary reward exactly.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    student = student_logp_T.detach().float()
+    teacher = teacher_logp_T.detach().float().to(student.device)
+    _, carries_T = span_rewards(student, teacher, spans, rule)  # checks the spans against both sides
+    device = student.device
+    span_of_student = torch.tensor([k for k, (s, _) in enumerate(spans) for _ in s], dtype=torch.long, device=device)
+    span_of_teacher = torch.tensor([k for k, (_, t) in enumerate(spans) for _ in t], dtype=torch.long, device=device)
+    span_t = torch.zeros(len(spans), device=device).index_add_(0, span_of_teacher, teacher)[span_of_student]
+    span_s = torch.zeros(len(spans), device=device).index_add_(0, span_of_student, student)[span_of_student]
+    # the span's teacher log-prob less the student's on the span's other tokens: T exactly on a one-token span
+    rest = span_t - (span_s - student)
+    if rule == "last":
+        return torch.where(carries_T, rest, student), carries_T
+    k = torch.tensor([len(s) for s, _ in spans for _ in s], dtype=torch.float32, device=device)
+    return torch.where(k == 1, rest, student + (span_t - span_s) / k), carries_T
+
+
+class CrossVocabTeacher:
+    """A teacher with its own tokenizer, scoring the student's responses as text (module docstring).
+
+    ``teacher_logp(scorer, ro)`` is ``Scorer.teacher_logp`` for such a teacher: per row, the sampled response (its
+    EOS aside) is decoded to text, placed on characters (``sampled_char_spans``), tokenised by the teacher and
+    aligned; a response that ended with the student's EOS gets the teacher's EOS as the last teacher token, aligned
+    with it (the end of the turn is scored too; a truncated response has none). The teacher reads its own prompt
+    (``Rollout.teacher_prompt_ids``, rendered with its chat template by the datamodule) and the rows are scored as
+    one padded batch, micro-batched like any teacher scoring. Returns ``credited_teacher_logp`` per student token
+    and sets ``ro.scored_mask_BT`` to the tokens that carry a reward.
+
+    Limits: text responses only (a vision-language batch or a tool episode, whose tool replies sit inside the
+    response, is refused); the student's special tokens other than its EOS are decoded as their text.
+    """
+
+    def __init__(self, student_tokenizer, teacher_tokenizer, student_eos_ids: Sequence[int], rule: str = "last"):
+        if rule not in RULES:
+            raise ValueError(f"model.teacher.cross_vocab_rule must be one of {RULES}, got {rule!r}")
+        for side, tok in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
+            if not getattr(tok, "is_fast", False):
+                raise TypeError(f"cross-vocabulary distillation needs fast (Rust) tokenizers for character offsets; "
+                                f"the {side}'s is {type(tok).__name__}")
+        if teacher_tokenizer.eos_token_id is None or teacher_tokenizer.pad_token_id is None:
+            raise ValueError("cross-vocabulary distillation: the teacher's tokenizer needs an EOS and a pad token")
+        self.student_tok, self.teacher_tok, self.rule = student_tokenizer, teacher_tokenizer, rule
+        self.student_eos = {int(i) for i in student_eos_ids}
+        self.teacher_eos = int(teacher_tokenizer.eos_token_id)
+
+    def align_row(self, ids: Sequence[int]) -> tuple[list[int], list[tuple[range, range]]]:
+        """The teacher's ids of one sampled response and the spans aligning them with the sampled ids."""
+        ids = [int(i) for i in ids]
+        ended = bool(ids) and ids[-1] in self.student_eos
+        body = ids[:-1] if ended else ids
+        text = self.student_tok.decode(body, skip_special_tokens=False)
+        teacher_ids = self.teacher_tok(text, add_special_tokens=False)["input_ids"]
+        spans = align(sampled_char_spans(self.student_tok, body, text), token_char_spans(self.teacher_tok, text))
+        if ended:
+            spans.append((range(len(body), len(body) + 1), range(len(teacher_ids), len(teacher_ids) + 1)))
+            teacher_ids = teacher_ids + [self.teacher_eos]
+        return teacher_ids, spans
+
+    def teacher_logp(self, scorer, ro) -> torch.Tensor:
+        from src.modules.rollout.batch import Rollout
+
+        if ro.model_kwargs or ro.tool_counts_BK is not None:
+            raise ValueError("cross-vocabulary distillation scores text responses only (not vision-language batches "
+                             "or tool episodes)")
+        if ro.teacher_prompt_ids is None:
+            raise ValueError("cross-vocabulary distillation: the batch carries no teacher prompts (the datamodule "
+                             "renders them once it has the teacher's tokenizer: set_teacher_tokenizer)")
+        device = ro.input_ids.device
+        lengths = ro.response_mask_BT.sum(-1).tolist()
+        rows = [self.align_row(ro.response_ids_BT[b, :n].tolist()) for b, n in enumerate(lengths)]
+        T_t = max([len(t) for t, _ in rows] + [1])
+        resp_BT = torch.full((len(rows), T_t), self.teacher_tok.pad_token_id, dtype=torch.long, device=device)
+        mask_BT = torch.zeros((len(rows), T_t), dtype=torch.bool, device=device)
+        for b, (t_ids, _) in enumerate(rows):
+            resp_BT[b, : len(t_ids)] = torch.tensor(t_ids, dtype=torch.long, device=device)
+            mask_BT[b, : len(t_ids)] = True
+        prompt_BP = ro.teacher_prompt_ids.to(device)
+        prompt_mask_BP = ro.teacher_prompt_mask.to(device, ro.attention_mask.dtype)
+        teacher_ro = Rollout(input_ids=torch.cat([prompt_BP, resp_BT], dim=1),
+                             attention_mask=torch.cat([prompt_mask_BP, mask_BT.to(prompt_mask_BP.dtype)], dim=1),
+                             response_start=prompt_BP.shape[1], response_mask_BT=mask_BT, old_logp_BT=None,
+                             entropy_BT=None, truncated_B=ro.truncated_B)
+        t_logp_BT = scorer.score_teacher(teacher_ro)
+        credited_BT = torch.zeros_like(ro.old_logp_BT, dtype=torch.float32)
+        carries_BT = torch.zeros_like(ro.response_mask_BT)
+        for b, ((t_ids, spans), n) in enumerate(zip(rows, lengths)):
+            credit, carries = credited_teacher_logp(ro.old_logp_BT[b, :n], t_logp_BT[b, : len(t_ids)], spans,
+                                                    self.rule)
+            credited_BT[b, :n], carries_BT[b, :n] = credit, carries
+        ro.scored_mask_BT = carries_BT
+        return credited_BT * ro.response_mask_BT

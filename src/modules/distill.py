@@ -14,7 +14,10 @@ Nothing in the step branches on a mode string: every choice is a component, and 
 loop compute is behind their seams (``module.backbone``, ``rollout.decoder``).
 
 The teacher runs under ``torch.no_grad`` in eval mode with ``requires_grad=False``, in its own dtype,
-and is left out of checkpoints (it is reloaded from its spec).
+and is left out of checkpoints (it is reloaded from its spec). It may read another prompt than the student's and
+another tokenisation of the response: a cross-vocabulary teacher (``model.teacher.cross_vocab``,
+``src/modules/cross_vocab.py``) or the student itself with privileged context (``model.teacher=self``,
+``src/modules/self_distillation.py``); both are the scorer's business, and the step reads the same.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import warnings
 import torch
 from lightning import LightningModule
 
+from src.modules.cross_vocab import CrossVocabTeacher
 from src.modules.diagnostics import exact_reverse_kl_cosine
 from src.modules.distributed import check_sharding, check_strategy, over_ranks
 from src.modules.evaluation.evaluator import Evaluator
@@ -33,9 +37,10 @@ from src.modules.memory_plan import PhasePeaks
 from src.modules.method.objectives import accumulate
 from src.modules.method.selection import AllTokens
 from src.modules.models.multimodal import preflight_processors, vision_token_ids
-from src.modules.models.preflight import preflight, preflight_dtypes
+from src.modules.models.preflight import preflight, preflight_cross_vocab, preflight_dtypes
 from src.modules.rollout.sampler import Sampler
 from src.modules.scoring import Scorer, hf_backbone
+from src.modules.self_distillation import SelfTeacher
 from src.modules.sharding import DTYPES, FSDP2Strategy, full
 from src.utils.sharding import count_params
 
@@ -44,7 +49,8 @@ class DistillationModule(LightningModule):
     """
     Args:
         student: spec with ``load_model()`` / ``load_tokenizer()`` (``PretrainedLM``, ``TinyQwen2``).
-        teacher: spec of the frozen teacher, or None when the objective needs none (GRPO).
+        teacher: spec of the frozen teacher, or None when the objective needs none (GRPO), or ``"self"``: the
+            student's own weights (``self_teacher``), reading privileged context (``data.teacher_context``).
         rollout: a ``RolloutBackend`` (``HFGenerateRollout``, ``ToolRollout``, ``VLLMRollout``).
         objective: an ``Objective`` (``PolicyGradient``, ``GeneralizedJSD``, ``SupervisedDistillation``, ...).
         optimizer: partial ``torch.optim`` constructor taking the parameters.
@@ -64,6 +70,8 @@ class DistillationModule(LightningModule):
         grad_cosine_every: every this many steps (0: never), log ``train/grad_cos_exact_rkl``: the cosine between
             the method's gradient and the exact full-vocabulary reverse-KL gradient on the same batch (an extra
             forward and backward; ``src/callbacks/diagnostics.py``). Unsharded strategies, with a teacher.
+        self_teacher: with ``teacher="self"``: ``{weights: current | frozen | ema, ema_decay}``
+            (``src/modules/self_distillation.py``).
     """
 
     not_checkpointed = ("teacher.",)  # reloaded from its spec
@@ -71,13 +79,28 @@ class DistillationModule(LightningModule):
     def __init__(self, student, teacher, rollout, objective, optimizer, scheduler=None, selection=None,
                  grader=None, answer_fn=None, task: str = "math", chunk_size: int = 1024,
                  grad_clip: float | None = 1.0, seed: int = 0, eval_samples: int = 0, record_samples: bool = False,
-                 backbone=None, nonfinite: dict | None = None, grad_cosine_every: int = 0):
+                 backbone=None, nonfinite: dict | None = None, grad_cosine_every: int = 0,
+                 self_teacher: dict | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # the teacher is not in checkpoints
+        if teacher == "self":
+            teacher = SelfTeacher(**dict(self_teacher or {}))
+        elif isinstance(teacher, str):
+            raise ValueError(f"model.teacher must be a model spec, null or 'self', got {teacher!r}")
         self.student_spec, self.teacher_spec = student, teacher
         if objective.needs_teacher and teacher is None:
             raise ValueError(f"{type(objective).__name__} needs a teacher but model.teacher is null")
+        if self.teacher_reads_its_own_input and objective.needs_teacher:
+            # the teacher's prompt or tokens differ from the student's: only the sampled-token reward can score them
+            if not getattr(objective, "scores_sampled_tokens", False):
+                raise ValueError(f"{'model.teacher=self' if self.self_distillation else 'model.teacher.cross_vocab'}"
+                                 f" scores the student's sampled tokens with the teacher's log-probs: it needs an "
+                                 f"on-policy objective with the log-ratio reward (algorithm=reopold, opd or an "
+                                 f"ablation), not {type(objective).__name__}")
+            if grad_cosine_every:
+                raise ValueError("module.grad_cosine_every compares with the exact reverse KL over one shared "
+                                 "vocabulary and prompt: set it to 0 with model.teacher=self or cross_vocab")
         self.rollout, self.objective = rollout, objective
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.selection = selection or AllTokens()
@@ -102,6 +125,18 @@ class DistillationModule(LightningModule):
         self._eval_seconds_per_prompt: dict[str, float] = {}  # per split, from its latest evaluation (estimates)
         self._eval_started: tuple[float, int] | None = None
 
+    @property
+    def self_distillation(self) -> bool:
+        """``model.teacher=self``: the student's own weights score, reading privileged context."""
+        return isinstance(self.teacher_spec, SelfTeacher)
+
+    @property
+    def teacher_reads_its_own_input(self) -> bool:
+        """Whether the teacher reads another prompt or tokenisation than the student (self-distillation or a
+        cross-vocabulary teacher): full-vocabulary comparisons with the student (GKD, the exact-KL diagnostics) do
+        not apply."""
+        return self.self_distillation or bool(getattr(self.teacher_spec, "cross_vocab", False))
+
     # ---------------------------------------------------------------- models
     def configure_model(self) -> None:
         if self._trainer is not None:  # also for a module whose models were loaded before the Trainer came
@@ -112,13 +147,21 @@ class DistillationModule(LightningModule):
             if self.grad_cosine_every and (self._fsdp2() is not None or self._deepspeed()):
                 raise ValueError("module.grad_cosine_every reads hidden states outside a forward, which a sharded "
                                  "model does not allow: set it to 0 under this strategy")
+            if self.self_distillation and (self._fsdp2() is not None or self._deepspeed()):
+                raise ValueError("model.teacher=self runs on unsharded strategies (trainer=cpu, gpu or ddp): the "
+                                 "teacher's copy of the student's weights is not planned for sharding")
         if self.student is not None:
             return
         self.tokenizer = self.student_spec.load_tokenizer()
         self.processor = self.student_spec.load_processor()  # the tokenizer itself for text-only models
         needs_teacher = self.teacher_spec is not None and self.objective.needs_teacher
         shared_vocab = None  # set by the preflight where the pair's output heads differ in padding rows
-        if needs_teacher:  # before any weights are read: tokenizers, templates, and output rows from the configs
+        cross_vocab = None  # a teacher with its own tokenizer scores the response text
+        if needs_teacher and getattr(self.teacher_spec, "cross_vocab", False):
+            teacher_tok = self.teacher_spec.load_tokenizer()
+            preflight_cross_vocab(self.tokenizer, teacher_tok, self.student_spec.key, self.teacher_spec.key)
+        elif needs_teacher and not self.self_distillation:
+            # before any weights are read: tokenizers, templates, and output rows from the configs
             shared_vocab = preflight(self.student_spec.load_empty(), self.tokenizer, self.teacher_spec.load_empty(),
                                      self.teacher_spec.load_tokenizer(), self.student_spec.key, self.teacher_spec.key)
             preflight_processors(self.processor, self.teacher_spec.load_processor(), self.student_spec.key,
@@ -130,7 +173,11 @@ class DistillationModule(LightningModule):
         if (message := nonfinite_parameters(self.student, self.student_spec.key)) is not None:
             raise ValueError(f"preflight: {message} ({self.student_spec.path})")
         self.student.train()  # from_pretrained returns eval mode
-        if needs_teacher:
+        if needs_teacher and self.self_distillation:
+            self.teacher = self.teacher_spec.build(self.student)  # None: the student's current weights score
+            print(f"[preflight] model.teacher=self: the student's {self.teacher_spec.weights} weights score its "
+                  "samples, reading the teacher's prompt")
+        elif needs_teacher:
             strategy = self._fsdp2()
             sharded = strategy is not None and strategy.plan.teacher_placement == "sharded"
             teacher = self._load(self.teacher_spec, sharded=sharded)
@@ -142,8 +189,14 @@ class DistillationModule(LightningModule):
         self._check_positions()
         banned = vision_token_ids(self.processor)
         banned_ids = torch.tensor(banned, dtype=torch.long) if banned else None
-        self.scorer = Scorer(self.student, self.teacher, self.rollout.temperature, self.chunk_size, self.backbone,
-                             banned_ids, self.objective.micro_batch_tokens, vocab_size=shared_vocab)
+        if needs_teacher and getattr(self.teacher_spec, "cross_vocab", False):
+            cross_vocab = CrossVocabTeacher(self.tokenizer, teacher_tok, self.eos_token_ids(),
+                                            getattr(self.teacher_spec, "cross_vocab_rule", "last"))
+        scoring_teacher = self.student if needs_teacher and self.teacher is None and self.self_distillation \
+            else self.teacher
+        self.scorer = Scorer(self.student, scoring_teacher, self.rollout.temperature, self.chunk_size, self.backbone,
+                             banned_ids, self.objective.micro_batch_tokens, vocab_size=shared_vocab,
+                             cross_vocab=cross_vocab)
         self._shard()
         self.rollout.bind(self.tokenizer, self.scorer, self._compute_dtype())
         if shared_vocab is not None:  # the student's padding rows past the shared tokenizer are never sampled
@@ -210,6 +263,8 @@ class DistillationModule(LightningModule):
         return self
 
     def on_load_checkpoint(self, checkpoint) -> None:
+        if self.self_distillation and self.teacher is not None and "ema_teacher" in checkpoint:
+            self.teacher.load_state_dict(checkpoint["ema_teacher"])  # the average continues where it stopped
         # strict_loading is off for the teacher's sake; the student must still be complete (a distributed checkpoint
         # is loaded into the module by the strategy itself, which reports missing keys)
         if self.student is not None and isinstance(checkpoint.get("state_dict"), dict):
@@ -232,6 +287,8 @@ class DistillationModule(LightningModule):
         sd = checkpoint["state_dict"]
         for k in [k for k in sd if k.startswith(self.not_checkpointed)]:
             del sd[k]
+        if self.self_distillation and self.teacher_spec.weights == "ema" and self.teacher is not None:
+            checkpoint["ema_teacher"] = {k: v.detach().clone() for k, v in self.teacher.state_dict().items()}
         bad = nonfinite_tensors(sd)
         if bad:  # the guards keep NaN out of the gradients; an optimiser step can still overflow (a huge lr)
             raise NonFiniteError(f"step {self.trainer.global_step}: the student's weights hold NaN or inf in "
@@ -316,6 +373,8 @@ class DistillationModule(LightningModule):
                 if sched is not None:
                     sched.step()
                 self._check_weights()
+                if self.self_distillation and self.teacher is not None:
+                    self.teacher_spec.update(self.teacher, self.student)  # the EMA copy follows
                 n_updates += 1
                 logs.update({"loss": loss.detach(), **metrics})
         logs["lr"] = opt.param_groups[0]["lr"]

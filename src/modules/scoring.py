@@ -246,6 +246,7 @@ class Scorer:
     banned_ids: torch.Tensor | None = None
     micro_batch_tokens: int | None = None  # the teacher scores a rollout this many padded tokens at a time
     vocab_size: int | None = None
+    cross_vocab: object | None = None  # a teacher with its own tokenizer (``cross_vocab.CrossVocabTeacher``)
     _scored: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def scored(self, model) -> ScoredModel:
@@ -269,15 +270,27 @@ class Scorer:
         return self.logp(self.student, ro, with_entropy, temperature)
 
     def teacher_logp(self, ro) -> torch.Tensor:
-        """The teacher's logp_BT of the sampled tokens (0 outside the response mask), without gradient, scored
-        ``micro_batch_tokens`` padded tokens at a time (``Rollout.micro_batches``)."""
-        parts = []
-        with torch.no_grad():
-            for part in ro.micro_batches(self.micro_batch_tokens):
-                logp_BT, _ = self.logp(self.teacher, part)  # a filler too: every rank joins every forward's gathers
-                if not part.filler:
-                    parts.append(logp_BT)
-        return torch.cat(parts) * ro.response_mask_BT
+        """The teacher's logp_BT of the sampled tokens (0 outside the response mask), without gradient. The teacher
+        reads its own prompt where the rollout carries one (``Rollout.teacher_view``); a cross-vocabulary teacher
+        scores the response text and credits its log-probs to the student's tokens (``cross_vocab``)."""
+        if self.cross_vocab is not None:
+            return self.cross_vocab.teacher_logp(self, ro)
+        return self.score_teacher(ro.teacher_view()) * ro.response_mask_BT
+
+    def score_teacher(self, ro) -> torch.Tensor:
+        """The teacher's logp_BT of ``ro``'s response tokens, without gradient and in eval mode (a self-distillation
+        teacher may be the training student itself), ``micro_batch_tokens`` padded tokens at a time."""
+        parts, was_training = [], self.teacher.training
+        self.teacher.eval()
+        try:
+            with torch.no_grad():
+                for part in ro.micro_batches(self.micro_batch_tokens):
+                    logp_BT, _ = self.logp(self.teacher, part)  # a filler too: every rank joins every forward's gathers
+                    if not part.filler:
+                        parts.append(logp_BT)
+        finally:
+            self.teacher.train(was_training)
+        return torch.cat(parts)
 
     def hidden(self, model, ro) -> tuple[torch.Tensor, torch.nn.Module]:
         """``model``'s final hidden states over the response (``Backbone``) and its output head, for objectives that

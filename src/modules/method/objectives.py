@@ -106,6 +106,8 @@ class PolicyGradient(OnPolicy):
         micro_batch_tokens: see the module docstring.
     """
 
+    scores_sampled_tokens = True  # the teacher is read only through its log-probs of the sampled tokens
+
     def __init__(self, reward, clipping=None, eps_low: float | None = None, eps_high: float | None = None,
                  agg: str = "token_mean", epochs: int = 1, minibatches: int = 1, micro_batch_tokens: int | None = None):
         self.reward, self.clipping = reward, clipping or NoClip()
@@ -120,9 +122,11 @@ class PolicyGradient(OnPolicy):
     @torch.no_grad()
     def prepare(self, ro, scorer, selection=None) -> None:
         selection = selection or AllTokens()
-        valid_BT = ro.response_mask_BT
         if self.needs_teacher:
             ro.teacher_logp_BT = scorer.teacher_logp(ro)
+        # a cross-vocabulary teacher credits its score to some tokens only (``Rollout.scored_mask_BT``): the clip
+        # counts, the exploration test and the entropy quantile act among those
+        valid_BT = ro.response_mask_BT if ro.scored_mask_BT is None else ro.response_mask_BT & ro.scored_mask_BT
         reward_BT = self.reward(ro)
         ro.reward_BT = reward_BT
         ro.advantage_BT = self.clipping(reward_BT)
@@ -143,8 +147,10 @@ class PolicyGradient(OnPolicy):
         m["entropy_threshold"] = torch.tensor(getattr(selection, "threshold", float("nan")) if rule == "entropy"
                                               else float("nan"))
         if ro.teacher_logp_BT is not None:
-            # sampled-token estimate of KL(student || teacher) per token
-            m["rev_kl"] = ((ro.old_logp_BT - ro.teacher_logp_BT) * valid_BT).sum() / n_valid
+            # sampled-token estimate of KL(student || teacher) per response token (a cross-vocabulary teacher's
+            # credits sum to each span's log-ratio, so the sum is over every response token)
+            mask_BT = ro.response_mask_BT
+            m["rev_kl"] = ((ro.old_logp_BT - ro.teacher_logp_BT) * mask_BT).sum() / mask_BT.sum().clamp(min=1)
 
     def loss(self, ro, scorer):
         logp_BT, _ = scorer.student_logp(ro)

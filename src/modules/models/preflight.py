@@ -47,8 +47,8 @@ def preflight(student, student_tok, teacher, teacher_tok, student_key="model.stu
     if s_vocab != t_vocab:
         raise ValueError(f"preflight: student and teacher tokenizers differ in content ({len(s_vocab)} vs "
                          f"{len(t_vocab)} tokens; first differences, token: {student_key} id vs {teacher_key} id: "
-                         f"{'; '.join(_first_differences(s_vocab, t_vocab))}). This framework distils between models "
-                         f"that share one tokenizer.")
+                         f"{'; '.join(_first_differences(s_vocab, t_vocab))}). Distilling across tokenizers scores the "
+                         f"response text instead: set {teacher_key}.cross_vocab=true (src/modules/cross_vocab.py).")
     checks = [
         ("special tokens", sorted(student_tok.all_special_tokens), sorted(teacher_tok.all_special_tokens)),
         ("pad token id", student_tok.pad_token_id, teacher_tok.pad_token_id),
@@ -58,7 +58,8 @@ def preflight(student, student_tok, teacher, teacher_tok, student_key="model.stu
     for what, s, t in checks:
         if s != t:
             raise ValueError(f"preflight: student and teacher disagree on {what}: {student_key} has {s!r}, "
-                             f"{teacher_key} has {t!r}. Use models of one family and tokenizer.")
+                             f"{teacher_key} has {t!r}. Use models of one family and tokenizer, or set "
+                             f"{teacher_key}.cross_vocab=true to score the response text with the teacher's own.")
     n_tok = len(student_tok)
     rows = {student_key: padded_vocab_size(student), teacher_key: padded_vocab_size(teacher)}
     for key, n in rows.items():
@@ -72,6 +73,37 @@ def preflight(student, student_tok, teacher, teacher_tok, student_key="model.stu
     print(f"[preflight] one tokenizer ({n_tok} tokens); output heads padded to {rows[student_key]} ({student_key}) "
           f"and {rows[teacher_key]} ({teacher_key}) rows: both are scored over the tokenizer's {n_tok} ids")
     return n_tok
+
+
+def preflight_cross_vocab(student_tok, teacher_tok, student_key="model.student",
+                          teacher_key="model.teacher") -> None:
+    """``model.teacher.cross_vocab``: the pair may differ in tokenizer and chat template (the teacher scores the
+    response text with its own, ``src/modules/cross_vocab.py``). Prints what differs; stops where the path cannot
+    work: a tokenizer that does not round-trip text, or one without character offsets (not a fast tokenizer), or a
+    teacher with no chat template, EOS or pad token."""
+    for key, tok in ((student_key, student_tok), (teacher_key, teacher_tok)):
+        if not round_trips(tok):
+            raise ValueError(f"preflight: {key}'s tokenizer ({type(tok).__name__}) does not round-trip "
+                             f"{PROBE!r}: the text the teacher scores would not be the text the student wrote")
+        if not getattr(tok, "is_fast", False):
+            raise ValueError(f"preflight: {teacher_key}.cross_vocab needs fast (Rust) tokenizers for character "
+                             f"offsets; {key}'s is {type(tok).__name__}")
+    if render_template(teacher_tok) is None:
+        raise ValueError(f"preflight: {teacher_key} has no chat template to render its prompts with")
+    for what in ("eos_token_id", "pad_token_id"):
+        if getattr(teacher_tok, what) is None:
+            raise ValueError(f"preflight: {teacher_key}'s tokenizer has no {what.removesuffix('_id')} token")
+    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    differs = []
+    if s_vocab != t_vocab:
+        differs.append(f"vocabularies of {len(s_vocab)} and {len(t_vocab)} tokens, {len(s_vocab.keys() & t_vocab.keys())} "
+                       "strings in common")
+    if render_template(student_tok) != render_template(teacher_tok):
+        differs.append("chat templates")
+    if student_tok.eos_token != teacher_tok.eos_token:
+        differs.append(f"EOS {student_tok.eos_token!r} and {teacher_tok.eos_token!r}")
+    print(f"[preflight] {teacher_key}.cross_vocab: the teacher scores the student's response text with its own "
+          f"tokenizer and chat template, span by span ({'; '.join(differs) or 'the pair shares one tokenizer here'})")
 
 
 def preflight_dtypes(student_spec, teacher_spec) -> None:

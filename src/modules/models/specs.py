@@ -65,11 +65,15 @@ class PretrainedLM:
         key: the config key of this spec, named in error messages.
         freeze: parameter-name prefixes kept fixed in training (e.g. ``[model.visual]``: a vision-language
             model's vision tower and merger, as LLaVA- and Qwen-VL-style fine-tunes often do).
+        cross_vocab: as a teacher, it may have another tokenizer and chat template than the student: it scores the
+            student's response text (``src/modules/cross_vocab.py``); ``cross_vocab_rule`` (``last`` or ``spread``)
+            says how a span's log-ratio reaches the student's tokens.
         kwargs: passed to ``from_pretrained`` (``attn_implementation``, ``revision``, ...).
     """
 
     def __init__(self, path: str, dtype: str = "float32", tokenizer: str | None = None, key: str = "model",
-                 trust_remote_code: bool = False, freeze: list[str] | None = None, **kwargs):
+                 trust_remote_code: bool = False, freeze: list[str] | None = None, cross_vocab: bool = False,
+                 cross_vocab_rule: str = "last", **kwargs):
         if not path:
             raise ValueError(f"{key}.path is empty: give a hub id or a local model directory")
         self.path, self.key = str(path), key
@@ -77,6 +81,11 @@ class PretrainedLM:
         self.tokenizer_path = str(tokenizer) if tokenizer else None
         self.trust_remote_code = trust_remote_code
         self.freeze = [str(f) for f in (freeze or [])]
+        if not isinstance(cross_vocab, bool):
+            raise ValueError(f"{key}.cross_vocab must be true or false, got {cross_vocab!r}")
+        if cross_vocab_rule not in ("last", "spread"):
+            raise ValueError(f"{key}.cross_vocab_rule must be 'last' or 'spread', got {cross_vocab_rule!r}")
+        self.cross_vocab, self.cross_vocab_rule = cross_vocab, cross_vocab_rule
         self.kwargs = kwargs
 
     def _resolve(self, path: str, what: str) -> str:

@@ -99,6 +99,12 @@ def stage_digest(cfg) -> str:
     for key in ("progress_bar", "rollout_viewer"):  # what a run shows, not what it trains
         container.get("callbacks", {}).pop(key, None)
     container.get("data", {}).pop("purpose", None)  # a preset's intended use, checked before a run starts
+    # options at their "off" value, left out so that adding them rebuilds no cached stage: the self-distillation
+    # teacher's settings where the teacher is not the student, a teacher context that is not set
+    if container.get("model", {}).get("teacher") != "self":
+        container.get("module", {}).pop("self_teacher", None)
+    if container.get("data", {}).get("teacher_context") is None:
+        container.get("data", {}).pop("teacher_context", None)
     for key in EVAL_ONLY:
         container.get("module", {}).pop(key, None)
     for key in ("enable_progress_bar", "enable_model_summary"):

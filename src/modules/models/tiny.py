@@ -19,6 +19,7 @@ from src.modules.models.tokenizer import (
     CHAT_TEMPLATES,
     CHATML_TEMPLATE,
     TOKENIZER_VERSION,
+    build_bpe_tokenizer,
     build_char_tokenizer,
 )
 
@@ -33,12 +34,17 @@ class TinyQwen2(BuiltOnFirstUse):
         max_position_embeddings: context length.
         chat_template: the tokenizer's chat template: a name in ``tokenizer.CHAT_TEMPLATES`` (``chatml``,
             ``tools``: ChatML that announces ``tools=``) or a Jinja template.
+        tokenizer: ``char`` (one token per character) or ``bpe`` (merges learned from the arithmetic miniature:
+            another vocabulary for the same text, ``tokenizer.build_bpe_tokenizer``; a cross-vocabulary student).
     """
 
     def __init__(self, cache_dir: str, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                  num_kv_heads: int = 2, intermediate_size: int | None = None, seed: int = 0,
                  max_position_embeddings: int = 1024, chat_template: str = "chatml", dtype: str = "float32",
-                 key: str = "model", **kwargs):
+                 key: str = "model", tokenizer: str = "char", **kwargs):
+        if tokenizer not in ("char", "bpe"):
+            raise ValueError(f"{key}.tokenizer must be 'char' or 'bpe', got {tokenizer!r}")
+        self.tokenizer_kind = tokenizer
         self.arch = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                          num_key_value_heads=num_kv_heads,
                          intermediate_size=intermediate_size or int(hidden_size * 2.6875),
@@ -50,6 +56,8 @@ class TinyQwen2(BuiltOnFirstUse):
         spec = {**self.arch, "tok": TOKENIZER_VERSION}
         if self.chat_template != CHATML_TEMPLATE:  # the default keeps the folders built before the option
             spec["template"] = self.chat_template
+        if tokenizer != "char":  # likewise
+            spec["tokenizer"] = tokenizer
         digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode())
         path = Path(cache_dir).expanduser() / f"tiny-qwen2-h{hidden_size}-l{num_layers}-{digest.hexdigest()[:10]}"
         super().__init__(str(path), dtype=dtype, key=key, **kwargs)
@@ -61,7 +69,7 @@ class TinyQwen2(BuiltOnFirstUse):
             return str(path)
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        tok = build_char_tokenizer()
+        tok = build_bpe_tokenizer() if self.tokenizer_kind == "bpe" else build_char_tokenizer()
         tok.chat_template = self.chat_template
         arch = dict(self.arch)
         seed = arch.pop("seed")

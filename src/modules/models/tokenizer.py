@@ -52,3 +52,27 @@ def build_char_tokenizer():
                                   unk_token="<unk>", padding_side="left", truncation_side="left")
     tok.chat_template = CHATML_TEMPLATE
     return tok
+
+
+def build_bpe_tokenizer(vocab_size: int = 128, corpus_problems: int = 4000):
+    """A BPE tokenizer over the same printable ASCII, its merges learned from the arithmetic miniature's prompts and
+    written solutions (3-digit additions, seed 0): another vocabulary than ``build_char_tokenizer``'s for the same
+    text (a cross-vocabulary student, ``src/modules/cross_vocab.py``). Deterministic: the same corpus and trainer
+    settings give the same merges. Same special tokens, EOS and pad, and the ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from src.datamodules.arithmetic import ArithmeticTask
+
+    rows = ArithmeticTask(split="train", n=corpus_problems, digits=3, seed=0)()
+    corpus = [f"{r['prompt']}\n{r['solution']}" for r in rows]
+    chars = sorted(set(string.printable) - set("\r\x0b\x0c"))
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=chars, special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False)
+    backend.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token="<unk>", padding_side="left", truncation_side="left")
+    tok.chat_template = CHATML_TEMPLATE
+    return tok

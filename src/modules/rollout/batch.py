@@ -36,8 +36,15 @@ class Rollout:
     response_texts: list[str] = dataclasses.field(default_factory=list)
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. pixel values
     tool_counts_BK: torch.Tensor | None = None  # tool rollouts: per episode, rollout.tools.TOOL_COUNTS
+    # the teacher's own prompt (left-padded), where it sees another one than the student (its chat template, or
+    # privileged context: ``PromptDataModule.teacher_prompts``); None: the student's
+    teacher_prompt_ids: torch.Tensor | None = None  # [B, P_t]
+    teacher_prompt_mask: torch.Tensor | None = None  # [B, P_t]
     # filled by the objective
     teacher_logp_BT: torch.Tensor | None = None
+    # the tokens the teacher's score is credited to (a cross-vocabulary teacher: ``cross_vocab.credited_teacher_logp``);
+    # None: every response token
+    scored_mask_BT: torch.Tensor | None = None
     reward_BT: torch.Tensor | None = None
     advantage_BT: torch.Tensor | None = None
     loss_mask_BT: torch.Tensor | None = None
@@ -55,6 +62,18 @@ class Rollout:
     @property
     def num_response_tokens(self) -> int:
         return int(self.response_mask_BT.sum())
+
+    def teacher_view(self) -> Rollout:
+        """The rollout as the teacher reads it: its own prompt (``teacher_prompt_ids``) followed by the same response
+        tokens; the rollout itself where the teacher reads the student's prompt."""
+        if self.teacher_prompt_ids is None:
+            return self
+        ids_BP = self.teacher_prompt_ids.to(self.input_ids.device)
+        mask_BP = self.teacher_prompt_mask.to(self.attention_mask.device, self.attention_mask.dtype)
+        return dataclasses.replace(
+            self, input_ids=torch.cat([ids_BP, self.response_ids_BT], dim=1),
+            attention_mask=torch.cat([mask_BP, self.attention_mask[:, self.response_start:]], dim=1),
+            response_start=ids_BP.shape[1], teacher_prompt_ids=None, teacher_prompt_mask=None, metrics={})
 
     def minibatches(self, n: int, generator: torch.Generator | None = None):
         """Split rows into exactly ``n`` shuffled minibatches (sizes differing by one at most)."""

@@ -66,6 +66,9 @@ class Sampler:
             policy.train(was_training)
         ro.references = [r for r in batch["references"] for _ in range(ro.group_size)]
         ro.response_texts = self.decode(ro)
+        if "teacher_input_ids" in batch:  # the teacher's own prompt, one per sample
+            ro.teacher_prompt_ids = batch["teacher_input_ids"].repeat_interleave(ro.group_size, dim=0)
+            ro.teacher_prompt_mask = batch["teacher_attention_mask"].repeat_interleave(ro.group_size, dim=0)
         return ro
 
     def reference(self, batch: dict) -> Rollout:
