@@ -20,6 +20,10 @@ from src.utils.headless_browser import screenshot
 
 def pages(run: Path, dirname: str = "rollouts") -> list[Path]:
     folder = run / dirname
+    if not run.is_dir():
+        raise SystemExit(f"{run} does not exist or is not a folder: give a run's output folder (logs/<task>/runs/<time>)")
+    if run.name == dirname and not folder.is_dir():
+        raise SystemExit(f"{run} is a {dirname}/ folder: give the run's output folder above it ({run.parent})")
     if not folder.is_dir():
         raise SystemExit(f"{run} has no {dirname}/ folder: the run wrote no rollout pages (callbacks.rollout_viewer "
                          f"writes one every every_n_steps steps under REOPOLD, OPD or GRPO)")
@@ -49,15 +53,21 @@ def main(argv=None) -> int:
     ap.add_argument("--screenshot", type=Path, default=None, metavar="PNG",
                     help="render the page (--step's, else the newest) in headless Chromium into this PNG")
     args = ap.parse_args(argv)
+    if args.open and (args.step is not None or args.screenshot is not None):
+        ap.error("--open opens the index; use it without --step and --screenshot")
     found = pages(args.run)
+    if not found:
+        raise SystemExit(f"{args.run / 'rollouts'} holds no page yet")
     if args.step is not None and not (args.run / "rollouts" / f"step_{args.step:06d}.json").exists():
         steps = ", ".join(str(int(p.stem.split("_")[1])) for p in found)
         raise SystemExit(f"no page for step {args.step} in {args.run}; pages exist for steps {steps}")
     if args.screenshot is not None:
-        if not found:
-            raise SystemExit(f"{args.run / 'rollouts'} holds no page yet")
         page = args.run / "rollouts" / f"step_{args.step:06d}.html" if args.step is not None else found[-1]
-        rendered = screenshot(page, args.screenshot)
+        args.screenshot.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            rendered = screenshot(page, args.screenshot)
+        except FileNotFoundError as e:  # no browser: what to install, not a traceback
+            raise SystemExit(str(e)) from None
         print(f"{page} -> {rendered.png}")
         for error in rendered.errors:
             print(f"script error: {error}", file=sys.stderr)

@@ -77,7 +77,8 @@ def spans(row: dict) -> list[dict]:
 
 def test_pages_match_their_rollouts_across_the_phase_switch(make_cfg, capsys):
     cfg = make_cfg("trainer.max_steps=4", "callbacks.phase_schedule.switch_step=2", "test=false",
-                   "callbacks.rollout_viewer.every_n_steps=2", "callbacks.rollout_viewer.n_prompts=3")
+                   "callbacks.rollout_viewer.every_n_steps=2", "callbacks.rollout_viewer.n_prompts=3",
+                   "trainer.val_check_interval=100")  # no validation pages here
     _, obj = train(cfg)
     viewer = next(c for c in obj["trainer"].callbacks if isinstance(c, RolloutViewer))
     folder = Path(cfg.paths.output_dir) / "rollouts"
@@ -250,7 +251,7 @@ def test_histograms_go_to_tensorboard_and_to_wandb(monkeypatch):
     for tag, values, _ in written:
         torch.testing.assert_close(values, want[tag])  # the sampled tokens only: no tool reply, no padding
     (entry,) = logged
-    assert entry.pop("trainer/global_step") == 6 and entry.keys() == want.keys()
+    assert entry.pop("trainer/global_step") == 3 and entry.keys() == want.keys()  # the step TensorBoard gets
     for tag, histogram in entry.items():
         np.testing.assert_array_equal(histogram.values, want[tag].numpy())
 
@@ -301,3 +302,46 @@ def test_a_page_renders_in_headless_chromium_without_script_errors(tmp_path, cap
     assert len(colours) > 50, f"a blank page: {len(colours)} colours"  # text, reward colours, the image
     greens = (shot[..., 1].astype(int) - shot[..., 0] > 40) & (shot[..., 1].astype(int) - shot[..., 2] > 40)
     assert greens.any(), "no token drawn in a reward's green"
+
+
+# ------------------------------------------------------------- other teachers, validations, inspect_run's errors
+
+def test_a_page_at_every_validation_and_the_teacher_prompts_of_self_distillation(make_cfg, single_thread):
+    """Pages at the interval and after each validation (once per step); a self-distillation page's teacher reads
+    its privileged prompt, so its rewards are the training's, not zero."""
+    cfg = make_cfg("model.teacher=self", "data.teacher_context='The answer is {answer}.'", "trainer.max_steps=4",
+                   "trainer.val_check_interval=2", "test=false", "callbacks.rollout_viewer.every_n_steps=5")
+    _, obj = train(cfg)
+    viewer = next(c for c in obj["trainer"].callbacks if isinstance(c, RolloutViewer))
+    folder = Path(cfg.paths.output_dir) / "rollouts"
+    assert sorted(p.name for p in folder.glob("step_*.html")) == ["step_000000.html", "step_000001.html",
+                                                                  "step_000003.html"]
+    assert "teacher_input_ids" in viewer.batch
+    ro = viewer.last_rollout
+    assert ro.teacher_prompt_ids is not None and ro.reward_BT[ro.response_mask_BT].abs().max() > 1e-3
+
+
+def test_cross_vocabulary_pages_leave_the_tokens_without_a_reward_uncoloured(make_cfg, single_thread):
+    # a BPE teacher over a character student: a teacher token covers several student tokens
+    cfg = make_cfg("+model.teacher.tokenizer=bpe", "+model.teacher.cross_vocab=true", "trainer.max_steps=1",
+                   "test=false", "trainer.val_check_interval=100", "callbacks.rollout_viewer.every_n_steps=1")
+    _, obj = train(cfg)
+    viewer = next(c for c in obj["trainer"].callbacks if isinstance(c, RolloutViewer))
+    ro = viewer.last_rollout
+    page = Page((Path(cfg.paths.output_dir) / "rollouts" / "step_000000.html").read_text())
+    for b, row in enumerate(page.rows):
+        positions = ro.response_mask_BT[b].nonzero().flatten().tolist()
+        scored = [s["data-scored"] == "1" for s in spans(row)]
+        assert scored == [bool(ro.scored_mask_BT[b, t]) for t in positions]
+        assert all("background:none" in s["style"] for s, ok in zip(spans(row), scored) if not ok)
+    assert not all(ro.scored_mask_BT[ro.response_mask_BT].tolist())  # spans of several student tokens
+
+
+def test_inspect_run_names_a_missing_folder_and_an_empty_one(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        inspect_main([str(tmp_path / "nope")])
+    (tmp_path / "run" / "rollouts").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="holds no page yet"):
+        inspect_main([str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="give the run's output folder above it"):
+        inspect_main([str(tmp_path / "run" / "rollouts")])

@@ -27,26 +27,33 @@ from src.modules.rollout.batch import Rollout
 TRACES_STREAM = 1_000_003  # the sampling stream of the traces: apart from every evaluation batch's
 
 
-def first_rows(loader, n: int, pad_id: int) -> dict:
-    """The first ``n`` prompts of ``loader``'s batches as one left-padded batch (text prompts)."""
+def first_rows(loader, n: int, pad_id: int, teacher_pad_id: int | None = None,
+               who: str = "callbacks.diagnostics") -> dict:
+    """The first ``n`` prompts of ``loader``'s batches as one left-padded batch (text prompts), with the teacher's own
+    prompts where the batches carry them (``teacher_input_ids``: padded with ``teacher_pad_id``, else ``pad_id``).
+    ``who`` names the caller in errors."""
     parts, have = [], 0
     for batch in loader:
         if batch.get("model_kwargs"):
-            raise ValueError("callbacks.diagnostics: text prompts only (this split's batches carry images)")
+            raise ValueError(f"{who}: text prompts only (this split's batches carry images)")
         parts.append(batch)
         have += len(batch["input_ids"])
         if have >= n:
             break
     if not parts:
-        raise ValueError("callbacks.diagnostics: the validation split is empty")
-    width = max(p["input_ids"].shape[1] for p in parts)
+        raise ValueError(f"{who}: the validation split is empty")
 
     def left_padded(key, value):
+        width = max(p[key].shape[1] for p in parts)
         return torch.cat([torch.nn.functional.pad(p[key], (width - p[key].shape[1], 0), value=value)
                           for p in parts])[:n]
 
-    return {"input_ids": left_padded("input_ids", pad_id), "attention_mask": left_padded("attention_mask", 0),
-            "references": [r for p in parts for r in p["references"]][:n]}
+    out = {"input_ids": left_padded("input_ids", pad_id), "attention_mask": left_padded("attention_mask", 0),
+           "references": [r for p in parts for r in p["references"]][:n]}
+    if "teacher_input_ids" in parts[0]:
+        out["teacher_input_ids"] = left_padded("teacher_input_ids", pad_id if teacher_pad_id is None else teacher_pad_id)
+        out["teacher_attention_mask"] = left_padded("teacher_attention_mask", 0)
+    return out
 
 
 class HeldOutKL(Callback):

@@ -1,12 +1,15 @@
 """See where the credit goes: a token-level page of a few rollouts every ``every_n_steps`` steps.
 
-Each page is one self-contained HTML file under ``<run>/rollouts/step_<N>.html``: the student's responses to a
+Each page is one self-contained HTML file under ``<run>/rollouts/step_<N>.html`` (``N`` zero-padded to six digits),
+written after step ``N``'s update and after every validation: the student's responses to a
 fixed set of prompts (the first ``n_prompts`` of the validation split, so pages compare across steps), sampled at
 the rollout temperature with the student of that step, scored by the teacher and passed through the run's own
 reward, clip and token selection (``objective.prepare`` with the selection in force: the exploration rule before
 the phase switch, the entropy rule after). Every response token is coloured by its reward ``log pi_t - log pi_s``
 (green above 0, red below), struck through where the floor clipped it, faded where the selection dropped it; its
-title (hover) gives the reward, the student's entropy and both log-probs. A tool-use episode's environment replies
+title (hover) gives the reward, the student's entropy and both log-probs. Under a cross-vocabulary teacher a span's
+reward sits on its last student token; the span's other tokens carry none and are shown uncoloured. A tool-use
+episode's environment replies
 (the tool's answer and the chat template around it: attended by both models, neither sampled nor scored, so
 ``response_mask_BT`` is 0 on them inside the episode) stand between the turns as grey blocks without a reward. A
 vision-language row shows its images as the model saw them, embedded as PNG data (rebuilt from the batch's pixels,
@@ -15,7 +18,8 @@ scalars. ``index.html`` links every page; ``python src/inspect_run.py <run dir>`
 without loading a model, and with ``--step N --screenshot out.png`` renders a page in headless Chromium.
 
 With a TensorBoard or a Weights & Biases logger, each page's step also gets histograms of the reward, the advantage
-and the student's entropy of the kept and of the dropped tokens (``rollouts/...``).
+and the student's entropy of the kept and of the dropped tokens (``rollouts/...``), over the page's rollouts (not the
+training batch), at the step the training scalars of that step were logged at.
 
 The page's rollout is drawn on its own sampling stream (the sampler forks the RNG), so the training run is the
 same with or without the viewer; it costs one extra rollout and teacher scoring of ``n_prompts`` prompts per page.
@@ -73,6 +77,7 @@ def page_rows(ro, tokenizer, floor: float, n: int, image_processor=None) -> list
     for b in range(min(n, response.shape[0])):
         prompt_ids = ro.input_ids[b, : ro.response_start][ro.attention_mask[b, : ro.response_start].bool()]
         tokens, replies = [], []
+        scored = ro.response_mask_BT[b] if ro.scored_mask_BT is None else ro.scored_mask_BT[b]
         for t in torch.nonzero(sampled_BT[b] | environment_BT[b]).flatten().tolist():
             if environment_BT[b, t]:  # one reply runs on until the policy's next turn
                 if not replies or replies[-1]["at"] != len(tokens):
@@ -83,7 +88,8 @@ def page_rows(ro, tokenizer, floor: float, n: int, image_processor=None) -> list
             tokens.append({
                 "text": tokenizer.decode([int(response[b, t])]),
                 "reward": reward,
-                "clipped": bool(reward < floor),
+                "scored": bool(scored[t]),  # a cross-vocabulary span's tokens before its last carry no reward
+                "clipped": bool(scored[t]) and reward < floor,
                 "kept": bool(ro.loss_mask_BT[b, t]),
                 "entropy": float(ro.entropy_BT[b, t]) if ro.entropy_BT is not None else float("nan"),
                 "teacher_logp": float(ro.teacher_logp_BT[b, t]) if ro.teacher_logp_BT is not None else float("nan"),
@@ -117,10 +123,13 @@ def render_page(rows: list[dict], header: dict) -> str:
         for k, tok in enumerate(row["tokens"]):
             if k in replies:
                 parts.append(tool_reply(replies.pop(k)))
+            scored = tok.get("scored", True)  # pages before cross-vocabulary teachers had no such field
             classes = "tok" + (" clipped" if tok["clipped"] else "") + ("" if tok["kept"] else " dropped")
-            title = (f"reward {tok['reward']:.4f} | entropy {tok['entropy']:.4f} | teacher logp "
-                     f"{tok['teacher_logp']:.4f} | student logp {tok['student_logp']:.4f}")
-            parts.append(f"<span class='{classes}' style='background:{reward_colour(tok['reward'])}' "
+            title = (f"reward {tok['reward']:.4f}" if scored else "no reward: its span's is on the span's last token") + \
+                (f" | entropy {tok['entropy']:.4f} | teacher logp {tok['teacher_logp']:.4f} | student logp "
+                 f"{tok['student_logp']:.4f}")
+            colour = reward_colour(tok["reward"]) if scored else "none"
+            parts.append(f"<span class='{classes}' style='background:{colour}' data-scored='{int(scored)}' "
                          f"title='{html.escape(title, quote=True)}' data-reward='{tok['reward']!r}' "
                          f"data-clipped='{int(tok['clipped'])}' data-kept='{int(tok['kept'])}'>"
                          f"{html.escape(tok['text'])}</span>")
@@ -155,32 +164,46 @@ class RolloutViewer(Callback):
 
     def __init__(self, every_n_steps: int = 50, n_prompts: int = 4, dirname: str = "rollouts"):
         for key, value in (("every_n_steps", every_n_steps), ("n_prompts", n_prompts)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"callbacks.rollout_viewer.{key} must be a positive whole number, got {value!r}")
         self.every_n_steps, self.n_prompts, self.dirname = every_n_steps, n_prompts, dirname
         self.batch = None
         self.last_rollout = None  # the rollout of the latest page (tests compare the page with it)
         self.seconds, self.pages = 0.0, 0  # time spent writing pages, and how many
         self.enabled = True  # set by setup: whether the objective has token rewards to show
+        self.written: set[int] = set()  # the steps with a page (a validation right after a page's step adds none)
         self._fit_started = time.perf_counter()
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # token rewards exist under the policy-gradient objectives (REOPOLD, OPD, their ablations, GRPO); SFT, GKD
         # and the stage builds have none to show
         self.enabled = getattr(pl_module.objective, "reward", None) is not None
+        if not self.enabled and stage == "fit" and trainer.is_global_zero:
+            print(f"[rollout_viewer] {type(pl_module.objective).__name__} has no token reward to show: no pages")
 
     def folder(self, trainer) -> Path:
         return Path(trainer.default_root_dir) / self.dirname
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step // max(1, pl_module.updates_per_rollout) - 1  # the rollout step just taken
-        if self.enabled and step % self.every_n_steps == 0:
-            try:
-                self.write_page(trainer, pl_module, step)
-            except Exception as e:  # noqa: BLE001 - a debugging page never stops a run: said once, then no more pages
-                self.enabled = False
-                warnings.warn(f"callbacks.rollout_viewer: no page at step {step} ({type(e).__name__}: {e}); no "
-                              f"more pages in this run", stacklevel=2)
+        if step % self.every_n_steps == 0:
+            self._try_page(trainer, pl_module, step)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """A page at every validation during training (after the step it follows; not the sanity check's)."""
+        step = trainer.global_step // max(1, pl_module.updates_per_rollout) - 1
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and step >= 0:
+            self._try_page(trainer, pl_module, step)
+
+    def _try_page(self, trainer, pl_module, step: int) -> None:
+        if not self.enabled or step in self.written:
+            return
+        try:
+            self.write_page(trainer, pl_module, step)
+        except Exception as e:  # noqa: BLE001 - a debugging page never stops a run: said once, then no more pages
+            self.enabled = False
+            warnings.warn(f"callbacks.rollout_viewer: no page at step {step} ({type(e).__name__}: {e}); no "
+                          f"more pages in this run", stacklevel=2)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._fit_started, self.seconds, self.pages = time.perf_counter(), 0.0, 0
@@ -220,9 +243,10 @@ class RolloutViewer(Callback):
             (folder / f"step_{step:06d}.json").write_text(json.dumps({"header": header, "rows": rows}))
             pages = sorted(p.name for p in folder.glob("step_*.html"))
             (folder / "index.html").write_text(render_index(pages), encoding="utf-8")
-            self._histograms(trainer, ro, step)
+            self._histograms(trainer, ro, step * max(1, pl_module.updates_per_rollout))
         self.seconds += time.perf_counter() - start
         self.pages += 1
+        self.written.add(step)
         return path
 
     def _page_batch(self, trainer, pl_module) -> dict:
@@ -231,7 +255,10 @@ class RolloutViewer(Callback):
             trainer.datamodule.val_dataloader()
         first = next(iter(loader))
         if not first.get("model_kwargs"):
-            return first_rows(loader, self.n_prompts, pl_module.tokenizer.pad_token_id)
+            cross_vocab = pl_module.scorer.cross_vocab
+            return first_rows(loader, self.n_prompts, pl_module.tokenizer.pad_token_id,
+                              None if cross_vocab is None else cross_vocab.teacher_tok.pad_token_id,
+                              who="callbacks.rollout_viewer")
         # image rows carry their pixels per batch (flat, by image): the first batch's first rows, with their images
         B = len(first["input_ids"])
         rows = torch.arange(min(self.n_prompts, B))
@@ -241,9 +268,10 @@ class RolloutViewer(Callback):
 
     @staticmethod
     def _histograms(trainer, ro, step: int) -> None:
+        """``step``: the logger step the page's training step logged its scalars at."""
         from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-        valid = ro.response_mask_BT
+        valid = ro.response_mask_BT if ro.scored_mask_BT is None else ro.response_mask_BT & ro.scored_mask_BT
         kept = ro.loss_mask_BT & valid
         values = {"rollouts/reward": ro.reward_BT[valid], "rollouts/advantage": ro.advantage_BT[valid]}
         if ro.entropy_BT is not None:
@@ -257,6 +285,6 @@ class RolloutViewer(Callback):
             elif isinstance(logger, WandbLogger):  # wandb is there: the logger could not be made without it
                 import wandb
 
-                # on the x-axis WandbLogger gives every metric (trainer/global_step), the step this page follows
+                # on the x-axis WandbLogger gives every metric (trainer/global_step): the page's step's
                 logger.experiment.log({**{tag: wandb.Histogram(v.numpy()) for tag, v in values.items()},
-                                       "trainer/global_step": trainer.global_step})
+                                       "trainer/global_step": step})

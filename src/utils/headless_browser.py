@@ -4,7 +4,7 @@ Chromium is the system's (Debian's ``chromium``, which ``make setup`` installs w
 another binary). One browser process per page, with ``--screenshot`` (the viewport, once the page has loaded) and
 its log on stderr (``--enable-logging=stderr``), where Chromium writes every console message as
 ``[...:CONSOLE...] "<message>", source: <url> (<line>)``; an uncaught exception or rejected promise is such a message
-beginning with ``Uncaught``. ``tests/test_rollout_viewer_browser.py`` checks that a page with a script error is
+beginning with ``Uncaught``. ``tests/test_rollout_viewer.py`` checks that a page with a script error is
 caught, so a change of that log format fails a test instead of passing pages unread.
 """
 
@@ -39,8 +39,11 @@ def screenshot(page: Path, png: Path, width: int = 1280, height: int = 960, time
     """Loads ``page`` (a local HTML file) in a ``width`` x ``height`` window and writes the screenshot to ``png``."""
     browser = find_chromium()
     if browser is None:
-        raise FileNotFoundError(f"no Chromium: none of {', '.join(BROWSERS)} on the PATH and no $CHROMIUM; "
-                                f"`make setup` installs Debian's chromium (apt-get install chromium)")
+        named = os.environ.get("CHROMIUM")
+        where = f"$CHROMIUM={named!r} is not an executable" if named else \
+            f"none of {', '.join(BROWSERS)} on the PATH and no $CHROMIUM"
+        raise FileNotFoundError(f"no Chromium: {where}; `make setup` installs Debian's chromium (apt-get install "
+                                f"chromium)")
     png = Path(png).resolve()
     png.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:  # a fresh profile: no locks, nothing kept
