@@ -358,17 +358,23 @@ def test_the_cross_vocabulary_scorer_scores_the_text_under_the_teachers_template
 
     (teacher, t_tok), (student, s_tok) = char_pair, bpe_pair
     s_eos = s_tok.eos_token_id
-    texts = ["Step 1: 12 + 34 = 46", "46 46"]
-    responses = [s_tok(t, add_special_tokens=False)["input_ids"] + [s_eos] for t in texts]
+    texts = ["Step 1: 12 + 34 = 46", "46 46", "12 + 34"]
+    responses = [s_tok(t, add_special_tokens=False)["input_ids"] + [s_eos] for t in texts[:2]]
+    # the third: its text one character per token, a tokenisation the student's tokenizer never writes
+    responses.append([i for ch in texts[2] for i in s_tok(ch, add_special_tokens=False)["input_ids"]] + [s_eos])
     ro = _rollout(s_tok, prompt_ids(s_tok, "plain"), responses, student, 0.8, s_eos)
     t_prompt = prompt_ids(t_tok, "chatml")
-    ro.teacher_prompt_ids = torch.tensor([t_prompt] * 2)
-    ro.teacher_prompt_mask = torch.ones(2, len(t_prompt), dtype=torch.long)
+    ro.teacher_prompt_ids = torch.tensor([t_prompt] * 3)
+    ro.teacher_prompt_mask = torch.ones(3, len(t_prompt), dtype=torch.long)
     cv = CrossVocabTeacher(s_tok, t_tok, [s_eos])
     credited = Scorer(student, teacher, 0.8, cross_vocab=cv).teacher_logp(ro)
-    for b, text in enumerate(texts):
+    # a non-canonical row carries no reward: splitting text into more pieces must not pay (the class's docstring)
+    assert not ro.scored_mask_BT[2].any() and float(ro.metrics["noncanonical_frac"]) == pytest.approx(1 / 3)
+    assert cv.align_row(responses[2])[2] is False
+    for b, text in enumerate(texts[:2]):
         n = len(responses[b])
-        t_ids, spans = cv.align_row(responses[b])
+        t_ids, spans, canonical = cv.align_row(responses[b])
+        assert canonical
         assert t_ids[:-1] == t_tok(text, add_special_tokens=False)["input_ids"] and t_ids[-1] == t_tok.eos_token_id
         t_logp = reference_logp(teacher, t_prompt, t_ids, 0.8)
         for s, t in spans:
