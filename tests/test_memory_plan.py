@@ -147,3 +147,13 @@ def test_hybrid_shards_within_a_node_and_sft_rolls_out_with_the_teacher(make_cfg
     assert "teacher gathered for the rollout" in sft.phases["rollout"] and "teacher scoring" not in sft.phases
     stage = plan(make_cfg("experiment=math_qwen3", "objective=reference_sft", fast=False))
     assert list(stage.phases) == ["update"] and "teacher weights" not in stage.phases["update"]
+
+
+def test_self_distillation_plans_the_students_shape_and_a_copy_only_when_there_is_one(make_cfg):
+    cfg = make_cfg("experiment=math_qwen3", "trainer=deepspeed_zero2", "model.teacher=self", fast=False)
+    current = plan(cfg, gpus=8)
+    s = shape_of(config_of("Qwen/Qwen3-1.7B"))
+    assert "teacher weights" not in current.phases["update"] and "teacher scoring" in current.phases
+    cfg.module.self_teacher.weights = "ema"
+    ema = plan(cfg, gpus=8)
+    assert ema.phases["update"]["teacher copy of the student"] == pytest.approx(4 * s.params / GB)

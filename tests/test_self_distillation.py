@@ -141,3 +141,41 @@ def test_bad_settings_are_refused_by_key(make_cfg):
         train(make_cfg(*COMMON, "module.grad_cosine_every=1"))
     with pytest.raises(Exception, match="model.teacher must be a model spec, null or 'self'"):
         train(make_cfg("model.teacher=myself", "trainer.max_steps=1"))
+
+
+def test_a_context_for_an_ordinary_teacher_needs_an_objective_that_reads_it(make_cfg):
+    with pytest.raises(Exception, match="data.teacher_context gives the teacher its own input"):
+        train(make_cfg("data.teacher_context='The answer is {answer}.'", "algorithm=gkd", "trainer.max_steps=1"))
+
+
+def test_the_teachers_prompt_and_the_budget_must_fit_its_positions(make_cfg):
+    with pytest.raises(Exception, match=r"gives the teacher a prompt of \d+ tokens .* past model.teacher's"):
+        train(make_cfg(*COMMON, "data.teacher_context='" + "x" * 60 + " {answer}'",
+                       "+model.student.max_position_embeddings=64", "rollout.max_new_tokens=12"))
+
+
+def test_an_ema_run_resumed_from_a_checkpoint_without_the_average_starts_it_from_the_resumed_student():
+    import types
+
+    from src.modules.distill import DistillationModule
+
+    student = torch.nn.Linear(2, 2)
+    module = types.SimpleNamespace(teacher_spec=SelfTeacher(weights="ema"), teacher=torch.nn.Linear(2, 2),
+                                   student=None, self_distillation=True)
+    state = {f"student.{k}": v + 1 for k, v in student.state_dict().items()}
+    with pytest.warns(UserWarning, match="holds no EMA teacher"):
+        DistillationModule.on_load_checkpoint(module, {"state_dict": state})
+    assert all(torch.equal(v, state[f"student.{k}"]) for k, v in module.teacher.state_dict().items())
+
+
+def test_hinted_problems_read_as_the_teacher_context_writes_them_and_are_solved_cleanly():
+    rows = ArithmeticTask("train", n=200, digits=3, carry_forgotten_at=[2], carry_forgotten=1.0, hinted=0.5)()
+    hinted = [r for r in rows if "\n\nThe answer is" in r["prompt"]]
+    assert 60 < len(hinted) < 140
+    for r in hinted:
+        assert r["prompt"].endswith(f"\n\nThe answer is {r['answer']}.")
+        assert r["solution"].endswith(f"#### {r['answer']}")  # clean: the carry is never forgotten
+    dm = PromptDataModule(train=ArithmeticTask("train", n=8, digits=3), val=None, batch_size=4,
+                          teacher_context="The answer is {answer}.")
+    plain = ArithmeticTask("train", n=8, digits=3)()[0]
+    assert dm.teacher_messages(plain)[-1]["content"] == f"{plain['prompt']}\n\nThe answer is {plain['answer']}."

@@ -67,12 +67,15 @@ class ArithmeticTask:
         carry_forgotten_at, carry_forgotten: the share of the problems with a carry into a column of
             ``carry_forgotten_at`` whose solution forgets that carry (noisy demonstrations: a warm start that
             writes the step right only sometimes). Their ``answer`` is the true sum: such a row is wrong.
+        hinted, hint: the share of problems whose prompt ends with ``hint`` (filled with the answer, after a blank
+            line, as ``PromptDataModule`` appends ``data.teacher_context``) and whose solution is clean: what a writer
+            who was told the answer writes (a warm start that can read privileged context, for self-distillation).
     """
 
     def __init__(self, split: str = "train", n: int = 1000, digits: int = 3, seed: int = 0,
                  val_frac: float = 0.1, test_frac: float = 0.1, carry_free: list[int] | tuple[int, ...] = (),
                  carry_kept: float = 0.0, carry_forgotten_at: list[int] | tuple[int, ...] = (),
-                 carry_forgotten: float = 0.0):
+                 carry_forgotten: float = 0.0, hinted: float = 0.0, hint: str = "The answer is {answer}."):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {split!r}")
         self.split, self.n, self.digits, self.seed = split, n, digits, seed
@@ -87,6 +90,9 @@ class ArithmeticTask:
             raise ValueError("data.<split>.carry_forgotten needs carry_forgotten_at: the columns whose carry is "
                              "forgotten (0: the units)")
         self.forgotten_at, self.carry_forgotten = set(int(c) for c in (carry_forgotten_at or ())), carry_forgotten
+        if not 0.0 <= hinted <= 1.0:
+            raise ValueError(f"data.<split>.hinted must lie in [0, 1], got {hinted}")
+        self.hinted, self.hint = hinted, hint
 
     def __call__(self) -> list[dict]:
         rng = random.Random(f"{self.seed}-{self.split}-{self.digits}")
@@ -109,7 +115,10 @@ class ArithmeticTask:
             # drawn per problem, apart from the sampling stream: any rate gives the same problems
             if forget and not random.Random(f"{self.seed}-forget-{problem}").random() < self.carry_forgotten:
                 forget = set()
-            rows.append({"prompt": problem, "answer": str(a + b), "solution": addition_steps(a, b, forget)})
+            prompt = problem
+            if self.hinted and random.Random(f"{self.seed}-hint-{problem}").random() < self.hinted:
+                prompt, forget = f"{problem}\n\n{self.hint.format(answer=a + b)}", set()  # told the answer: clean
+            rows.append({"prompt": prompt, "answer": str(a + b), "solution": addition_steps(a, b, forget)})
         if len(rows) < self.n:
             raise ValueError(f"only {len(rows)} distinct {self.digits}-digit problems in split {self.split!r}; "
                              f"asked for {self.n}")

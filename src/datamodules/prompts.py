@@ -137,14 +137,19 @@ class PromptDataModule(LightningDataModule):
         """Whether the teacher sees a prompt of its own (its template, or privileged context)."""
         return self.teacher_tokenizer is not None or self.teacher_context is not None
 
-    def longest_prompts(self) -> dict[str, tuple[int, object]]:
-        """Per tokenised split, its longest prompt's (token count, row id)."""
+    def longest_prompts(self, teacher: bool = False) -> dict[str, tuple[int, object]]:
+        """Per tokenised split, its longest prompt's (token count, row id); ``teacher``: of the teacher's own."""
         out = {}
         for split, data in self.splits.items():
-            if data.ids:
-                i = max(range(len(data.ids)), key=lambda j: len(data.ids[j]))
-                out[split] = (len(data.ids[i]), data.row_ids[i])
+            ids = data.teacher_ids if teacher else data.ids
+            if ids:
+                i = max(range(len(ids)), key=lambda j: len(ids[j]))
+                out[split] = (len(ids[i]), data.row_ids[i])
         return out
+
+    def longest_teacher_prompts(self) -> dict[str, tuple[int, object]]:
+        """``longest_prompts`` of the teacher's own prompts (none where it reads the student's)."""
+        return self.longest_prompts(teacher=True)
 
     def messages(self, row: dict) -> list[dict]:
         prompt = row["prompt"]
@@ -157,9 +162,9 @@ class PromptDataModule(LightningDataModule):
             msgs = [{"role": "system", "content": self.system_prompt}] + msgs
         return msgs
 
-    def teacher_messages(self, row: dict) -> list[dict]:
-        """The teacher's chat: the student's, with ``teacher_context`` filled from ``row`` appended to the last user
-        message."""
+    def teacher_messages(self, row: dict, position: int = 0) -> list[dict]:
+        """The teacher's chat: the student's, with ``teacher_context`` filled from ``row`` (the split's
+        ``position``-th) appended to the last user message."""
         msgs = [dict(m) for m in self.messages(row)]
         if self.teacher_context is None:
             return msgs
@@ -167,11 +172,11 @@ class PromptDataModule(LightningDataModule):
             context = self.teacher_context.format(**row)
         except (KeyError, IndexError, ValueError) as e:
             raise ValueError(f"data.teacher_context {self.teacher_context!r} cannot be filled from row "
-                             f"{row.get('id')!r} (fields {sorted(row)}): {type(e).__name__}: {e}") from e
+                             f"{row.get('id', position)!r} (fields {sorted(row)}): {type(e).__name__}: {e}") from e
         last = next((m for m in reversed(msgs) if m["role"] == "user"), None)
         if last is None or not isinstance(last["content"], str):
-            raise ValueError(f"data.teacher_context: row {row.get('id')!r} has no user message with text content to "
-                             "append the context to")
+            raise ValueError(f"data.teacher_context: row {row.get('id', position)!r} has no user message with text "
+                             "content to append the context to")
         last["content"] = f"{last['content']}\n\n{context}"
         return msgs
 
@@ -191,8 +196,8 @@ class PromptDataModule(LightningDataModule):
             ids = [self._render(self.tokenizer, self.messages(r), r.get("tools") or self.tools) for r in rows]
             teacher_ids = None
             if self.teacher_prompts:
-                teacher_ids = [self._render(self.teacher_tokenizer or self.tokenizer, self.teacher_messages(r),
-                                            r.get("tools") or self.tools) for r in rows]
+                teacher_ids = [self._render(self.teacher_tokenizer or self.tokenizer, self.teacher_messages(r, i),
+                                            r.get("tools") or self.tools) for i, r in enumerate(rows)]
             if self.max_prompt_tokens:
                 for i, x in enumerate(ids):
                     if len(x) > self.max_prompt_tokens:

@@ -303,8 +303,8 @@ class VisionPromptDataModule(PromptDataModule):
         if self.processor is None:
             raise RuntimeError("VisionPromptDataModule.set_processor(processor) must come before setup()")
         if self.teacher_prompts:
-            raise ValueError("a teacher prompt of its own (data.teacher_context, or a cross-vocabulary teacher) is not "
-                             "supported for vision-language data: the teacher scores the student's prompt")
+            raise ValueError("data.teacher_context and model.teacher.cross_vocab are not supported for vision-language "
+                             "data: the teacher scores the student's prompt and tokens")
         for split, source in self.sources.items():
             if source is None or split in self.splits:
                 continue

@@ -322,6 +322,12 @@ class CrossVocabTeacher:
             mask_BT[b, : len(t_ids)] = True
         prompt_BP = ro.teacher_prompt_ids.to(device)
         prompt_mask_BP = ro.teacher_prompt_mask.to(device, ro.attention_mask.dtype)
+        limit = getattr(getattr(scorer.teacher, "config", None), "max_position_embeddings", None)
+        longest = max(int(prompt_mask_BP[b].sum()) + len(t_ids) for b, (t_ids, _, _) in enumerate(rows))
+        if limit and longest > limit:  # the teacher's tokenisation may be longer than the student's budget
+            raise ValueError(f"cross-vocabulary scoring: a response in the teacher's tokens reaches {longest} "
+                             f"positions with its prompt, past the teacher's max_position_embeddings ({limit}): "
+                             "lower rollout.max_new_tokens")
         teacher_ro = Rollout(input_ids=torch.cat([prompt_BP, resp_BT], dim=1),
                              attention_mask=torch.cat([prompt_mask_BP, mask_BT.to(prompt_mask_BP.dtype)], dim=1),
                              response_start=prompt_BP.shape[1], response_mask_BT=mask_BT, old_logp_BT=None,

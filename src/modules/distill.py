@@ -14,7 +14,7 @@ Nothing in the step branches on a mode string: every choice is a component, and 
 loop compute is behind their seams (``module.backbone``, ``rollout.decoder``).
 
 The teacher runs under ``torch.no_grad`` in eval mode with ``requires_grad=False``, in its own dtype,
-and is left out of checkpoints (it is reloaded from its spec). It may read another prompt than the student's and
+and is left out of checkpoints (it is reloaded from its spec; a self-distillation EMA copy is kept in them). It may read another prompt than the student's and
 another tokenisation of the response: a cross-vocabulary teacher (``model.teacher.cross_vocab``,
 ``src/modules/cross_vocab.py``) or the student itself with privileged context (``model.teacher=self``,
 ``src/modules/self_distillation.py``); both are the scorer's business, and the step reads the same.
@@ -91,17 +91,10 @@ class DistillationModule(LightningModule):
         self.student_spec, self.teacher_spec = student, teacher
         if objective.needs_teacher and teacher is None:
             raise ValueError(f"{type(objective).__name__} needs a teacher but model.teacher is null")
-        if self.teacher_reads_its_own_input and objective.needs_teacher:
-            # the teacher's prompt or tokens differ from the student's: only the sampled-token reward can score them
-            if not getattr(objective, "scores_sampled_tokens", False):
-                raise ValueError(f"{'model.teacher=self' if self.self_distillation else 'model.teacher.cross_vocab'}"
-                                 f" scores the student's sampled tokens with the teacher's log-probs: it needs an "
-                                 f"on-policy objective with the log-ratio reward (algorithm=reopold, opd or an "
-                                 f"ablation), not {type(objective).__name__}")
-            if grad_cosine_every:
-                raise ValueError("module.grad_cosine_every compares with the exact reverse KL over one shared "
-                                 "vocabulary and prompt: set it to 0 with model.teacher=self or cross_vocab")
-        self.rollout, self.objective = rollout, objective
+        self.objective, self.grad_cosine_every = objective, grad_cosine_every
+        self.teacher_context = False  # set by use_teacher_prompts: the data gives the teacher a prompt of its own
+        self._check_teacher_input()
+        self.rollout = rollout
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.selection = selection or AllTokens()
         if grader is None:
@@ -116,7 +109,6 @@ class DistillationModule(LightningModule):
             raise ValueError("module.grad_cosine_every compares with the exact reverse KL to the teacher: it needs "
                              f"a teacher and a value >= 0 (0: off), got {grad_cosine_every}"
                              + (" without a teacher" if teacher is None else ""))
-        self.grad_cosine_every = grad_cosine_every
         self.backbone = backbone or hf_backbone
         self.student = self.teacher = self.tokenizer = self.processor = None
         self.scorer: Scorer | None = None  # set by configure_model
@@ -132,10 +124,30 @@ class DistillationModule(LightningModule):
 
     @property
     def teacher_reads_its_own_input(self) -> bool:
-        """Whether the teacher reads another prompt or tokenisation than the student (self-distillation or a
-        cross-vocabulary teacher): full-vocabulary comparisons with the student (GKD, the exact-KL diagnostics) do
-        not apply."""
-        return self.self_distillation or bool(getattr(self.teacher_spec, "cross_vocab", False))
+        """Whether the teacher reads another prompt or tokenisation than the student (self-distillation, a
+        cross-vocabulary teacher, or ``data.teacher_context``): full-vocabulary comparisons with the student (GKD,
+        SFT on teacher samples, the exact-KL diagnostics) do not apply."""
+        return self.self_distillation or bool(getattr(self.teacher_spec, "cross_vocab", False)) or self.teacher_context
+
+    def use_teacher_prompts(self) -> None:
+        """The data gives the teacher a prompt of its own (``data.teacher_context``): only objectives that score
+        the sampled tokens through ``Scorer.teacher_logp`` read it (``src/train.py`` calls this)."""
+        self.teacher_context = True
+        self._check_teacher_input()
+
+    def _check_teacher_input(self) -> None:
+        if not (self.teacher_reads_its_own_input and self.objective.needs_teacher):
+            return
+        why = "model.teacher=self" if self.self_distillation else "model.teacher.cross_vocab" \
+            if getattr(self.teacher_spec, "cross_vocab", False) else "data.teacher_context"
+        # the teacher's prompt or tokens differ from the student's: only the sampled-token reward scores them
+        if not getattr(self.objective, "scores_sampled_tokens", False):
+            raise ValueError(f"{why} gives the teacher its own input, which only the sampled tokens' log-ratio "
+                             f"reads: it needs an on-policy objective with the log-ratio reward (algorithm=reopold, "
+                             f"opd or an ablation), not {type(self.objective).__name__}")
+        if self.grad_cosine_every:
+            raise ValueError(f"module.grad_cosine_every compares with the exact reverse KL over one shared vocabulary "
+                             f"and prompt: set it to 0 with {why}")
 
     # ---------------------------------------------------------------- models
     def configure_model(self) -> None:
@@ -158,6 +170,9 @@ class DistillationModule(LightningModule):
         shared_vocab = None  # set by the preflight where the pair's output heads differ in padding rows
         cross_vocab = None  # a teacher with its own tokenizer scores the response text
         if needs_teacher and getattr(self.teacher_spec, "cross_vocab", False):
+            if hasattr(self.rollout, "max_turns") or vision_token_ids(self.processor):
+                raise ValueError(f"{self.teacher_spec.key}.cross_vocab scores text responses: not tool episodes "
+                                 "(rollout=tools) or vision-language models")
             teacher_tok = self.teacher_spec.load_tokenizer()
             preflight_cross_vocab(self.tokenizer, teacher_tok, self.student_spec.key, self.teacher_spec.key)
         elif needs_teacher and not self.self_distillation:
@@ -175,6 +190,9 @@ class DistillationModule(LightningModule):
         self.student.train()  # from_pretrained returns eval mode
         if needs_teacher and self.self_distillation:
             self.teacher = self.teacher_spec.build(self.student)  # None: the student's current weights score
+            if not self.teacher_context and self.teacher is None:
+                print("[preflight] model.teacher=self with no data.teacher_context: the teacher reads what the "
+                      "student reads, so every reward is 0 (up to rounding)")
             print(f"[preflight] model.teacher=self: the student's {self.teacher_spec.weights} weights score its "
                   "samples, reading the teacher's prompt")
         elif needs_teacher:
@@ -230,6 +248,17 @@ class DistillationModule(LightningModule):
                                  f"sequence reaches {n + budget} positions, past {key}'s max_position_embeddings "
                                  f"({positions}). Lower {name} to {positions - n} or less, or shorten the prompts "
                                  f"(data.max_prompt_tokens names longer ones when the data loads)")
+        # the teacher's own prompts (privileged context, its chat template) against the model that scores them
+        scorer_model = self.teacher if self.teacher is not None else self.student
+        t_positions = getattr(scorer_model.config, "max_position_embeddings", None)
+        if self.teacher_spec is not None and t_positions and hasattr(datamodule, "longest_teacher_prompts"):
+            budget = self.rollout.max_new_tokens
+            for split, (n, row) in datamodule.longest_teacher_prompts().items():
+                if n + budget > t_positions:
+                    raise ValueError(f"data.{split}: row {row!r} gives the teacher a prompt of {n} tokens "
+                                     f"(data.teacher_context or its chat template); with rollout.max_new_tokens="
+                                     f"{budget} it reaches {n + budget} positions, past {self.teacher_spec.key}'s "
+                                     f"max_position_embeddings ({t_positions}). Shorten the context or the budget")
 
     def _deepspeed(self) -> bool:
         from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -263,8 +292,15 @@ class DistillationModule(LightningModule):
         return self
 
     def on_load_checkpoint(self, checkpoint) -> None:
-        if self.self_distillation and self.teacher is not None and "ema_teacher" in checkpoint:
-            self.teacher.load_state_dict(checkpoint["ema_teacher"])  # the average continues where it stopped
+        if self.self_distillation and self.teacher_spec.weights == "ema" and self.teacher is not None:
+            if "ema_teacher" in checkpoint:
+                self.teacher.load_state_dict(checkpoint["ema_teacher"])  # the average continues where it stopped
+            elif isinstance(checkpoint.get("state_dict"), dict):  # saved by a run without one: start it here
+                student = {k.removeprefix("student."): v for k, v in checkpoint["state_dict"].items()
+                           if k.startswith("student.")}
+                self.teacher.load_state_dict(student)
+                warnings.warn("the checkpoint holds no EMA teacher (module.self_teacher.weights was not ema when it "
+                              "was saved): the average starts from the resumed student", stacklevel=2)
         # strict_loading is off for the teacher's sake; the student must still be complete (a distributed checkpoint
         # is loaded into the module by the strategy itself, which reports missing keys)
         if self.student is not None and isinstance(checkpoint.get("state_dict"), dict):

@@ -186,12 +186,14 @@ def plan(cfg, gpu_gb: float = 80.0, gpus: int | None = None, prompt_tokens: int 
     policy, with_teacher = _roles(cfg)
     student_cfg, teacher_cfg = cfg.model.student, cfg.model.get("teacher")
     s = shape_of(config_of(student_cfg.path))
-    t = shape_of(config_of(teacher_cfg.path)) if with_teacher else None
+    self_teacher = with_teacher and teacher_cfg == "self"  # self-distillation: the student's shape, maybe a copy
+    t = (s if self_teacher else shape_of(config_of(teacher_cfg.path))) if with_teacher else None
     master = DTYPE_BYTES[str(student_cfg.get("dtype", "float32"))]
     param_dtype = sharding.get("param_dtype", "bfloat16") if strategy == "fsdp2" else None
     precision = str(cfg.trainer.get("precision", "32-true"))
     compute = DTYPE_BYTES[param_dtype] if param_dtype else (2 if "16" in precision else master)
-    teacher_bytes = DTYPE_BYTES[str(teacher_cfg.get("dtype") or trainer_compute_dtype(cfg.trainer))] if t else 0
+    teacher_bytes = 0 if t is None else master if self_teacher else \
+        DTYPE_BYTES[str(teacher_cfg.get("dtype") or trainer_compute_dtype(cfg.trainer))]
     teacher_sharded = strategy == "fsdp2" and sharding.get("teacher_placement", "sharded") == "sharded"
     checkpointing = strategy == "fsdp2" and bool(sharding.get("activation_checkpointing", True))
 
@@ -208,7 +210,10 @@ def plan(cfg, gpu_gb: float = 80.0, gpus: int | None = None, prompt_tokens: int 
     states = 3 * s.params * master  # gradients and AdamW's two moments (the frozen few counted too: an upper bound)
     static = {"student weights": weights / (shards if strategy == "fsdp2" else 1) / GB,
               "student grads + AdamW": states / (shards if strategy in ("fsdp2", "zero2") else 1) / GB}
-    if t is not None:
+    if self_teacher:  # the current weights are the student's own; a frozen or EMA copy is one more
+        if cfg.module.get("self_teacher", {}).get("weights", "current") != "current":
+            static["teacher copy of the student"] = t.params * master / GB
+    elif t is not None:
         static["teacher weights"] = t.params * teacher_bytes / (shards if teacher_sharded else 1) / GB
     static["CUDA context, NCCL, fragmentation"] = RESERVE_GB
 

@@ -7,7 +7,7 @@ the clip, the selection and the phases apply unchanged: a token is rewarded wher
 model likelier to write it. Which weights score (``module.self_teacher.weights``):
 
 - ``current``: the student's weights at each step, under ``no_grad`` and in eval mode (the teacher moves with the
-  student; with no context the reward is exactly 0);
+  student; with no context the reward is 0 up to rounding);
 - ``frozen``: a copy of the student as loaded, before step 0;
 - ``ema``: a copy moved after every optimiser step, ``w_t <- d w_t + (1 - d) w_s`` (``ema_decay`` d), kept in
   checkpoints so a resumed run continues the same average.
