@@ -253,7 +253,10 @@ class RolloutViewer(Callback):
         """The first ``n_prompts`` validation prompts as one batch."""
         loader = trainer.val_dataloaders if trainer.val_dataloaders is not None else \
             trainer.datamodule.val_dataloader()
-        first = next(iter(loader))
+        first = next(iter(loader), None)
+        if first is None:
+            raise ValueError("callbacks.rollout_viewer: the validation split is empty (its first prompts are the "
+                             "pages' prompts)")
         if not first.get("model_kwargs"):
             cross_vocab = pl_module.scorer.cross_vocab
             return first_rows(loader, self.n_prompts, pl_module.tokenizer.pad_token_id,
