@@ -59,7 +59,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict]:
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.module)
     datamodule.set_tokenizer(module.student_spec.load_processor())  # a processor for vision-language models
-    if getattr(module.teacher_spec, "cross_vocab", False):  # its prompts rendered with its own template
+    if module.cross_vocab_teacher:  # its prompts rendered with its own template
         datamodule.set_teacher_tokenizer(module.teacher_spec.load_tokenizer())
     if getattr(datamodule, "teacher_context", None) is not None:  # privileged context for the teacher's prompt
         module.use_teacher_prompts()

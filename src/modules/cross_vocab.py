@@ -45,7 +45,14 @@ RULES = ("last", "spread")
 
 def token_char_spans(tokenizer, text: str) -> list[CharRange]:
     """The ``[start, end)`` characters of ``text`` that each token of ``tokenizer(text, add_special_tokens=False)``
-    completes: monotone, contiguous, from 0 to ``len(text)``.
+    completes: monotone, contiguous, from 0 to ``len(text)`` (``tokenised``, the ranges alone).
+    """
+    return tokenised(tokenizer, text)[1]
+
+
+def tokenised(tokenizer, text: str) -> tuple[list[int], list[CharRange]]:
+    """``tokenizer``'s ids of ``text`` (``add_special_tokens=False``) and the characters each completes, from one
+    tokenisation.
 
     From the fast tokenizer's offsets, normalised: a token ends where the next tokens no longer touch its characters
     (``min(end_i, start_j for j > i)``), so the byte-level pieces of one character before its last get an empty range
@@ -56,11 +63,12 @@ def token_char_spans(tokenizer, text: str) -> list[CharRange]:
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("token_char_spans needs a fast (Rust) tokenizer for its offsets, got "
                         f"{type(tokenizer).__name__}")
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
     if not offsets:
         if text:
             raise ValueError(f"the tokenizer gives no tokens for a text of {len(text)} characters: {text[:40]!r}")
-        return []
+        return ids, []
     ends, later_start = [0] * len(offsets), len(text)
     for i in range(len(offsets) - 1, -1, -1):  # a character a later token still touches is not complete yet
         start, end = offsets[i]
@@ -72,7 +80,7 @@ def token_char_spans(tokenizer, text: str) -> list[CharRange]:
         end = min(max(end, pos), len(text))
         ranges.append((pos, end))
         pos = end
-    return ranges
+    return ids, ranges
 
 
 def _check_tiling(ranges: Sequence[CharRange], side: str) -> int:
@@ -294,9 +302,12 @@ class CrossVocabTeacher:
         ended = bool(ids) and ids[-1] in self.student_eos
         body = ids[:-1] if ended else ids
         text = self.student_tok.decode(body, skip_special_tokens=False)
-        canonical = self.student_tok(text, add_special_tokens=False)["input_ids"] == body
-        teacher_ids = self.teacher_tok(text, add_special_tokens=False)["input_ids"]
-        spans = align(sampled_char_spans(self.student_tok, body, text), token_char_spans(self.teacher_tok, text))
+        canonical_ids, student_ranges = tokenised(self.student_tok, text)  # one tokenisation a side
+        canonical = canonical_ids == body
+        teacher_ids, teacher_ranges = tokenised(self.teacher_tok, text)
+        if not canonical:  # the sampled tokens, placed by their own decoding
+            student_ranges = sampled_char_spans(self.student_tok, body, text)
+        spans = align(student_ranges, teacher_ranges)
         if ended:
             spans.append((range(len(body), len(body) + 1), range(len(teacher_ids), len(teacher_ids) + 1)))
             teacher_ids = teacher_ids + [self.teacher_eos]

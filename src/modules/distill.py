@@ -123,11 +123,16 @@ class DistillationModule(LightningModule):
         return isinstance(self.teacher_spec, SelfTeacher)
 
     @property
+    def cross_vocab_teacher(self) -> bool:
+        """``model.teacher.cross_vocab``: a teacher with its own tokenizer scores the response text."""
+        return bool(getattr(self.teacher_spec, "cross_vocab", False))
+
+    @property
     def teacher_reads_its_own_input(self) -> bool:
         """Whether the teacher reads another prompt or tokenisation than the student (self-distillation, a
         cross-vocabulary teacher, or ``data.teacher_context``): full-vocabulary comparisons with the student (GKD,
         SFT on teacher samples, the exact-KL diagnostics) do not apply."""
-        return self.self_distillation or bool(getattr(self.teacher_spec, "cross_vocab", False)) or self.teacher_context
+        return self.self_distillation or self.cross_vocab_teacher or self.teacher_context
 
     def use_teacher_prompts(self) -> None:
         """The data gives the teacher a prompt of its own (``data.teacher_context``): only objectives that score
@@ -139,7 +144,7 @@ class DistillationModule(LightningModule):
         if not (self.teacher_reads_its_own_input and self.objective.needs_teacher):
             return
         why = "model.teacher=self" if self.self_distillation else "model.teacher.cross_vocab" \
-            if getattr(self.teacher_spec, "cross_vocab", False) else "data.teacher_context"
+            if self.cross_vocab_teacher else "data.teacher_context"
         # the teacher's prompt or tokens differ from the student's: only the sampled-token reward scores them
         if not getattr(self.objective, "scores_sampled_tokens", False):
             raise ValueError(f"{why} gives the teacher its own input, which only the sampled tokens' log-ratio "
@@ -169,7 +174,7 @@ class DistillationModule(LightningModule):
         needs_teacher = self.teacher_spec is not None and self.objective.needs_teacher
         shared_vocab = None  # set by the preflight where the pair's output heads differ in padding rows
         cross_vocab = None  # a teacher with its own tokenizer scores the response text
-        if needs_teacher and getattr(self.teacher_spec, "cross_vocab", False):
+        if needs_teacher and self.cross_vocab_teacher:
             if hasattr(self.rollout, "max_turns") or vision_token_ids(self.processor):
                 raise ValueError(f"{self.teacher_spec.key}.cross_vocab scores text responses: not tool episodes "
                                  "(rollout=tools) or vision-language models")
@@ -207,7 +212,7 @@ class DistillationModule(LightningModule):
         self._check_positions()
         banned = vision_token_ids(self.processor)
         banned_ids = torch.tensor(banned, dtype=torch.long) if banned else None
-        if needs_teacher and getattr(self.teacher_spec, "cross_vocab", False):
+        if needs_teacher and self.cross_vocab_teacher:
             cross_vocab = CrossVocabTeacher(self.tokenizer, teacher_tok, self.eos_token_ids(),
                                             getattr(self.teacher_spec, "cross_vocab_rule", "last"))
         scoring_teacher = self.student if needs_teacher and self.teacher is None and self.self_distillation \
