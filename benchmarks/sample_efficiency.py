@@ -29,7 +29,10 @@ its log's tail and is retried on the next call):
    validation split (never the test set): the rate with the largest mean primary metric over the evaluations.
 2. ``refs``: the teacher's metrics on the same test set (``src/eval.py``).
 3. ``runs``: every arm, method and seed at its tuned rate (``--seeds``; REOPOLD and OPD get ``--extra-seeds`` too).
-4. ``analysis`` (also ``--analyse-only``): ``sample_efficiency.csv`` (``arm,method,seed,samples,val_acc``),
+4. ``mechanism``: the measure of the mechanism itself, from greedy evaluations of every finished run's final student
+   and of each arm's warm start on the same seeds' test prompts (``carry_measure``: on the problems with a carry into
+   the hundreds, the share of responses whose hundreds line adds it).
+5. ``analysis`` (always; alone with ``--analyse-only``): ``sample_efficiency.csv`` (``arm,method,seed,samples,val_acc``),
    ``sample_efficiency_refs.json`` (per arm ``teacher_acc`` and ``warm_acc``, and the tuned rates),
    ``sample_efficiency_analysis.md`` and ``sample_efficiency.png`` in ``--out``.
 
@@ -140,7 +143,7 @@ def run_all(jobs: list[tuple[str, list[str], Path]], workers: int) -> dict[Path,
 
 def metrics(run_dir: Path) -> list[dict]:
     """The rows of a run's CSV log."""
-    with next(run_dir.rglob("metrics.csv")).open() as f:
+    with next((run_dir / "csv").rglob("metrics.csv")).open() as f:  # not an evaluation's beside it (mechanism/)
         return list(csv.DictReader(f))
 
 
@@ -246,11 +249,12 @@ def fmt_rollouts(values: list[float], budget: float) -> str:
 
 
 def report(result: dict, refs: dict, budget: float, greedy: dict, kls: dict | None = None,
-           cosines: dict | None = None) -> str:
+           cosines: dict | None = None, mechanisms: dict | None = None) -> str:
     """The analysis's text; ``greedy``: final greedy accuracies per (arm, method); ``kls``: final (reverse, forward)
     exact KLs to the teacher on the held-out traces per (arm, method); ``cosines``: the method's gradient's cosines
-    with the exact reverse KL's, per (arm, method)."""
-    kls, cosines = kls or {}, cosines or {}
+    with the exact reverse KL's, per (arm, method); ``mechanisms``: ``carry_measure``'s per (arm, method or
+    "warm start")."""
+    kls, cosines, mechanisms = kls or {}, cosines or {}, mechanisms or {}
     lines = [("Primary comparisons, stated before the runs: on the regime arm, (1) REOPOLD vs vanilla OPD and (2) "
               "REOPOLD vs SFT on teacher samples, by the area under g against log(rollouts) (paired by seed); (3) "
               "GRPO's rollouts to g = 0.5 over REOPOLD's. The control arm is read the same way."), ""]
@@ -300,6 +304,18 @@ def report(result: dict, refs: dict, budget: float, greedy: dict, kls: dict | No
             gg = [s["to_half"] for s in g.values()]
             lines += ["", ("GRPO's rollouts to g = 0.5 over REOPOLD's (medians, censored at the budget): "
                            f"{fmt_rollouts(gg, budget)} / {fmt_rollouts(rr, budget)}.")]
+        measured = [m for m in ("warm start", *METHODS) if mechanisms.get((arm, m))]
+        if measured:
+            lines += ["", ("The mechanism, greedy on each seed's test prompts (`carry_measure`): on the problems with a "
+                           "carry into the hundreds, the share whose hundreds line adds it and the accuracy; on the "
+                           "others, the accuracy (mean ± sd over seeds; the warm start on the same seeds' prompts):"), "",
+                      "| student | seeds | carry into the hundreds written | accuracy, with that carry | accuracy, "
+                      "without |", "|---|---|---|---|---|"]
+            for m in measured:
+                ms = mechanisms[(arm, m)]
+                cells = [f"{100 * statistics.mean(v):.1f} ± {100 * sd(v):.1f}"
+                         for v in ([x[k] for x in ms] for k in ("carry_written", "acc_carry", "acc_no_carry"))]
+                lines.append(f"| {m if m == 'warm start' else m + ' (final)'} | {len(ms)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -367,6 +383,78 @@ def tune(methods: list[str], runs: Path, workers: int = 1) -> dict:
     return chosen
 
 
+# --------------------------------------------------------------------------------------------------------- mechanism
+
+def mechanism_cmd(arm: str, seed: int, model_dir: Path | None, out: Path) -> list[str]:
+    """Greedy evaluation of a run's final student (``model_dir``; None: the arm's warm start) on the run's test
+    prompts, every response kept (``samples.jsonl``)."""
+    model = (["model=pretrained", f"model.student.path={model_dir}"] if model_dir is not None
+             else ["model=mini_math", *ARMS[arm]])
+    return [sys.executable, "src/eval.py", "data=mini_math", *model, "model.teacher=null", "accel=cpu", f"seed={seed}",
+            f"data.test.n={TEST_PROMPTS}", "k=0", "rollout.max_new_tokens=48", f"hydra.run.dir={out}"]
+
+
+def carry_measure(samples: Path, seed: int) -> dict:
+    """The mechanism, from greedy responses on the test prompts (``seed``'s draw): on the problems with a carry into
+    the hundreds, the share whose hundreds line adds it (``carry_written``) and the accuracy; on the others, the
+    accuracy."""
+    from src.datamodules.arithmetic import ArithmeticTask, carries_into
+
+    rows = ArithmeticTask(split="test", n=TEST_PROMPTS, digits=3, seed=seed)()
+    with_carry, written, right, right_other, n_other = 0, 0, 0, 0, 0
+    for line in samples.read_text().splitlines():
+        r = json.loads(line)
+        row = rows[int(r["prompt_id"])]
+        if r["reference"] != row["answer"]:
+            raise ValueError(f"{samples}: prompt {r['prompt_id']} answers {r['reference']}, the test draw of seed "
+                             f"{seed} has {row['answer']}: not the prompts this measure assumes")
+        a, b = map(int, row["prompt"].rstrip("=").split("+"))
+        if 2 in carries_into(a, b):
+            steps = r["response"].split("\n")
+            with_carry += 1
+            written += len(steps) > 2 and steps[2].startswith(f"{a // 100 % 10}+{b // 100 % 10}+1=")
+            right += r["correct"]
+        else:
+            n_other += 1
+            right_other += r["correct"]
+    return {"carry_written": written / with_carry, "acc_carry": right / with_carry,
+            "acc_no_carry": right_other / max(n_other, 1), "problems_with_carry": with_carry}
+
+
+def mechanism(runs: Path, arms: list[str], workers: int) -> None:
+    """The mechanism measure of every finished run's final student and of each arm's warm start on the same seeds'
+    prompts (``mechanism.json`` beside each evaluation; a finished one is kept)."""
+    targets = []
+    for arm in arms:
+        seeds = set()
+        for done in sorted((runs / arm).glob("*/done.json")):
+            seed = int(done.parent.name.rsplit("-seed", 1)[1])
+            seeds.add(seed)
+            targets.append((f"{arm} {done.parent.name}", arm, seed, done.parent / "hf" / "final",
+                            done.parent / "mechanism"))
+        targets += [(f"{arm} warm start seed {s}", arm, s, None, runs / arm / "warm" / f"seed{s}") for s in sorted(seeds)]
+    todo = [t for t in targets if not (t[4] / "mechanism.json").exists()]
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i_target):
+        i, (label, arm, seed, model_dir, out) = i_target
+        print(f"[mechanism {i + 1}/{len(todo)}] {label}", flush=True)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        log = out.parent / f"{out.name}.mechanism.log"
+        with log.open("w") as f:
+            if subprocess.run(mechanism_cmd(arm, seed, model_dir, out), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                              check=False, env=env).returncode:
+                print(f"  FAILED; see {log}", flush=True)
+                return
+        (out / "mechanism.json").write_text(json.dumps(carry_measure(out / "samples.jsonl", seed)))
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(one, enumerate(todo)))
+
+
 def teacher_ref(runs: Path) -> float | None:
     out = runs / "teacher_eval"
     meta = out / "meta.json"
@@ -386,7 +474,8 @@ def teacher_ref(runs: Path) -> float | None:
 def main(argv=None) -> None:
     global STEPS, EVAL_EVERY, TEST_PROMPTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phases", nargs="+", default=["tune", "refs", "runs"], choices=["tune", "refs", "runs"])
+    ap.add_argument("--phases", nargs="+", default=["tune", "refs", "runs", "mechanism"],
+                    choices=["tune", "refs", "runs", "mechanism"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
@@ -426,11 +515,18 @@ def main(argv=None) -> None:
                 jobs.append((f"{arm} {method} seed {seed} lr {lr:g}", train_cmd(arm, method, seed, lr, run_dir, "test"),
                              run_dir))
             run_all(jobs, args.jobs)
+        if "mechanism" in args.phases:
+            mechanism(args.runs, args.arms, args.jobs)
     write_outputs(args.runs, args.out, refs)
 
 
 def write_outputs(runs: Path, out: Path, refs: dict) -> None:
     rows, greedy, lengths, kls, cosines = [], defaultdict(list), defaultdict(list), defaultdict(list), defaultdict(list)
+    mechanisms = defaultdict(list)  # (arm, method or "warm start") -> mechanism.json's
+    for measured in sorted(runs.glob("*/*/mechanism/mechanism.json")) + sorted(runs.glob("*/warm/*/mechanism.json")):
+        warm, arm = measured.parents[1].name == "warm", measured.parents[2].name
+        name = "warm start" if warm else measured.parents[1].name.rsplit("-seed", 1)[0]
+        mechanisms[(arm, name)].append(json.loads(measured.read_text()))
     for done in sorted(runs.glob("*/*/done.json")):
         run_dir = done.parent
         arm = run_dir.parent.name
@@ -465,7 +561,7 @@ def write_outputs(runs: Path, out: Path, refs: dict) -> None:
     result = analyse([r for r in rows if r["arm"] in arm_refs], arm_refs, budget)
     n_student, n_teacher = parameter_counts()
     flops = {k: flops_per_rollout(k[1], statistics.mean(v), n_student, n_teacher) for k, v in lengths.items() if v}
-    text = report(result, {**arm_refs, "lr": refs.get("lr", {})}, budget, greedy, kls, cosines)
+    text = report(result, {**arm_refs, "lr": refs.get("lr", {})}, budget, greedy, kls, cosines, mechanisms)
     (out / "sample_efficiency_analysis.md").write_text(
         "# Sample efficiency: the study's tables\n\nWritten by `python benchmarks/sample_efficiency.py` from the runs "
         f"under `{runs.relative_to(ROOT) if runs.is_relative_to(ROOT) else runs}`; figure: "

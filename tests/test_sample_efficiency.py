@@ -107,3 +107,27 @@ def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path):
     assert se.finished(tmp_path, cmd)  # another interpreter path: the same run
     assert not se.finished(tmp_path, se.train_cmd("regime", "opd", 0, 3e-4, tmp_path, "test"))  # another rate
     assert not se.finished(tmp_path, [c.replace(f"max_steps={se.STEPS}", "max_steps=7") for c in cmd])
+
+
+def test_the_mechanism_counts_hundreds_lines_that_add_the_carry(tmp_path):
+    """Responses written with and without the carry into the hundreds, on the seed's own test prompts."""
+    import json
+
+    from src.datamodules.arithmetic import ArithmeticTask, addition_steps, carries_into
+
+    rows = ArithmeticTask(split="test", n=se.TEST_PROMPTS, digits=3, seed=5)()
+    with (tmp_path / "samples.jsonl").open("w") as f:
+        for i, row in enumerate(rows):
+            a, b = map(int, row["prompt"].rstrip("=").split("+"))
+            forget = {2} if i % 2 else set()  # every other response forgets the carry into the hundreds
+            text = addition_steps(a, b, forget)
+            right = text.endswith(f"#### {a + b}")
+            f.write(json.dumps({"prompt_id": i, "sample": -1, "correct": right, "response": text,
+                                "reference": row["answer"]}) + "\n")
+    carried = [i for i, r in enumerate(rows) if 2 in carries_into(*map(int, r["prompt"].rstrip("=").split("+")))]
+    m = se.carry_measure(tmp_path / "samples.jsonl", seed=5)
+    assert m["problems_with_carry"] == len(carried) and 0 < len(carried) < len(rows)
+    assert m["carry_written"] == pytest.approx(sum(i % 2 == 0 for i in carried) / len(carried))
+    assert m["acc_carry"] == m["carry_written"] and m["acc_no_carry"] == 1.0
+    with pytest.raises(ValueError, match="not the prompts"):  # another seed's draw: other prompts
+        se.carry_measure(tmp_path / "samples.jsonl", seed=6)
