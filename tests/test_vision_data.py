@@ -330,6 +330,15 @@ def test_max_prompt_tokens_counts_image_tokens(tmp_path, processor):
         datamodule(rows, processor, max_prompt_tokens=longest - 1)
 
 
+def test_longest_prompts_count_image_tokens(tmp_path, processor):
+    """What the module's position check reads (``_check_positions``): the longest prompt with its images expanded."""
+    dm = datamodule(mixed_rows(tmp_path), processor)
+    lengths = {x[3]: int(dm.collate([x])["attention_mask"].sum()) for x in dm.splits["train"]}
+    longest = max(lengths, key=lengths.get)
+    assert dm.longest_prompts() == {"train": (lengths[longest], longest)}
+    assert dm.longest_teacher_prompts() == {}
+
+
 def test_defaults_instruction_and_a_bare_tokenizer(tmp_path, processor):
     rows = mixed_rows(tmp_path)
     dm = datamodule(rows, processor, min_pixels=112 * 112, max_pixels=112 * 112, instruction="Box it.")

@@ -207,3 +207,12 @@ def test_mrope_section_lets_a_tiny_decoder_tell_image_columns_apart(cache_dir):
         TinyQwen2VL(**arch, mrope_section=[4, 4, 4], key="model.student")
     with pytest.raises(ValueError, match="model.student.rope_theta must be positive"):
         TinyQwen2VL(**arch, rope_theta=0, key="model.student")
+
+
+def test_a_prompt_with_its_images_past_the_positions_is_refused(make_cfg):
+    """The position check reads the decoder's positions (``text_config``) and counts each prompt's image tokens."""
+    cfg = make_cfg(*VL, "test=false", "rollout.max_new_tokens=2040", fast=False)  # the tiny decoders: 2,048
+    with pytest.raises(ValueError, match=r"data.train: row .* has a prompt of \d+ tokens; with "
+                                         r"rollout.max_new_tokens=2040 a sequence reaches \d+ positions, past "
+                                         r"model.\w+'s max_position_embeddings \(2048\)"):
+        train(cfg)

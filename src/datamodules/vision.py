@@ -321,6 +321,17 @@ class VisionPromptDataModule(PromptDataModule):
             self.splits[split] = _Chats(chats, [r["answer"] for r in rows], targets,
                                         [r.get("id", i) for i, r in enumerate(rows)])
 
+    def longest_prompts(self, teacher: bool = False) -> dict[str, tuple[int, object]]:
+        """Per split, its longest prompt's (token count, images expanded as ``prompt_tokens`` counts them, row id); the
+        teacher reads the student's prompts, so it has none of its own (``teacher``)."""
+        out = {}
+        for split, data in ({} if teacher else self.splits).items():
+            if len(data):
+                counts = [self.prompt_tokens(chat) for chat in data.chats]
+                i = max(range(len(counts)), key=counts.__getitem__)
+                out[split] = (counts[i], data.row_ids[i])
+        return out
+
     def prompt_tokens(self, chat: list[dict]) -> int:
         """Tokens of the rendered prompt with every image expanded, without resizing any image."""
         from qwen_vl_utils import extract_vision_info

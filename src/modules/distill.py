@@ -234,7 +234,7 @@ class DistillationModule(LightningModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "longest_prompts"):
             return
-        limits = {spec.key: getattr(model.config, "max_position_embeddings", None)
+        limits = {spec.key: getattr(model.config.get_text_config(), "max_position_embeddings", None)
                   for spec, model in ((self.student_spec, self.student), (self.teacher_spec, self.teacher))
                   if model is not None}
         limits = {k: v for k, v in limits.items() if v}
@@ -255,7 +255,7 @@ class DistillationModule(LightningModule):
                                  f"(data.max_prompt_tokens names longer ones when the data loads)")
         # the teacher's own prompts (privileged context, its chat template) against the model that scores them
         scorer_model = self.teacher if self.teacher is not None else self.student
-        t_positions = getattr(scorer_model.config, "max_position_embeddings", None)
+        t_positions = getattr(scorer_model.config.get_text_config(), "max_position_embeddings", None)
         if self.teacher_spec is not None and t_positions and hasattr(datamodule, "longest_teacher_prompts"):
             budget = self.rollout.max_new_tokens
             for split, (n, row) in datamodule.longest_teacher_prompts().items():
