@@ -38,7 +38,7 @@ its log's tail and is retried on the next call):
 
     python benchmarks/sample_efficiency.py --jobs 2                          # everything, 2 runs at once; resumes
     python benchmarks/sample_efficiency.py --phases tune refs                # part of it
-    python benchmarks/sample_efficiency.py --methods reopold opd sft --seeds 0 1   # a subset
+    python benchmarks/sample_efficiency.py --methods reopold opd sft --seeds 0 1 --extra-seeds   # a subset
     python benchmarks/sample_efficiency.py --analyse-only                    # the files, from the runs so far
 """
 
@@ -97,10 +97,13 @@ def train_cmd(arm: str, method: str, seed: int, lr: float, run_dir: Path, split:
 
 
 def finished(run_dir: Path, cmd: list[str]) -> bool:
-    """Whether ``run_dir`` holds a finished run of ``cmd`` (the interpreter's path aside): a run of another design
-    (other steps, evaluations or rate) is not reused."""
+    """Whether ``run_dir`` holds a finished run of ``cmd`` (the interpreter's path and the folder aside: a moved
+    study is reused): a run of another design (other steps, evaluations or rate) is not."""
+    def design(c: list[str]) -> list[str]:
+        return [x for x in c[1:] if not x.startswith("hydra.run.dir=")]
+
     done = run_dir / "done.json"
-    return done.exists() and json.loads(done.read_text()).get("cmd", [None])[1:] == cmd[1:]
+    return done.exists() and design(json.loads(done.read_text()).get("cmd", [None])) == design(cmd)
 
 
 def run_one(cmd: list[str], run_dir: Path) -> Path | None:
@@ -240,6 +243,12 @@ def sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def spread(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """"mean ± sd", or the one value where there is one seed (no spread to state)."""
+    mean = f"{scale * statistics.mean(values):.{digits}f}"
+    return f"{mean} ± {scale * sd(values):.{digits}f}" if len(values) > 1 else f"{mean} (one seed)"
+
+
 def fmt_rollouts(values: list[float], budget: float) -> str:
     """The median of rollouts to a target, censored at ``budget`` unless more than half the seeds reach it."""
     reached = sum(math.isfinite(v) for v in values)
@@ -249,15 +258,23 @@ def fmt_rollouts(values: list[float], budget: float) -> str:
 
 
 def report(result: dict, refs: dict, budget: float, greedy: dict, kls: dict | None = None,
-           cosines: dict | None = None, mechanisms: dict | None = None) -> str:
+           cosines: dict | None = None, mechanisms: dict | None = None, failed: list[str] | None = None) -> str:
     """The analysis's text; ``greedy``: final greedy accuracies per (arm, method); ``kls``: final (reverse, forward)
     exact KLs to the teacher on the held-out traces per (arm, method); ``cosines``: the method's gradient's cosines
     with the exact reverse KL's, per (arm, method); ``mechanisms``: ``carry_measure``'s per (arm, method or
-    "warm start")."""
+    "warm start"); ``failed``: the runs that failed (named, never silently missing)."""
     kls, cosines, mechanisms = kls or {}, cosines or {}, mechanisms or {}
     lines = [("Primary comparisons, stated before the runs: on the regime arm, (1) REOPOLD vs vanilla OPD and (2) "
               "REOPOLD vs SFT on teacher samples, by the area under g against log(rollouts) (paired by seed); (3) "
-              "GRPO's rollouts to g = 0.5 over REOPOLD's. The control arm is read the same way."), ""]
+              "GRPO's rollouts to g = 0.5 over REOPOLD's. The control arm is read the same way."), "",
+             (f"Every run evaluates the same {TEST_PROMPTS} test prompts before training and every {EVAL_EVERY} steps "
+              f"({EVAL_EVERY * PROMPTS_PER_STEP} rollouts). The area under g is a trapezoid sum in log(rollouts) from "
+              f"the first evaluation after the start ({EVAL_EVERY * PROMPTS_PER_STEP} rollouts) to the budget, so the "
+              "first doubling weighs as much as the last; every method keeps the main job's schedule, a linear "
+              f"warm-up over 20 steps ({20 * PROMPTS_PER_STEP:,} rollouts) of the {STEPS}, so the area weighs the "
+              "warm-up heavily. Each method runs at its own tuned rate (column lr)."), ""]
+    if failed:
+        lines += [f"Failed runs, left out (the next call retries them): {', '.join(failed)}.", ""]
     for arm in ("regime", "control"):
         if arm not in result:
             continue
@@ -280,16 +297,15 @@ def report(result: dict, refs: dict, budget: float, greedy: dict, kls: dict | No
             g_final = [gap_closed(f, ref["warm_acc"], ref["teacher_acc"]) for f in finals]
             greedy_final = greedy.get((arm, method), [])
             lines.append(
-                f"| {method} | {refs.get('lr', {}).get(method, '-')} | {len(seeds)} | {100 * statistics.mean(finals):.1f} "
-                f"± {100 * sd(finals):.1f} | "
+                f"| {method} | {refs.get('lr', {}).get(method, '-')} | {len(seeds)} | {spread(finals)} | "
                 + (f"{100 * statistics.mean(greedy_final):.1f}" if greedy_final else "-")
                 + f" | {statistics.mean(g_final):.2f} | "
-                + (f"{statistics.mean(aucs):.3f} ± {sd(aucs):.3f}" if aucs else "-")
+                + (spread(aucs, 1.0, 3) if aucs else "-")
                 + f" | {fmt_rollouts([s['to_half'] for s in seeds.values()], budget)} | "
                 + (" / ".join(f"{statistics.mean(v):.4f}" for v in zip(*kls[(arm, method)]))
                    if kls.get((arm, method)) else "-") + " | "
                 + (f"{statistics.mean(cosines[(arm, method)]):.3f}" if cosines.get((arm, method)) else "-") + " |")
-        lines += ["", "Paired differences against REOPOLD (same seed, same prompts), area under g, 95% t-interval:", "",
+        lines += ["", "Paired differences against REOPOLD (by seed), area under g, 95% t-interval:", "",
                   "| method | seeds paired | REOPOLD - method | 95% interval |", "|---|---|---|---|"]
         for method in METHODS:
             if method == "reopold":
@@ -297,47 +313,83 @@ def report(result: dict, refs: dict, budget: float, greedy: dict, kls: dict | No
             p = paired(result, arm, "reopold", method)
             if p:
                 n, (mean, lo, hi) = p
-                lines.append(f"| {method} | {n} | {mean:+.3f} | [{lo:+.3f}, {hi:+.3f}] |")
+                interval = f"[{lo:+.3f}, {hi:+.3f}]" if n > 1 else "n/a (one seed)"
+                lines.append(f"| {method} | {n} | {mean:+.3f} | {interval} |")
+        rate = refs.get("lr", {})
+        confounded = [m for m in METHODS if m.startswith("reopold_") and m in result[arm]
+                      and rate.get(m) != rate.get("reopold")]
+        if confounded:
+            lines += ["", ("Tuned to another rate than REOPOLD's " + f"({rate.get('reopold')}): "
+                           + ", ".join(f"{m} ({rate.get(m)})" for m in confounded)
+                           + "; a difference from REOPOLD there is the rate's as much as the ablated part's.")]
         r, g = result[arm].get("reopold", {}), result[arm].get("grpo", {})
         if r and g:
             rr = [s["to_half"] for s in r.values()]
             gg = [s["to_half"] for s in g.values()]
+            ratios = [g[k]["to_half"] / r[k]["to_half"] for k in sorted(set(r) & set(g))
+                      if math.isfinite(g[k]["to_half"]) and math.isfinite(r[k]["to_half"])]
             lines += ["", ("GRPO's rollouts to g = 0.5 over REOPOLD's (medians, censored at the budget): "
-                           f"{fmt_rollouts(gg, budget)} / {fmt_rollouts(rr, budget)}.")]
+                           f"{fmt_rollouts(gg, budget)} / {fmt_rollouts(rr, budget)}; by seed, where both reach it: "
+                           + (f"median ratio {statistics.median(ratios):.2f} ({min(ratios):.2f} to {max(ratios):.2f}, "
+                              f"{len(ratios)} seed{'s' * (len(ratios) != 1)})" if ratios else "no seed") + ".")]
         measured = [m for m in ("warm start", *METHODS) if mechanisms.get((arm, m))]
         if measured:
-            lines += ["", ("The mechanism, greedy on each seed's test prompts (`carry_measure`): on the problems with a "
-                           "carry into the hundreds, the share whose hundreds line adds it and the accuracy; on the "
-                           "others, the accuracy (mean ± sd over seeds; the warm start on the same seeds' prompts):"), "",
+            lines += ["", ("The mechanism, from greedy responses to the same test prompts (`carry_measure`): on the "
+                           "problems with a carry into the hundreds, the share whose hundreds line adds it and the "
+                           "accuracy; on the others, the accuracy (final students: mean ± sd over seeds):"), "",
                       "| student | seeds | carry into the hundreds written | accuracy, with that carry | accuracy, "
                       "without |", "|---|---|---|---|---|"]
             for m in measured:
                 ms = mechanisms[(arm, m)]
-                cells = [f"{100 * statistics.mean(v):.1f} ± {100 * sd(v):.1f}"
+                cells = [spread(v) if m != "warm start" else f"{100 * v[0]:.1f}"
                          for v in ([x[k] for x in ms] for k in ("carry_written", "acc_carry", "acc_no_carry"))]
-                lines.append(f"| {m if m == 'warm start' else m + ' (final)'} | {len(ms)} | " + " | ".join(cells) + " |")
+                lines.append(f"| {m if m == 'warm start' else m + ' (final)'} | {len(ms) if m != 'warm start' else '-'} | "
+                             + " | ".join(cells) + " |")
+            warm = mechanisms.get((arm, "warm start"), [{}])[0]
+            if "pass@8" in warm:
+                lines += ["", (f"The warm start's pass@8 at temperature {TEMPERATURE}: {100 * warm['pass@8']:.1f}% "
+                               f"(avg@8 {100 * warm['avg@8']:.1f}%): the share of GRPO's groups of 8 with a right "
+                               "sample, its signal.")]
         lines.append("")
     return "\n".join(lines)
 
 
-def plot(result: dict, flops: dict, path: Path) -> None:
+def plot(result: dict, flops: dict, path: Path, kl_curves: dict | None = None) -> None:
+    """g against rollouts and against FLOPs, and the exact reverse KL to the teacher on the held-out traces against
+    rollouts (``kl_curves``: per (arm, method), per seed, (rollouts, KL) points); a method keeps its colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colour = dict(zip(METHODS, plt.get_cmap("tab10").colors))
+    kl_curves = kl_curves or {}
     arms = [a for a in ("regime", "control") if a in result]
-    fig, axes = plt.subplots(2, len(arms), figsize=(6.5 * len(arms), 8.5), squeeze=False)
+    fig, axes = plt.subplots(3, len(arms), figsize=(6.5 * len(arms), 12.5), squeeze=False)
     for col, arm in enumerate(arms):
+        for method, seeds in kl_curves.get(arm, {}).items():
+            xs = sorted({x for pts in seeds.values() for x, _ in pts})
+            mean = [statistics.mean([dict(pts)[x] for pts in seeds.values() if x in dict(pts)]) for x in xs]
+            axes[2][col].plot([max(x, 16) for x in xs], mean, "--" if method.startswith("reopold_") else "-",
+                              color=colour[method], label=method, linewidth=2.4 if method == "reopold" else 1.3)
+        ax = axes[2][col]
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("rollouts (the start drawn at 16)")
+        ax.set_ylabel("exact KL(student ‖ teacher) per token")
+        ax.set_title(f"{arm}: reverse KL on held-out teacher traces (mean over seeds)")
+        ax.grid(alpha=0.3)
+        if kl_curves.get(arm):
+            ax.legend(fontsize=7, ncol=2)
         for method, seeds in result[arm].items():
             xs = sorted({x for s in seeds.values() for x, _ in s["g"] if x > 0})  # log axes: from the first update on
             mean = [statistics.mean([dict(s["g"])[x] for s in seeds.values() if x in dict(s["g"])]) for x in xs]
             style = "--" if method.startswith("reopold_") else "-"
             width = 2.4 if method == "reopold" else 1.3
-            axes[0][col].plot(xs, mean, style, label=method, linewidth=width)
+            axes[0][col].plot(xs, mean, style, color=colour[method], label=method, linewidth=width)
             per = flops.get((arm, method))
             if per:
-                axes[1][col].plot([x * per for x in xs], mean, style, label=method, linewidth=width)
+                axes[1][col].plot([x * per for x in xs], mean, style, color=colour[method], label=method, linewidth=width)
         for row, xlabel in enumerate(("rollouts", "FLOPs (approximate)")):
             ax = axes[row][col]
             ax.set_xscale("log")
@@ -386,28 +438,40 @@ def tune(methods: list[str], runs: Path, workers: int = 1) -> dict:
 # --------------------------------------------------------------------------------------------------------- mechanism
 
 def mechanism_cmd(arm: str, seed: int, model_dir: Path | None, out: Path) -> list[str]:
-    """Greedy evaluation of a run's final student (``model_dir``; None: the arm's warm start) on the run's test
-    prompts, every response kept (``samples.jsonl``)."""
+    """Greedy evaluation of a run's final student (``model_dir``) on the study's test prompts, every response kept
+    (``samples.jsonl``); for the arm's warm start (``model_dir`` None) also 8 samples a prompt at the study's
+    temperature (its pass@8: whether GRPO has a signal to learn from)."""
     model = (["model=pretrained", f"model.student.path={model_dir}"] if model_dir is not None
-             else ["model=mini_math", *ARMS[arm]])
-    return [sys.executable, "src/eval.py", "data=mini_math", *model, "model.teacher=null", "accel=cpu", f"seed={seed}",
-            f"data.test.n={TEST_PROMPTS}", "k=0", "rollout.max_new_tokens=48", f"hydra.run.dir={out}"]
+             else ["model=mini_math", *ARMS[arm], "k=8", f"rollout.temperature={TEMPERATURE}"])
+    return [sys.executable, "src/eval.py", "data=mini_math", "model.teacher=null", "accel=cpu", f"seed={seed}",
+            f"data.test.n={TEST_PROMPTS}", "k=0", "rollout.max_new_tokens=48", *model, f"hydra.run.dir={out}"]
 
 
-def carry_measure(samples: Path, seed: int) -> dict:
-    """The mechanism, from greedy responses on the test prompts (``seed``'s draw): on the problems with a carry into
-    the hundreds, the share whose hundreds line adds it (``carry_written``) and the accuracy; on the others, the
-    accuracy."""
-    from src.datamodules.arithmetic import ArithmeticTask, carries_into
+def test_rows(cmd: list[str]) -> list[dict]:
+    """The test rows an evaluation command reads, in its order: its composed config's ``data.test``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
 
-    rows = ArithmeticTask(split="test", n=TEST_PROMPTS, digits=3, seed=seed)()
+    overrides = [o for o in cmd[2:] if not o.startswith("hydra.")]
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return instantiate(compose("eval", overrides=overrides).data.test)()
+
+
+def carry_measure(samples: Path, rows: list[dict]) -> dict:
+    """The mechanism, from the greedy responses in ``samples`` (``src/eval.py``'s ``samples.jsonl``) to ``rows`` (the
+    test rows it read, ``test_rows``): on the problems with a carry into the hundreds, the share whose hundreds line
+    adds it (``carry_written``) and the accuracy; on the others, the accuracy."""
+    from src.datamodules.arithmetic import carries_into
+
     with_carry, written, right, right_other, n_other = 0, 0, 0, 0, 0
     for line in samples.read_text().splitlines():
         r = json.loads(line)
+        if r["sample"] != -1:  # sampled responses (the warm start's pass@8)
+            continue
         row = rows[int(r["prompt_id"])]
         if r["reference"] != row["answer"]:
-            raise ValueError(f"{samples}: prompt {r['prompt_id']} answers {r['reference']}, the test draw of seed "
-                             f"{seed} has {row['answer']}: not the prompts this measure assumes")
+            raise ValueError(f"{samples}: prompt {r['prompt_id']} answers {r['reference']}, the test rows given have "
+                             f"{row['answer']}: not the prompts this evaluation read")
         a, b = map(int, row["prompt"].rstrip("=").split("+"))
         if 2 in carries_into(a, b):
             steps = r["response"].split("\n")
@@ -422,22 +486,27 @@ def carry_measure(samples: Path, seed: int) -> dict:
 
 
 def mechanism(runs: Path, arms: list[str], workers: int) -> None:
-    """The mechanism measure of every finished run's final student and of each arm's warm start on the same seeds'
-    prompts (``mechanism.json`` beside each evaluation; a finished one is kept)."""
+    """The mechanism measure of every finished run's final student and of each arm's warm start (``mechanism.json``
+    beside each evaluation; a finished one is kept, a failed one reported and retried on the next call)."""
     targets = []
     for arm in arms:
-        seeds = set()
         for done in sorted((runs / arm).glob("*/done.json")):
             seed = int(done.parent.name.rsplit("-seed", 1)[1])
-            seeds.add(seed)
             targets.append((f"{arm} {done.parent.name}", arm, seed, done.parent / "hf" / "final",
                             done.parent / "mechanism"))
-        targets += [(f"{arm} warm start seed {s}", arm, s, None, runs / arm / "warm" / f"seed{s}") for s in sorted(seeds)]
-    todo = [t for t in targets if not (t[4] / "mechanism.json").exists()]
+        targets.append((f"{arm} warm start", arm, 0, None, runs / arm / "warm"))
+    todo = [(label, cmd, out) for label, arm, seed, model_dir, out in targets if not (out / "mechanism.json").exists()
+            for cmd in [mechanism_cmd(arm, seed, model_dir, out)]]
+    def data_of(cmd):
+        return tuple(o for o in cmd[2:] if o.startswith(("data", "seed")))
+
+    rows = {}  # composed here, once per distinct data: Hydra's global state is not for threads
+    for _, cmd, _ in todo:
+        rows[data_of(cmd)] = rows.get(data_of(cmd)) or test_rows(cmd)
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(i_target):
-        i, (label, arm, seed, model_dir, out) = i_target
+    def one(i_job) -> bool:
+        i, (label, cmd, out) = i_job
         print(f"[mechanism {i + 1}/{len(todo)}] {label}", flush=True)
         if out.exists():
             shutil.rmtree(out)
@@ -445,14 +514,23 @@ def mechanism(runs: Path, arms: list[str], workers: int) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         log = out.parent / f"{out.name}.mechanism.log"
         with log.open("w") as f:
-            if subprocess.run(mechanism_cmd(arm, seed, model_dir, out), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              check=False, env=env).returncode:
-                print(f"  FAILED; see {log}", flush=True)
-                return
-        (out / "mechanism.json").write_text(json.dumps(carry_measure(out / "samples.jsonl", seed)))
+            failed = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=False, env=env).returncode
+        try:
+            if failed:
+                raise RuntimeError(f"exit {failed}; see {log}")
+            measure = carry_measure(out / "samples.jsonl", rows[data_of(cmd)])
+            metrics = json.loads((out / "meta.json").read_text())["metrics"]
+            measure.update({k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.endswith(("/pass@8", "/avg@8"))})
+        except Exception as e:  # noqa: BLE001 - one evaluation's failure must not lose the others or the analysis
+            print(f"  FAILED: {label}: {e}", flush=True)
+            return False
+        (out / "mechanism.json").write_text(json.dumps(measure))
+        return True
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        list(pool.map(one, enumerate(todo)))
+        failed = [label for (label, _, _), ok in zip(todo, pool.map(one, enumerate(todo))) if not ok]
+    if failed:
+        print(f"[mechanism] {len(failed)} of {len(todo)} evaluations failed (rerun to retry): {', '.join(failed)}")
 
 
 def teacher_ref(runs: Path) -> float | None:
@@ -463,8 +541,9 @@ def teacher_ref(runs: Path) -> float | None:
                "model.student.experiment=mini_math_teacher", f"data.test.n={TEST_PROMPTS}", f"k={EVAL_SAMPLES}",
                f"rollout.temperature={TEMPERATURE}", f"hydra.run.dir={out}", "rollout.max_new_tokens=48"]
         print("[refs] the teacher on the test set", flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         with (runs / "teacher_eval.log").open("w") as f:
-            if subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=False).returncode:
+            if subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=False, env=env).returncode:
                 print(f"  FAILED; see {runs / 'teacher_eval.log'}", flush=True)
                 return None
     metrics = json.loads(meta.read_text())["metrics"]
@@ -488,6 +567,10 @@ def main(argv=None) -> None:
     ap.add_argument("--test-prompts", type=int, default=TEST_PROMPTS)
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each (2 on a 2-core machine)")
     args = ap.parse_args(argv)
+    other_design = (args.steps, args.eval_every, args.test_prompts) != (STEPS, EVAL_EVERY, TEST_PROMPTS)
+    if other_design and (args.runs == ap.get_default("runs") or args.out == ap.get_default("out")):
+        ap.error("another design (--steps, --eval-every, --test-prompts) needs its own --runs and --out folders: "
+                 "in the study's, its runs would replace the study's finished ones and its tables the study's")
     STEPS, EVAL_EVERY, TEST_PROMPTS = args.steps, args.eval_every, args.test_prompts
     args.runs.mkdir(parents=True, exist_ok=True)
     refs_path = args.runs / "refs.json"
@@ -523,8 +606,12 @@ def main(argv=None) -> None:
 def write_outputs(runs: Path, out: Path, refs: dict) -> None:
     rows, greedy, lengths, kls, cosines = [], defaultdict(list), defaultdict(list), defaultdict(list), defaultdict(list)
     mechanisms = defaultdict(list)  # (arm, method or "warm start") -> mechanism.json's
-    for measured in sorted(runs.glob("*/*/mechanism/mechanism.json")) + sorted(runs.glob("*/warm/*/mechanism.json")):
-        warm, arm = measured.parents[1].name == "warm", measured.parents[2].name
+    kl_curves = defaultdict(dict)  # arm -> method -> seed -> [(rollouts, exact reverse KL)]
+    failed = [f"{f.parent.parent.name} {f.parent.name}" for f in sorted(runs.glob("*/*/failed.json"))
+              if f.parent.parent.name in ARMS]
+    for measured in sorted(runs.glob("*/*/mechanism/mechanism.json")) + sorted(runs.glob("*/warm/mechanism.json")):
+        warm = measured.parent.name == "warm"
+        arm = measured.parents[1 if warm else 2].name
         name = "warm start" if warm else measured.parents[1].name.rsplit("-seed", 1)[0]
         mechanisms[(arm, name)].append(json.loads(measured.read_text()))
     for done in sorted(runs.glob("*/*/done.json")):
@@ -539,6 +626,7 @@ def write_outputs(runs: Path, out: Path, refs: dict) -> None:
         greedy[(arm, method)].append(curve(logged, SECONDARY)[-1][1])
         if method != "grpo":  # the diagnostics need a teacher
             kls[(arm, method)].append((curve(logged, "reverse_kl")[-1][1], curve(logged, "forward_kl")[-1][1]))
+            kl_curves[arm].setdefault(method, {})[int(seed)] = curve(logged, "reverse_kl")
             cosines[(arm, method)] += column(logged, "train/grad_cos_exact_rkl")
         lengths[(arm, method)] += column(logged, "train/response_len")  # for the FLOPs count
     if not rows:
@@ -561,13 +649,13 @@ def write_outputs(runs: Path, out: Path, refs: dict) -> None:
     result = analyse([r for r in rows if r["arm"] in arm_refs], arm_refs, budget)
     n_student, n_teacher = parameter_counts()
     flops = {k: flops_per_rollout(k[1], statistics.mean(v), n_student, n_teacher) for k, v in lengths.items() if v}
-    text = report(result, {**arm_refs, "lr": refs.get("lr", {})}, budget, greedy, kls, cosines, mechanisms)
+    text = report(result, {**arm_refs, "lr": refs.get("lr", {})}, budget, greedy, kls, cosines, mechanisms, failed)
     (out / "sample_efficiency_analysis.md").write_text(
         "# Sample efficiency: the study's tables\n\nWritten by `python benchmarks/sample_efficiency.py` from the runs "
         f"under `{runs.relative_to(ROOT) if runs.is_relative_to(ROOT) else runs}`; figure: "
         "`sample_efficiency.png` (g against rollouts and against approximate FLOPs: student "
         f"{n_student:,} and teacher {n_teacher:,} parameters, `flops_per_rollout`).\n\n" + text)
-    plot(result, flops, out / "sample_efficiency.png")
+    plot(result, flops, out / "sample_efficiency.png", kl_curves)
     print(text)
 
 

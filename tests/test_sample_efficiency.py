@@ -105,29 +105,52 @@ def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path):
     assert not se.finished(tmp_path, cmd)
     (tmp_path / "done.json").write_text(json.dumps({"seconds": 1.0, "cmd": ["/another/python", *cmd[1:]]}))
     assert se.finished(tmp_path, cmd)  # another interpreter path: the same run
+    assert se.finished(tmp_path, se.train_cmd("regime", "opd", 0, 1e-4, tmp_path / "moved", "test"))  # a moved study
     assert not se.finished(tmp_path, se.train_cmd("regime", "opd", 0, 3e-4, tmp_path, "test"))  # another rate
     assert not se.finished(tmp_path, [c.replace(f"max_steps={se.STEPS}", "max_steps=7") for c in cmd])
 
 
+def test_every_run_and_every_mechanism_evaluation_reads_the_same_test_prompts():
+    """The runs evaluate ``data.val`` pointed at the test split, the mechanism's evaluations ``data.test``: the same
+    rows in the same order, whatever the seed (so runs pair by seed on the same prompts)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    evaluated = se.test_rows(se.mechanism_cmd("regime", 3, Path("/tmp/x"), Path("/tmp/out")))
+    assert len(evaluated) == se.TEST_PROMPTS
+    assert evaluated == se.test_rows(se.mechanism_cmd("control", 0, None, Path("/tmp/out")))
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        run = compose("train", overrides=[o for o in se.train_cmd("regime", "opd", 7, 1e-4, Path("/tmp/x"), "test")[2:]
+                                          if not o.startswith("hydra.")])
+    assert instantiate(run.data.val)() == evaluated
+
+
 def test_the_mechanism_counts_hundreds_lines_that_add_the_carry(tmp_path):
-    """Responses written with and without the carry into the hundreds, on the seed's own test prompts."""
+    """Greedy responses written with and without the carry into the hundreds; sampled ones are not counted."""
     import json
 
-    from src.datamodules.arithmetic import ArithmeticTask, addition_steps, carries_into
+    from src.datamodules.arithmetic import addition_steps, carries_into
 
-    rows = ArithmeticTask(split="test", n=se.TEST_PROMPTS, digits=3, seed=5)()
+    rows = se.test_rows(se.mechanism_cmd("regime", 0, Path("/tmp/x"), tmp_path))
     with (tmp_path / "samples.jsonl").open("w") as f:
         for i, row in enumerate(rows):
             a, b = map(int, row["prompt"].rstrip("=").split("+"))
             forget = {2} if i % 2 else set()  # every other response forgets the carry into the hundreds
             text = addition_steps(a, b, forget)
-            right = text.endswith(f"#### {a + b}")
-            f.write(json.dumps({"prompt_id": i, "sample": -1, "correct": right, "response": text,
-                                "reference": row["answer"]}) + "\n")
+            for sample in (-1, 0):  # a sampled response that always forgets: not the greedy measure's
+                wrote = text if sample == -1 else addition_steps(a, b, {2})
+                f.write(json.dumps({"prompt_id": i, "sample": sample, "correct": wrote.endswith(f"#### {a + b}"),
+                                    "response": wrote, "reference": row["answer"]}) + "\n")
     carried = [i for i, r in enumerate(rows) if 2 in carries_into(*map(int, r["prompt"].rstrip("=").split("+")))]
-    m = se.carry_measure(tmp_path / "samples.jsonl", seed=5)
+    m = se.carry_measure(tmp_path / "samples.jsonl", rows)
     assert m["problems_with_carry"] == len(carried) and 0 < len(carried) < len(rows)
     assert m["carry_written"] == pytest.approx(sum(i % 2 == 0 for i in carried) / len(carried))
     assert m["acc_carry"] == m["carry_written"] and m["acc_no_carry"] == 1.0
-    with pytest.raises(ValueError, match="not the prompts"):  # another seed's draw: other prompts
-        se.carry_measure(tmp_path / "samples.jsonl", seed=6)
+    with pytest.raises(ValueError, match="not the prompts this evaluation read"):
+        se.carry_measure(tmp_path / "samples.jsonl", rows[1:] + rows[:1])
+
+
+def test_another_design_needs_its_own_folders(tmp_path):
+    with pytest.raises(SystemExit):  # the study's folders: its finished runs and tables would be replaced
+        se.main(["--steps", "4", "--analyse-only"])
+    se.main(["--steps", "4", "--analyse-only", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
