@@ -347,9 +347,12 @@ def report(result: dict, refs: dict, budget: float, greedy: dict, kls: dict | No
                              + " | ".join(cells) + " |")
             warm = mechanisms.get((arm, "warm start"), [{}])[0]
             if "pass@8" in warm:
-                lines += ["", (f"The warm start's pass@8 at temperature {TEMPERATURE}: {100 * warm['pass@8']:.1f}% "
-                               f"(avg@8 {100 * warm['avg@8']:.1f}%): the share of GRPO's groups of 8 with a right "
-                               "sample, its signal.")]
+                lines += ["", (f"The warm start's samples at temperature {TEMPERATURE} (8 a prompt): "
+                               + (f"{100 * warm['carry_written_sampled']:.1f}% of those to a problem with a carry "
+                                  "into the hundreds add it (what the on-policy methods can reinforce); "
+                                  if "carry_written_sampled" in warm else "")
+                               + f"pass@8 {100 * warm['pass@8']:.1f}%, avg@8 {100 * warm['avg@8']:.1f}% (GRPO's "
+                               "signal: the share of groups of 8 with a right sample).")]
         lines.append("")
     return "\n".join(lines)
 
@@ -458,31 +461,34 @@ def test_rows(cmd: list[str]) -> list[dict]:
 
 
 def carry_measure(samples: Path, rows: list[dict]) -> dict:
-    """The mechanism, from the greedy responses in ``samples`` (``src/eval.py``'s ``samples.jsonl``) to ``rows`` (the
-    test rows it read, ``test_rows``): on the problems with a carry into the hundreds, the share whose hundreds line
-    adds it (``carry_written``) and the accuracy; on the others, the accuracy."""
+    """The mechanism, from the responses in ``samples`` (``src/eval.py``'s ``samples.jsonl``) to ``rows`` (the test rows
+    it read, ``test_rows``): on the problems with a carry into the hundreds, the share of greedy responses whose
+    hundreds line adds it (``carry_written``) and their accuracy; on the others, the accuracy; where the file holds
+    sampled responses too, the share of those that add it (``carry_written_sampled``: what on-policy methods see)."""
     from src.datamodules.arithmetic import carries_into
 
-    with_carry, written, right, right_other, n_other = 0, 0, 0, 0, 0
+    greedy, sampled = defaultdict(int), defaultdict(int)
     for line in samples.read_text().splitlines():
         r = json.loads(line)
-        if r["sample"] != -1:  # sampled responses (the warm start's pass@8)
-            continue
         row = rows[int(r["prompt_id"])]
         if r["reference"] != row["answer"]:
             raise ValueError(f"{samples}: prompt {r['prompt_id']} answers {r['reference']}, the test rows given have "
                              f"{row['answer']}: not the prompts this evaluation read")
         a, b = map(int, row["prompt"].rstrip("=").split("+"))
+        count = greedy if r["sample"] == -1 else sampled
         if 2 in carries_into(a, b):
             steps = r["response"].split("\n")
-            with_carry += 1
-            written += len(steps) > 2 and steps[2].startswith(f"{a // 100 % 10}+{b // 100 % 10}+1=")
-            right += r["correct"]
+            count["carry"] += 1
+            count["written"] += len(steps) > 2 and steps[2].startswith(f"{a // 100 % 10}+{b // 100 % 10}+1=")
+            count["right"] += r["correct"]
         else:
-            n_other += 1
-            right_other += r["correct"]
-    return {"carry_written": written / with_carry, "acc_carry": right / with_carry,
-            "acc_no_carry": right_other / max(n_other, 1), "problems_with_carry": with_carry}
+            count["other"] += 1
+            count["right_other"] += r["correct"]
+    out = {"carry_written": greedy["written"] / greedy["carry"], "acc_carry": greedy["right"] / greedy["carry"],
+           "acc_no_carry": greedy["right_other"] / max(greedy["other"], 1), "problems_with_carry": greedy["carry"]}
+    if sampled["carry"]:
+        out["carry_written_sampled"] = sampled["written"] / sampled["carry"]
+    return out
 
 
 def mechanism(runs: Path, arms: list[str], workers: int) -> None:

@@ -126,7 +126,7 @@ def test_every_run_and_every_mechanism_evaluation_reads_the_same_test_prompts():
 
 
 def test_the_mechanism_counts_hundreds_lines_that_add_the_carry(tmp_path):
-    """Greedy responses written with and without the carry into the hundreds; sampled ones are not counted."""
+    """Greedy responses written with and without the carry into the hundreds; sampled ones are counted apart."""
     import json
 
     from src.datamodules.arithmetic import addition_steps, carries_into
@@ -146,6 +146,7 @@ def test_the_mechanism_counts_hundreds_lines_that_add_the_carry(tmp_path):
     assert m["problems_with_carry"] == len(carried) and 0 < len(carried) < len(rows)
     assert m["carry_written"] == pytest.approx(sum(i % 2 == 0 for i in carried) / len(carried))
     assert m["acc_carry"] == m["carry_written"] and m["acc_no_carry"] == 1.0
+    assert m["carry_written_sampled"] == 0.0  # the sampled responses, counted apart, always forget it
     with pytest.raises(ValueError, match="not the prompts this evaluation read"):
         se.carry_measure(tmp_path / "samples.jsonl", rows[1:] + rows[:1])
 
