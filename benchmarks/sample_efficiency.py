@@ -30,7 +30,7 @@ its log's tail and is retried on the next call):
 2. ``refs``: the teacher's metrics on the same test set (``src/eval.py``).
 3. ``runs``: every arm, method and seed at its tuned rate (``--seeds``; REOPOLD and OPD get ``--extra-seeds`` too).
 4. ``mechanism``: the measure of the mechanism itself, from greedy evaluations of every finished run's final student
-   and of each arm's warm start on the same seeds' test prompts (``carry_measure``: on the problems with a carry into
+   and of each arm's warm start on the study's test prompts (``carry_measure``: on the problems with a carry into
    the hundreds, the share of responses whose hundreds line adds it).
 5. ``analysis`` (always; alone with ``--analyse-only``): ``sample_efficiency.csv`` (``arm,method,seed,samples,val_acc``),
    ``sample_efficiency_refs.json`` (per arm ``teacher_acc`` and ``warm_acc``, and the tuned rates),
@@ -357,6 +357,13 @@ def report(result: dict, refs: dict, budget: float, greedy: dict, kls: dict | No
     return "\n".join(lines)
 
 
+def mean_curve(per_seed: list[list[tuple[float, float]]]) -> tuple[list[float], list[float]]:
+    """The x values any seed has and, at each, the mean over the seeds that have it."""
+    points = [dict(pts) for pts in per_seed]
+    xs = sorted({x for pts in points for x in pts})
+    return xs, [statistics.mean(pts[x] for pts in points if x in pts) for x in xs]
+
+
 def plot(result: dict, flops: dict, path: Path, kl_curves: dict | None = None) -> None:
     """g against rollouts and against FLOPs, and the exact reverse KL to the teacher on the held-out traces against
     rollouts (``kl_curves``: per (arm, method), per seed, (rollouts, KL) points); a method keeps its colour."""
@@ -366,15 +373,18 @@ def plot(result: dict, flops: dict, path: Path, kl_curves: dict | None = None) -
     import matplotlib.pyplot as plt
 
     colour = dict(zip(METHODS, plt.get_cmap("tab10").colors))
+
+    def line(method: str) -> dict:
+        return {"linestyle": "--" if method.startswith("reopold_") else "-", "color": colour[method], "label": method,
+                "linewidth": 2.4 if method == "reopold" else 1.3}
+
     kl_curves = kl_curves or {}
     arms = [a for a in ("regime", "control") if a in result]
     fig, axes = plt.subplots(3, len(arms), figsize=(6.5 * len(arms), 12.5), squeeze=False)
     for col, arm in enumerate(arms):
         for method, seeds in kl_curves.get(arm, {}).items():
-            xs = sorted({x for pts in seeds.values() for x, _ in pts})
-            mean = [statistics.mean([dict(pts)[x] for pts in seeds.values() if x in dict(pts)]) for x in xs]
-            axes[2][col].plot([max(x, 16) for x in xs], mean, "--" if method.startswith("reopold_") else "-",
-                              color=colour[method], label=method, linewidth=2.4 if method == "reopold" else 1.3)
+            xs, mean = mean_curve(list(seeds.values()))
+            axes[2][col].plot([max(x, 16) for x in xs], mean, **line(method))
         ax = axes[2][col]
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -385,14 +395,12 @@ def plot(result: dict, flops: dict, path: Path, kl_curves: dict | None = None) -
         if kl_curves.get(arm):
             ax.legend(fontsize=7, ncol=2)
         for method, seeds in result[arm].items():
-            xs = sorted({x for s in seeds.values() for x, _ in s["g"] if x > 0})  # log axes: from the first update on
-            mean = [statistics.mean([dict(s["g"])[x] for s in seeds.values() if x in dict(s["g"])]) for x in xs]
-            style = "--" if method.startswith("reopold_") else "-"
-            width = 2.4 if method == "reopold" else 1.3
-            axes[0][col].plot(xs, mean, style, color=colour[method], label=method, linewidth=width)
+            # log axes: from the first update on
+            xs, mean = mean_curve([[(x, g) for x, g in s["g"] if x > 0] for s in seeds.values()])
+            axes[0][col].plot(xs, mean, **line(method))
             per = flops.get((arm, method))
             if per:
-                axes[1][col].plot([x * per for x in xs], mean, style, color=colour[method], label=method, linewidth=width)
+                axes[1][col].plot([x * per for x in xs], mean, **line(method))
         for row, xlabel in enumerate(("rollouts", "FLOPs (approximate)")):
             ax = axes[row][col]
             ax.set_xscale("log")
@@ -493,50 +501,36 @@ def carry_measure(samples: Path, rows: list[dict]) -> dict:
 
 def mechanism(runs: Path, arms: list[str], workers: int) -> None:
     """The mechanism measure of every finished run's final student and of each arm's warm start (``mechanism.json``
-    beside each evaluation; a finished one is kept, a failed one reported and retried on the next call)."""
-    targets = []
+    beside each evaluation; a finished one is kept, a failed one reported and retried on the next call). The
+    evaluations run as the study's runs do (``run_all``); the measures are taken here after."""
+    jobs = []
     for arm in arms:
         for done in sorted((runs / arm).glob("*/done.json")):
             seed = int(done.parent.name.rsplit("-seed", 1)[1])
-            targets.append((f"{arm} {done.parent.name}", arm, seed, done.parent / "hf" / "final",
-                            done.parent / "mechanism"))
-        targets.append((f"{arm} warm start", arm, 0, None, runs / arm / "warm"))
-    todo = [(label, cmd, out) for label, arm, seed, model_dir, out in targets if not (out / "mechanism.json").exists()
-            for cmd in [mechanism_cmd(arm, seed, model_dir, out)]]
-    def data_of(cmd):
+            out = done.parent / "mechanism"
+            jobs.append((f"mechanism {arm} {done.parent.name}", mechanism_cmd(arm, seed, done.parent / "hf" / "final", out),
+                         out))
+        warm = runs / "warm" / arm  # apart from the arm's runs
+        jobs.append((f"mechanism {arm} warm start", mechanism_cmd(arm, 0, None, warm), warm))
+    jobs = [job for job in jobs if not (job[2] / "mechanism.json").exists()]
+
+    def data_of(cmd: list[str]) -> tuple[str, ...]:
         return tuple(o for o in cmd[2:] if o.startswith(("data", "seed")))
 
-    rows = {}  # composed here, once per distinct data: Hydra's global state is not for threads
-    for _, cmd, _ in todo:
-        rows[data_of(cmd)] = rows.get(data_of(cmd)) or test_rows(cmd)
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(i_job) -> bool:
-        i, (label, cmd, out) = i_job
-        print(f"[mechanism {i + 1}/{len(todo)}] {label}", flush=True)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        log = out.parent / f"{out.name}.mechanism.log"
-        with log.open("w") as f:
-            failed = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=False, env=env).returncode
-        try:
-            if failed:
-                raise RuntimeError(f"exit {failed}; see {log}")
-            measure = carry_measure(out / "samples.jsonl", rows[data_of(cmd)])
-            metrics = json.loads((out / "meta.json").read_text())["metrics"]
-            measure.update({k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.endswith(("/pass@8", "/avg@8"))})
-        except Exception as e:  # noqa: BLE001 - one evaluation's failure must not lose the others or the analysis
-            print(f"  FAILED: {label}: {e}", flush=True)
-            return False
+    rows = {}  # composed before the threads start, once per distinct data: Hydra's global state is not for threads
+    for _, cmd, _ in jobs:
+        if data_of(cmd) not in rows:
+            rows[data_of(cmd)] = test_rows(cmd)
+    evaluated = run_all(jobs, workers)
+    for label, cmd, out in jobs:
+        if evaluated[out] is None:  # run_one named its log
+            continue
+        measure = carry_measure(out / "samples.jsonl", rows[data_of(cmd)])
+        metrics = json.loads((out / "meta.json").read_text())["metrics"]
+        measure.update({k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.endswith(("/pass@8", "/avg@8"))})
         (out / "mechanism.json").write_text(json.dumps(measure))
-        return True
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        failed = [label for (label, _, _), ok in zip(todo, pool.map(one, enumerate(todo))) if not ok]
-    if failed:
-        print(f"[mechanism] {len(failed)} of {len(todo)} evaluations failed (rerun to retry): {', '.join(failed)}")
+    if failed := [label for label, _, out in jobs if evaluated[out] is None]:
+        print(f"[mechanism] {len(failed)} of {len(jobs)} evaluations failed (rerun to retry): {', '.join(failed)}")
 
 
 def teacher_ref(runs: Path) -> float | None:
@@ -615,11 +609,11 @@ def write_outputs(runs: Path, out: Path, refs: dict) -> None:
     kl_curves = defaultdict(dict)  # arm -> method -> seed -> [(rollouts, exact reverse KL)]
     failed = [f"{f.parent.parent.name} {f.parent.name}" for f in sorted(runs.glob("*/*/failed.json"))
               if f.parent.parent.name in ARMS]
-    for measured in sorted(runs.glob("*/*/mechanism/mechanism.json")) + sorted(runs.glob("*/warm/mechanism.json")):
-        warm = measured.parent.name == "warm"
-        arm = measured.parents[1 if warm else 2].name
-        name = "warm start" if warm else measured.parents[1].name.rsplit("-seed", 1)[0]
-        mechanisms[(arm, name)].append(json.loads(measured.read_text()))
+    for measured in sorted(runs.glob("*/*/mechanism/mechanism.json")):
+        mechanisms[(measured.parents[2].name, measured.parents[1].name.rsplit("-seed", 1)[0])].append(
+            json.loads(measured.read_text()))
+    for measured in sorted(runs.glob("warm/*/mechanism.json")):
+        mechanisms[(measured.parent.name, "warm start")].append(json.loads(measured.read_text()))
     for done in sorted(runs.glob("*/*/done.json")):
         run_dir = done.parent
         arm = run_dir.parent.name
@@ -631,8 +625,9 @@ def write_outputs(runs: Path, out: Path, refs: dict) -> None:
                  for x, a in curve(logged)]
         greedy[(arm, method)].append(curve(logged, SECONDARY)[-1][1])
         if method != "grpo":  # the diagnostics need a teacher
-            kls[(arm, method)].append((curve(logged, "reverse_kl")[-1][1], curve(logged, "forward_kl")[-1][1]))
-            kl_curves[arm].setdefault(method, {})[int(seed)] = curve(logged, "reverse_kl")
+            reverse = curve(logged, "reverse_kl")
+            kls[(arm, method)].append((reverse[-1][1], curve(logged, "forward_kl")[-1][1]))
+            kl_curves[arm].setdefault(method, {})[int(seed)] = reverse
             cosines[(arm, method)] += column(logged, "train/grad_cos_exact_rkl")
         lengths[(arm, method)] += column(logged, "train/response_len")  # for the FLOPs count
     if not rows:

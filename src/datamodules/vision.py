@@ -324,8 +324,10 @@ class VisionPromptDataModule(PromptDataModule):
     def longest_prompts(self, teacher: bool = False) -> dict[str, tuple[int, object]]:
         """Per split, its longest prompt's (token count, images expanded as ``prompt_tokens`` counts them, row id); the
         teacher reads the student's prompts, so it has none of its own (``teacher``)."""
+        if teacher:
+            return {}
         out = {}
-        for split, data in ({} if teacher else self.splits).items():
+        for split, data in self.splits.items():
             if len(data):
                 counts = [self.prompt_tokens(chat) for chat in data.chats]
                 i = max(range(len(counts)), key=counts.__getitem__)
