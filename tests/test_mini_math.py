@@ -218,3 +218,46 @@ def test_noisy_demonstrations_forget_a_carry_in_a_share_of_the_rows():
         ArithmeticTask("train", carry_forgotten=1.5, carry_forgotten_at=[2])
     with pytest.raises(ValueError, match="needs carry_forgotten_at"):
         ArithmeticTask("train", carry_forgotten=0.5)
+
+
+def test_an_interrupted_stage_build_resumes_from_its_last_checkpoint(tmp_path, capsys):
+    from omegaconf import open_dict
+
+    from src.train import train
+
+    overrides = TINY_STAGE + ["trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2"]
+
+    def killed_after_two_steps(cfg):  # the build's process dies after its step-2 checkpoint
+        with open_dict(cfg):
+            cfg.module.scheduler.total_steps = cfg.trainer.max_steps  # the schedule of the 4-step build
+            cfg.trainer.max_steps = 2
+        train(cfg)
+        raise KeyboardInterrupt
+
+    stage = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=overrides, runner=killed_after_two_steps)
+    with pytest.raises(KeyboardInterrupt):
+        stage.build()
+    (left,) = Path(stage.path).parent.glob(f".build-{Path(stage.path).name}-*")
+    assert (left / "checkpoints" / "last.ckpt").exists()
+
+    steps = []
+
+    def train_and_count(cfg):
+        metrics, objects = train(cfg)
+        steps.append((cfg.ckpt_path, objects["trainer"].global_step))
+        return metrics, objects
+
+    again = StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=overrides, runner=train_and_count)
+    path = Path(again.build())
+    assert "resuming mini_math_teacher from an interrupted build" in capsys.readouterr().out
+    ((ckpt_path, global_step),) = steps
+    assert ckpt_path.endswith("last.ckpt") and global_step == 4  # went on from step 2, not from 0
+    assert (path / "config.json").exists() and not list(path.parent.glob(".build-*"))
+
+    # a build stopped under another config is not resumed by this one
+    other = overrides + ["module.optimizer.lr=0.01"]
+    with pytest.raises(KeyboardInterrupt):
+        StageModel("mini_math_teacher", cache_dir=str(tmp_path), overrides=other, runner=killed_after_two_steps).build()
+    (stale,) = Path(stage.path).parent.glob(".build-*")
+    stale.rename(stale.parent / f".build-{Path(stage.path).name}-99999999")  # named as a build of the first config
+    assert again._interrupted_build(again.stage_cfg, Path(again.path)) is None

@@ -15,6 +15,11 @@ checked when the stage is built, on the stage's own validation split at its last
 the run with a ``StageCheckError`` naming the stage, what it reached and what it needed, and is kept aside under
 ``<name>.failed-<pid>`` for inspection, never cached as good. A cached stage is checked again against its recorded
 metrics when it is loaded, so a stricter declaration catches a stage cached before it.
+
+A build runs in ``.build-<name>-<pid>/`` beside the cache entry. A build that was stopped (killed, interrupted, out
+of memory) leaves that folder; the next build of the same stage config resumes from its ``checkpoints/last.ckpt``
+instead of starting over (Lightning restores the weights, the optimizer, the schedule and the step; the data order
+after the resume differs from an unstopped build's).
 """
 
 from __future__ import annotations
@@ -43,6 +48,13 @@ VOLATILE = ("paths", "logger", "hydra", "task_name", "ckpt_path", "keep_freed_me
 EVAL_ONLY = ("eval_samples", "record_samples", "nonfinite")
 STAGE_TARGET = "src.modules.models.stages.StageModel"
 STAGE_VERSION = 3  # bump when stage outputs change in ways the config does not show
+
+
+def _checkpoint_step(ckpt: Path) -> int | str:
+    try:
+        return torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"]
+    except Exception:  # noqa: BLE001 - only for the message; the resume itself reads it properly
+        return "?"
 
 
 class StageCheckError(RuntimeError):
@@ -172,7 +184,15 @@ class StageModel(BuiltOnFirstUse):
             cfg.paths.output_dir = str(work)
             cfg.paths.cache_dir = str(self.cache_root)
             cfg.task_name = self.experiment
-        print(f"[stage] building {self.experiment} -> {path}")
+        interrupted = self._interrupted_build(cfg, path)
+        if interrupted is not None:  # an earlier build of this stage was stopped: it goes on from its last.ckpt
+            os.rename(interrupted, work)
+            with open_dict(cfg):
+                cfg.ckpt_path = str(work / "checkpoints" / "last.ckpt")
+            print(f"[stage] resuming {self.experiment} from an interrupted build ({interrupted.name}, step "
+                  f"{_checkpoint_step(work / 'checkpoints' / 'last.ckpt')}) -> {path}")
+        else:
+            print(f"[stage] building {self.experiment} -> {path}")
         # the stage must not disturb the calling run's random state
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
@@ -199,6 +219,27 @@ class StageModel(BuiltOnFirstUse):
         except OSError:  # another process finished the same stage first
             shutil.rmtree(work, ignore_errors=True)
         return str(path)
+
+    def _interrupted_build(self, cfg, path: Path) -> Path | None:
+        """The newest earlier build of this stage that stopped with an intact ``last.ckpt`` and this config.
+
+        Called under the stage's lock: a ``.build-*`` folder seen then belongs to a process that ended without
+        finishing (killed, interrupted, out of memory); one whose config differs, or whose checkpoint is damaged,
+        is left where it is and the stage builds from the start."""
+        from src.utils.runs import RUN_CONFIG, check_checkpoint, config_differences
+
+        builds = [d / "checkpoints" / "last.ckpt" for d in path.parent.glob(f".build-{path.name}-*")]
+        for ckpt in sorted((c for c in builds if c.exists()), key=lambda c: c.stat().st_mtime, reverse=True):
+            run_config = ckpt.parent.parent / RUN_CONFIG
+            if not run_config.exists() or config_differences(OmegaConf.load(run_config), cfg):
+                continue
+            try:
+                check_checkpoint(ckpt)
+            except ValueError as e:
+                print(f"[stage] not resuming {ckpt.parent.parent.name}: {e}")
+                continue
+            return ckpt.parent.parent
+        return None
 
     def __repr__(self) -> str:
         return f"StageModel(experiment={self.experiment!r}, overrides={self.overrides})"
