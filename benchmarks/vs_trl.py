@@ -7,7 +7,7 @@ Each round runs ``trl`` (``../shared/peers/trl_opd_bench.py`` in the TRL venv), 
 (``plain_opd_bench.py``) and ``reopold`` (``benchmarks/throughput.py``) once, in that order, on the same
 fixtures (built with ``tiny_setup.py`` when missing) and settings, and prints each run's samples/s, the
 CPU time other processes took meanwhile (a run above ``--max-others`` % of a core is redone, as the peers'
-``run_bench.sh`` does), and per round the ratio of each of this framework's forms to trl (``--variant
+``run_bench.sh`` does) and its peak resident set, and per round the ratio of each of this framework's forms to trl (``--variant
 hf=accel=none`` adds this framework without its CPU wing). Ratios drift far less than raw rates on these
 machines, so the summary is the median per-round ratio. ``--out`` writes the figures as a Markdown table.
 """
@@ -20,6 +20,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,18 +36,23 @@ def busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def run(cmd: list[str]) -> tuple[float, float, float]:
-    """(samples/s, gen tokens/s, CPU % of one core used by other processes) of one benchmark run."""
+def run(cmd: list[str]) -> tuple[float, float, float, float]:
+    """(samples/s, gen tokens/s, CPU % of one core used by other processes, peak RSS in GiB) of one benchmark run.
+
+    The peak is the process's own resident-set high-water mark (``wait4``'s ``ru_maxrss``), the figure
+    ``/usr/bin/time -v`` prints as "Maximum resident set size"."""
     b0, t0 = busy_seconds(), time.time()
-    r0 = os.times()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    r1 = os.times()
-    wall, busy = time.time() - t0, busy_seconds() - b0
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    own = (r1.children_user - r0.children_user) + (r1.children_system - r0.children_system)
-    m = next(LINE.match(line) for line in proc.stdout.splitlines()[::-1] if LINE.match(line))
-    return float(m.group(4)), float(m.group(5)), max(0.0, (busy - own) / wall * 100)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall, busy = time.time() - t0, busy_seconds() - b0
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    own = usage.ru_utime + usage.ru_stime
+    m = next(LINE.match(line) for line in stdout.splitlines()[::-1] if LINE.match(line))
+    return float(m.group(4)), float(m.group(5)), max(0.0, (busy - own) / wall * 100), usage.ru_maxrss / 2**20
 
 
 def main(argv=None) -> dict:
@@ -80,18 +86,20 @@ def main(argv=None) -> dict:
             ap.error(f"--variant wants a new NAME=OVERRIDE[,OVERRIDE...], got {spec!r}")
         variants[name] = [*variants["reopold"], *overrides.split(",")]
     results = {v: [] for v in variants}
+    peaks = {v: [] for v in variants}
     ours = [v for v in variants if v not in ("trl", "plain")]
     for r in range(1, args.rounds + 1):
         for name, cmd in variants.items():
             for attempt in range(5):
-                sps, tps, others = run(cmd)
+                sps, tps, others, rss = run(cmd)
                 if others <= args.max_others or attempt == 4:
                     break
                 print(f"round {r} {name}: DISCARDED (others {others:.0f}% of a core)", flush=True)
                 time.sleep(5)
             results[name].append(sps)
-            print(f"round {r} {name:8s} samples_per_s={sps:7.2f} gen_tokens_per_s={tps:8.1f} others_cpu_pct={others:.0f}",
-                  flush=True)
+            peaks[name].append(rss)
+            print(f"round {r} {name:8s} samples_per_s={sps:7.2f} gen_tokens_per_s={tps:8.1f} peak_rss_gib={rss:.2f} "
+                  f"others_cpu_pct={others:.0f}", flush=True)
         others = "".join(f" {v}/trl={results[v][-1] / results['trl'][-1]:.2f}" for v in ours[1:])
         print(f"round {r} ratio reopold/trl={results['reopold'][-1] / results['trl'][-1]:.2f} "
               f"reopold/plain={results['reopold'][-1] / results['plain'][-1]:.2f}{others}", flush=True)
@@ -99,6 +107,7 @@ def main(argv=None) -> dict:
     for v in ours:  # the median per-round ratio of each of this framework's forms to TRL
         summary[f"ratio_{v}_trl"] = statistics.median(a / b for a, b in zip(results[v], results["trl"]))
     summary["ratio_reopold_plain"] = statistics.median(a / b for a, b in zip(results["reopold"], results["plain"]))
+    summary.update({f"{v}_peak_rss_gib": max(x) for v, x in peaks.items()})  # the highest over the rounds
     print(" ".join(f"{k}={v:.2f}" for k, v in summary.items()), flush=True)
     if args.out:
         names = list(results)
@@ -109,11 +118,16 @@ def main(argv=None) -> dict:
                     f"--warmup {args.warmup}") + flag
         heads = " | ".join(f"{v} / trl" for v in ours)
         ratios = " | ".join(f"{summary[f'ratio_{v}_trl']:.2f}x" for v in ours)
+        rss = " | ".join(f"{summary[f'{n}_peak_rss_gib']:.2f}" for n in names)
+        spread = " | ".join(f"{min(a / b for a, b in zip(results[v], results['trl'])):.2f}x to "
+                            f"{max(a / b for a, b in zip(results[v], results['trl'])):.2f}x" for v in ours)
         args.out.write_text(
             f"`python benchmarks/vs_trl.py FIXTURES --trl-python VENV/bin/python --rounds {args.rounds}{flag}` "
-            f"({os.cpu_count()} cores), median of {args.rounds} interleaved rounds, samples/s, and the median "
-            f"per-round ratios:\n\n| {' | '.join(names)} | {heads} |\n|{'---|' * (len(names) + len(ours))}\n"
-            f"| {rates} | {ratios} |\n")
+            f"({os.cpu_count()} cores), median of {args.rounds} interleaved rounds, samples/s, the median "
+            f"per-round ratios (and their range over the rounds), and each process's peak RSS in GiB (the highest "
+            f"over the rounds):\n\n| | {' | '.join(names)} | {heads} |\n|---|{'---|' * (len(names) + len(ours))}\n"
+            f"| samples/s | {rates} | {ratios} |\n| per-round range | {' | '.join('' for _ in names)} | {spread} |\n"
+            f"| peak RSS, GiB | {rss} | {' | '.join('' for _ in ours)} |\n")
     return summary
 
 
