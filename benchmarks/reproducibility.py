@@ -9,7 +9,8 @@ misses its declared check (``stage_check``, ``src/modules/models/stages.py``) st
         [--out runs/reproducibility] [--table docs/results/reproducibility.md] [--jobs 2] [--table-only]
 
 One ``src/train.py`` process per run, ``OMP_NUM_THREADS`` set; a finished run's ``result.json`` is kept and skipped
-on a rerun (resumable); the table covers every run under ``--out``, from this call or an earlier one
+on a rerun (resumable; a run that stopped on an error, or was stopped, runs again, its folder kept aside as
+``run.stopped-<time>``, and a stage build that was stopped resumes from its last checkpoint); the table covers every run under ``--out``, from this call or an earlier one
 (``--table-only`` writes it without running). ``--jobs 2`` runs two one-thread runs at once (2 cores). The table has a row per miniature,
 thread count and seed (the stages' validation metrics, teacher, student before and after on the test split) and a
 spread per miniature.
@@ -55,7 +56,11 @@ def run(out: Path, miniature: str, threads: int, seed: int) -> dict:
     folder = out / miniature / f"t{threads}" / f"seed{seed}"
     done = folder / "result.json"
     if done.exists():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if result["status"] == "ok" or result["status"].startswith("stage check failed"):
+            return result  # a finished run; one that stopped on an error runs again
+    if (folder / "run").exists():  # a run that stopped before it finished: kept aside, the seed runs again
+        os.rename(folder / "run", folder / f"run.stopped-{time.strftime('%Y%m%d-%H%M%S')}")
     folder.mkdir(parents=True, exist_ok=True)
     cache = out / miniature / f"t{threads}" / "cache"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

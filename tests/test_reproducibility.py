@@ -33,3 +33,14 @@ def test_a_stage_that_misses_its_check_is_reported_as_such(tmp_path, monkeypatch
     row = repro.run(tmp_path, "strict", 1, 0)
     assert row["status"].startswith("stage check failed: stage 'mini_math_teacher' reached val/mini_math/acc"), row
     assert "stage check failed" in repro.table([row]) and "| strict | 0 of 1 |" in repro.table([row])
+
+
+def test_a_run_that_stopped_runs_again_with_its_folder_kept_aside(tmp_path):
+    folder = tmp_path / "tiny" / "t1" / "seed0"
+    (folder / "run").mkdir(parents=True)
+    (folder / "run" / "run.json").write_text("{}")  # a run killed midway: its claim on the folder is left
+    (folder / "result.json").write_text('{"status": "error (exit 1)"}')
+    row = repro.run(tmp_path, "tiny", 1, 0)
+    assert row["status"] == "ok"
+    (kept,) = folder.glob("run.stopped-*")
+    assert (kept / "run.json").read_text() == "{}"
