@@ -51,7 +51,8 @@ def test_reopold_end_to_end(make_cfg):
         assert math.isnan(float(r["train/entropy_threshold"])) == exploring
         assert float(r["train/tokens_clipped"]) >= 0
     for key in ("train/reward_mean", "train/clip_frac", "train/kept_frac", "train/entropy", "train/response_len",
-                "train/truncation_rate", "train/rev_kl", "train/rollout_tok_per_s", "train/train_tok_per_s"):
+                "train/truncation_rate", "train/rev_kl", "train/rollout_tok_per_s", "train/train_tok_per_s",
+                "train/step_s"):
         assert any(r.get(key) for r in rows), f"{key} never logged"
     assert "test/arithmetic/acc" in metrics and 0.0 <= metrics["test/arithmetic/acc"] <= 1.0
     hf = Path(cfg.paths.output_dir) / "checkpoints" / "hf" / "final"

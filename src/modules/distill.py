@@ -357,6 +357,7 @@ class DistillationModule(LightningModule):
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
+        step_start = time.perf_counter()
         peaks = PhasePeaks(self.device)  # train/peak_gb_<phase> on a GPU, the phases of the memory plan
         with peaks("rollout"):
             ro = self.objective.rollout(batch, self.sampler, self.scorer)
@@ -374,6 +375,7 @@ class DistillationModule(LightningModule):
         logs.update(self._step_metrics(ro, n_updates, time.perf_counter() - start))
         logs.update(peaks.logs)
         logs["skipped_steps"] = float(self.guard.skipped)
+        logs["step_s"] = time.perf_counter() - step_start  # the whole step: rollout, scoring, update(s)
         logs = over_ranks(logs, summed=("samples", "rollout_tok_per_s", "train_tok_per_s"))
         if "grad_cos_exact_rkl" in logs:  # on some steps only: Lightning would repeat its last value on the others
             cosine = {"train/grad_cos_exact_rkl": float(logs.pop("grad_cos_exact_rkl"))}
