@@ -99,10 +99,15 @@ def test_bad_ratio_names_the_key(make_cfg, ratio):
         hydra.utils.instantiate(cfg.module)
 
 
-def test_missing_model_path_names_the_key(tmp_path):
+def test_missing_model_path_names_the_key(tmp_path, monkeypatch):
     spec = PretrainedLM(path=str(tmp_path / "nope"), key="model.teacher")
-    with pytest.raises(FileNotFoundError, match="model.teacher"):
+    with pytest.raises(FileNotFoundError, match=r"model.teacher.path='.*nope': no such folder"):
         spec.load_model()
+    # a mistyped relative folder is named at once, not sent to the hub as a model id
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"model.student.path='my_student': no such folder \({tmp_path}/my_stu"
+                                                r"dent\), and not a hub id, which has the form owner/name"):
+        PretrainedLM(path="my_student", key="model.student").load_tokenizer()
 
 
 def test_a_teacher_padded_past_the_shared_tokenizer_is_admitted(make_cfg, tmp_path):

@@ -106,6 +106,21 @@ def test_a_truncated_checkpoint_is_named_with_the_newest_intact_one(make_cfg, tm
         eval_checkpoint(str(middle))
 
 
+def test_a_weights_only_checkpoint_is_refused_as_a_resume_and_still_evaluates(make_cfg, tmp_path):
+    light = "callbacks.model_checkpoint.save_weights_only=true"
+    first = _task_run(make_cfg, "light", light)
+    train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert "optimizer_states" not in torch.load(last, map_location="cpu", weights_only=False)
+    for ckpt in (str(last), "last"):  # refused by resolve_ckpt_path, before the Trainer or a model is built
+        again = make_cfg(*COMMON, light, "trainer.max_steps=3", f"ckpt_path={ckpt}")
+        again.paths.output_dir = str(tmp_path / "again")
+        with pytest.raises(ValueError, match=r"holds weights only \(callbacks.model_checkpoint.save_weights_only=true\): "
+                                             r"it cannot resume a run.*model.student.path="):
+            train(again)
+    assert eval_checkpoint(str(last)) == str(last)  # it still evaluates
+
+
 def test_a_checkpoint_of_another_config_resumes_with_a_warning_naming_the_keys(make_cfg, tmp_path):
     first = _task_run(make_cfg, "a", "seed=1")
     train(first)

@@ -129,6 +129,21 @@ def check_checkpoint(path: Path) -> None:
         raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}){offer}") from None
 
 
+def check_resumable(path: Path) -> None:
+    """Refuse, before any model loads, a single-file checkpoint written with ``save_weights_only``: it holds the
+    weights but no optimizer, schedule or loop state, which Lightning needs to go on with a run."""
+    if path.is_dir():
+        return
+    import torch
+
+    keys = torch.load(path, map_location="cpu", weights_only=False, mmap=True).keys()
+    if "optimizer_states" not in keys:
+        raise ValueError(f"checkpoint {path} holds weights only (callbacks.model_checkpoint.save_weights_only=true): "
+                         f"it cannot resume a run, which needs the optimizer's, the schedule's and the loop's state. "
+                         f"Start a new run from its weights instead: model.student.path=<the run's "
+                         f"checkpoints/hf/final export>, or keep full checkpoints (save_weights_only=false) to resume")
+
+
 def existing_checkpoint(ckpt: str) -> Path:
     """``ckpt`` as a path that exists and reads as a checkpoint (``check_checkpoint``)."""
     path = Path(ckpt)
@@ -161,6 +176,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
             diff = config_differences(OmegaConf.load(run_dir / RUN_CONFIG), cfg)
             if not diff:
                 check_checkpoint(candidate)
+                check_resumable(candidate)
                 print(f"[resume] ckpt_path=last: {candidate}")
                 return str(candidate)
             mismatched.append((run_dir, diff))
@@ -170,6 +186,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
                                 f"checkpoint as ckpt_path=<path> to "
                                 f"resume it anyway")
     path = existing_checkpoint(ckpt)
+    check_resumable(path)
     run_config = path.parent.parent / RUN_CONFIG
     if run_config.exists():
         diff = config_differences(OmegaConf.load(run_config), cfg)

@@ -89,10 +89,16 @@ class PretrainedLM:
         self.kwargs = kwargs
 
     def _resolve(self, path: str, what: str) -> str:
+        """A local folder (checked to exist) or a hub id ``owner/name``; anything else is named as missing here
+        instead of after the hub's retries."""
+        key = f"{self.key}.{'tokenizer' if what == 'tokenizer' else 'path'}"
         looks_local = path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1] \
             or Path(path).expanduser().exists()
         if looks_local and not Path(path).expanduser().exists():
-            raise FileNotFoundError(f"{self.key}: {what} path {path!r} does not exist")
+            raise FileNotFoundError(f"{key}={path!r}: no such folder ({Path(path).expanduser().absolute()})")
+        if not looks_local and "/" not in path:
+            raise FileNotFoundError(f"{key}={path!r}: no such folder ({Path(path).absolute()}), and not a hub id, "
+                                    f"which has the form owner/name (e.g. Qwen/Qwen2.5-1.5B-Instruct)")
         return str(Path(path).expanduser()) if looks_local else path
 
     def load_model(self):
