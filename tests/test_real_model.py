@@ -6,6 +6,7 @@ reused by every later session and by ``experiment=smollm2_cpu``."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from src.modules.models.smollm2 import build
 from src.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / ".cache" / "models"
+MODELS = Path(os.environ.get("REOPOLD_CACHE", ROOT / ".cache")) / "models"  # where make smollm2 builds them
 # short and small: 2 prompts, a few tokens, no validation or test pass unless a test asks for one
 QUICK = ("experiment=smollm2_cpu", f"model.student.cache_dir={MODELS}", f"model.teacher.cache_dir={MODELS}",
          "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.progress_bar=null",

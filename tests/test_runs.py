@@ -107,7 +107,7 @@ def test_a_truncated_checkpoint_is_named_with_the_newest_intact_one(make_cfg, tm
 
 
 def test_a_weights_only_checkpoint_is_refused_as_a_resume_and_still_evaluates(make_cfg, tmp_path):
-    light = "callbacks.model_checkpoint.save_weights_only=true"
+    light = "+callbacks.model_checkpoint.save_weights_only=true"
     first = _task_run(make_cfg, "light", light)
     train(first)
     last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
