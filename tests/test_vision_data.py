@@ -264,6 +264,34 @@ def test_visual_task_row_of_cells_keeps_each_glyph_near_its_cells_centre():
         VisualTask("train", n=1, cell_size=4)
 
 
+def test_noisy_demonstrations_misread_a_share_of_the_rows_and_keep_the_true_answer():
+    clean = VisualTask("train", n=600, n_digits=3, cell_size=28, seed=0)()
+    noisy = VisualTask("train", n=600, n_digits=3, cell_size=28, seed=0, misread={8: 3, 9: 4}, misread_share=0.6)()
+    misread = 0
+    for a, b in zip(clean, noisy):
+        assert a["digits"] == b["digits"] and a["answer"] == b["answer"] == str(sum(a["digits"]))
+        assert pixels(items(a, "image")[0]["image"]) == pixels(items(b, "image")[0]["image"])  # same images
+        shown = [{8: 3, 9: 4}.get(d, d) for d in a["digits"]]
+        if not {8, 9} & set(a["digits"]):
+            assert b["solution"] == a["solution"]
+        elif b["solution"] == a["solution"]:
+            continue  # read right
+        else:
+            assert b["solution"] == sum_steps(shown) and b["solution"] != a["solution"]
+            misread += 1
+    showing = sum(bool({8, 9} & set(r["digits"])) for r in clean)
+    assert 0.5 < misread / showing < 0.7  # about misread_share of the rows that show an 8 or a 9
+    # a sequence is read the same way wherever it comes round
+    again = VisualTask("train", n=1200, n_digits=3, cell_size=28, seed=0, misread={8: 3, 9: 4}, misread_share=0.6)()
+    solution = {}
+    for row in again:
+        assert solution.setdefault(tuple(row["digits"]), row["solution"]) == row["solution"]
+    with pytest.raises(ValueError, match="misread maps a digit"):
+        VisualTask("train", n=1, misread={8: 8})
+    with pytest.raises(ValueError, match="misread_share"):
+        VisualTask("train", n=1, misread={8: 3}, misread_share=1.5)
+
+
 def test_visual_task_saved_folder_reads_back(tmp_path):
     task = VisualTask("test", n=6, n_digits=2, image_size=56, distractors=3)
     path = task.save(tmp_path / "visual")

@@ -152,6 +152,10 @@ def test_miniature_override_swaps_in_the_trained_stages(make_cfg):
     # the two settings the miniature's result rests on (docs/results/visual_reasoning.md)
     assert list(student.model.student.mrope_section) == [0, 0, 8]
     assert cfg.module.optimizer._target_ == "torch.optim.SGD" and cfg.module.optimizer.lr == 5e-3
+    # the warm start learns from noisy demonstrations (8 read as 3, 9 as 4); the teacher and the evaluation do not
+    assert dict(student.data.train.misread) == {8: 3, 9: 4} and student.data.train.misread_share == 0.9
+    assert not teacher.data.train.get("misread") and not student.data.val.get("misread")
+    assert not cfg.data.train.get("misread")
 
 
 def test_freeze_keeps_the_vision_tower_fixed_and_names_a_wrong_prefix(cache_dir):

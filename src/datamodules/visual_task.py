@@ -17,6 +17,13 @@ Splits are disjoint by the digit sequence (``arithmetic.split_of``, a sha256 dig
 or test image shows a sequence seen in training. A split's sequences are shuffled and taken in turn; past
 ``n`` = their number, they come round again with fresh renderings.
 
+Noisy demonstrations (``misread``, ``misread_share``): in a share of the rows that show a digit in ``misread``, the
+written solution reads that digit as another one (``{8: 3}``: every 8 of the row read as a 3), while ``answer``
+stays the image's true sum. A student trained on them to a plateau misreads greedily but still writes the right
+reading in some of its samples: its accuracy is set by its data, and the teacher's per-token log-ratio can tell
+its right readings from its misreadings (the visual miniature's warm start; the math miniature's forgotten carry is
+the same design).
+
 ``VisualTask.save(folder)`` writes the rows as ``<split>.jsonl`` (Geometry3K's layout: ``problem`` with
 ``<image>``, ``images``, ``answer``, ``solution``) and ``images/<id>.png``; ``VisionPrompts`` reads it back.
 """
@@ -62,12 +69,16 @@ class VisualTask:
         font_size: glyph size (default: as large as ``n_digits`` strips allow, at most 0.4 * image_size).
         distractors: light circles drawn behind the digits (difficulty knob).
         val_frac, test_frac: shares of the digit sequences held out.
+        misread: digit -> the digit a noisy demonstration writes for it (keys and values in 0-9); ``None``: none.
+        misread_share: the share of the rows showing a digit in ``misread`` whose solution misreads it (drawn per
+            digit sequence, so a sequence is read the same way wherever it comes round).
     """
 
     def __init__(self, split: str = "train", n: int = 1000, n_digits: int = 3, image_size: int = 56,
                  seed: int = 0, font_size: int | None = None, distractors: int = 0, val_frac: float = 0.1,
                  test_frac: float = 0.1, cell_size: int | None = None, jitter: int | None = None,
-                 background: str = "light", image_first: bool = True):
+                 background: str = "light", image_first: bool = True, misread: dict | None = None,
+                 misread_share: float = 0.0):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got {split!r}")
         if not 1 <= n_digits <= 6:
@@ -83,6 +94,12 @@ class VisualTask:
         default = 0.8 * cell_size if cell_size else min(0.4 * image_size, 1.5 * image_size / n_digits)
         self.font_size = font_size or max(8, int(default))
         self.distractors, self.val_frac, self.test_frac = distractors, val_frac, test_frac
+        self.misread = {int(k): int(v) for k, v in (misread or {}).items()}
+        if any(not (0 <= d <= 9 and 0 <= r <= 9 and d != r) for d, r in self.misread.items()):
+            raise ValueError(f"misread maps a digit 0-9 to another digit 0-9, got {dict(misread)}")
+        if not 0.0 <= misread_share <= 1.0:
+            raise ValueError(f"misread_share must lie in [0, 1], got {misread_share}")
+        self.misread_share = misread_share
 
     def __call__(self) -> list[dict]:
         sequences = ["".join(s) for s in itertools.product("0123456789", repeat=self.n_digits)]
@@ -102,8 +119,16 @@ class VisualTask:
             content = [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]
             rows.append({"id": f"{self.split}-{i}",
                          "prompt": [{"role": "user", "content": content if self.image_first else content[::-1]}],
-                         "answer": str(sum(digits)), "solution": sum_steps(digits), "digits": digits})
+                         "answer": str(sum(digits)), "solution": sum_steps(self.read(digits)), "digits": digits})
         return rows
+
+    def read(self, digits: list[int]) -> list[int]:
+        """The digits a demonstration writes for ``digits``: misread in ``misread_share`` of the sequences that
+        show a digit in ``misread``, as they are otherwise."""
+        if not set(digits) & self.misread.keys():
+            return digits
+        draw = random.Random(f"{self.seed}-misread-{''.join(map(str, digits))}").random()
+        return [self.misread.get(d, d) for d in digits] if draw < self.misread_share else digits
 
     def render(self, digits: list[int], rng: random.Random, font) -> Image.Image:
         if self.cell_size:
