@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
     print(" ".join(f"{k}={v:.2f}" for k, v in summary.items()), flush=True)
     if args.out:
         names = list(results)
-        rates = " | ".join(f"{summary[f'{n}_samples_per_s']:.1f}" for n in names)
+        rates = " | ".join(f"{summary[f'{n}_samples_per_s']:.2f}" for n in names)
         flag = "".join(f" --variant {v}" for v in args.variant)
         if (args.batch, args.max_new_tokens, args.steps, args.warmup) != (64, 32, 20, 2):
             flag = (f" --batch {args.batch} --max-new-tokens {args.max_new_tokens} --steps {args.steps} "
