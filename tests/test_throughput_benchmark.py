@@ -55,7 +55,7 @@ def test_vs_trl_interleaves_the_variants_and_writes_each(tmp_path, monkeypatch):
     def fake_run(cmd):
         calls.append(cmd)
         rate = 90.0 if "accel=none" in cmd else rates[Path(cmd[1]).name]
-        return rate, 1.0, 0.0
+        return rate, 1.0, 0.0, 3.0 if cmd[0] == "trl-python" else 2.5 + len(calls) / 100  # peak RSS, GiB
 
     monkeypatch.setattr(vs_trl, "run", fake_run)
     out = tmp_path / "results.md"
@@ -66,4 +66,42 @@ def test_vs_trl_interleaves_the_variants_and_writes_each(tmp_path, monkeypatch):
     assert summary["ratio_reopold_trl"] == pytest.approx(1.25) and summary["ratio_hf_trl"] == pytest.approx(1.125)
     text = out.read_text()
     assert "--variant hf=" in text
-    assert "| 80.0 | 85.0 | 100.0 | 90.0 | 1.25x | 1.12x |" in text
+    assert "| samples/s | 80.00 | 85.00 | 100.00 | 90.00 | 1.25x | 1.12x |" in text
+    assert summary["trl_peak_rss_gib"] == 3.0 and summary["hf_peak_rss_gib"] == pytest.approx(2.58)  # the higher round
+    assert "| peak RSS, GiB | 3.00 |" in text and "| per-round range |" in text
+
+
+def test_accel_pays_interleaves_the_forms_and_reports_speed_ups_over_none(tmp_path, monkeypatch):
+    """The wing's ablation runner's bookkeeping, with the training runs replaced by fixed step times."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import accel_pays
+    finally:
+        sys.path.pop(0)
+    seconds = {"cpu": 0.5, "none": 0.8, "backbone": 0.64, "decoder": 1.0}
+    order, real_step_seconds = [], accel_pays.step_seconds
+
+    def fake_step_seconds(experiment, form, steps, skip, extra, folder):
+        name = next(k for k, v in accel_pays.FORMS.items() if v == form)
+        order.append(name)
+        assert experiment == "mini_math" and steps == 6 and skip == 1 and extra == ["seed=3"]
+        return seconds[name]
+
+    monkeypatch.setattr(accel_pays, "step_seconds", fake_step_seconds)
+    out = tmp_path / "pays.md"
+    summary = accel_pays.main(["--rounds", "2", "--steps", "6", "--skip", "1", "--out", str(out), "seed=3"])
+    assert order == ["cpu", "none", "backbone", "decoder"] * 2  # interleaved, one form after another each round
+    assert summary["cpu_speedup"] == pytest.approx(1.6) and summary["decoder_speedup"] == pytest.approx(0.8)
+    assert "| backbone | 0.640 | 1.25x (1.25x to 1.25x) |" in out.read_text()
+    # the figure of one run: the median train/step_s after the skipped steps, read from its metrics
+    run = tmp_path / "run" / "csv" / "version_0"
+    run.mkdir(parents=True)
+    (run / "metrics.csv").write_text("step,train/step_s,train/loss\n0,9.0,1\n1,0.5,1\n2,,1\n3,0.7,1\n4,0.6,1\n")
+
+    class Done:
+        returncode, stdout, stderr = 0, "", ""
+
+    monkeypatch.setattr(accel_pays.subprocess, "run", lambda *a, **k: Done())
+    assert real_step_seconds("mini_math", ["accel=cpu"], 4, 1, [], tmp_path / "run") == pytest.approx(0.6)
+    with pytest.raises(RuntimeError, match="fewer than --skip 5"):
+        real_step_seconds("mini_math", ["accel=cpu"], 4, 5, [], tmp_path / "run")
