@@ -86,7 +86,8 @@ def main(argv=None) -> dict:
         lines = [f"`python benchmarks/accel_pays.py --experiment {args.experiment} --rounds {args.rounds} --steps "
                  f"{args.steps} --skip {args.skip}{extra}` ({os.cpu_count()} cores): seconds per training step, "
                  f"median over {args.rounds} interleaved rounds, and the median per-round speed-up over `accel=none` "
-                 f"(its range over the rounds):", "", "| form | s / step | speed-up over `accel=none` |", "|---|---|---|"]
+                 f"(its range over the rounds):", "",
+                 "| form | s / step | speed-up over `accel=none` |", "|---|---|---|"]
         for f in args.forms:
             up = (f"{summary[f'{f}_speedup']:.2f}x ({summary[f'{f}_speedup_min']:.2f}x to "
                   f"{summary[f'{f}_speedup_max']:.2f}x)") if "none" in seconds else "-"

@@ -6,14 +6,15 @@ not change them) into a cache of their own; each seed then runs the miniature's 
 misses its declared check (``stage_check``, ``src/modules/models/stages.py``) stops its run, and the row says so.
 
     python benchmarks/reproducibility.py [--miniatures math visual tools] [--seeds 0 1 2] [--threads 1 2]
-        [--out runs/reproducibility] [--table docs/results/reproducibility.md] [--jobs 2] [--table-only]
+        [--out runs/reproducibility] [--table TABLE.md] [--jobs 2] [--table-only]
 
 One ``src/train.py`` process per run, ``OMP_NUM_THREADS`` set; a finished run's ``result.json`` is kept and skipped
 on a rerun (resumable; a run that stopped on an error, or was stopped, runs again, its folder kept aside as
-``run.stopped-<time>``, and a stage build that was stopped resumes from its last checkpoint); the table covers every run under ``--out``, from this call or an earlier one
-(``--table-only`` writes it without running). ``--jobs 2`` runs two one-thread runs at once (2 cores). The table has a row per miniature,
-thread count and seed (the stages' validation metrics, teacher, student before and after on the test split) and a
-spread per miniature.
+``run.stopped-<time>``, and a stage build that was stopped resumes from its last checkpoint); the table covers
+every run under ``--out``, from this call or an earlier one (``--table-only`` writes it without running). ``--jobs
+2`` runs two one-thread runs at once (2 cores). The table has a row per miniature, thread count and seed (the
+stages' validation metrics, teacher, student before and after on the test split) and a spread per miniature;
+``--table FILE`` writes it alone into FILE.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ Each round runs ``trl`` (``../shared/peers/trl_opd_bench.py`` in the TRL venv), 
 (``plain_opd_bench.py``) and ``reopold`` (``benchmarks/throughput.py``) once, in that order, on the same
 fixtures (built with ``tiny_setup.py`` when missing) and settings, and prints each run's samples/s, the
 CPU time other processes took meanwhile (a run above ``--max-others`` % of a core is redone, as the peers'
-``run_bench.sh`` does) and its peak resident set, and per round the ratio of each of this framework's forms to trl (``--variant
-hf=accel=none`` adds this framework without its CPU wing). Ratios drift far less than raw rates on these
-machines, so the summary is the median per-round ratio. ``--out`` writes the figures as a Markdown table.
+``run_bench.sh`` does) and its peak resident set, and per round the ratio of each of this framework's forms to
+trl (``--variant hf=accel=none`` adds this framework without its CPU wing). Ratios drift far less than raw rates
+on these machines, so the summary is the median per-round ratio. ``--out`` writes the figures as a Markdown table.
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ def main(argv=None) -> dict:
         print(f"round {r} ratio reopold/trl={results['reopold'][-1] / results['trl'][-1]:.2f} "
               f"reopold/plain={results['reopold'][-1] / results['plain'][-1]:.2f}{others}", flush=True)
     summary = {f"{v}_samples_per_s": statistics.median(x) for v, x in results.items()}
+    to_trl = {v: [a / b for a, b in zip(results[v], results["trl"])] for v in ours}  # per round
     for v in ours:  # the median per-round ratio of each of this framework's forms to TRL
-        summary[f"ratio_{v}_trl"] = statistics.median(a / b for a, b in zip(results[v], results["trl"]))
+        summary[f"ratio_{v}_trl"] = statistics.median(to_trl[v])
     summary["ratio_reopold_plain"] = statistics.median(a / b for a, b in zip(results["reopold"], results["plain"]))
     summary.update({f"{v}_peak_rss_gib": max(x) for v, x in peaks.items()})  # the highest over the rounds
     print(" ".join(f"{k}={v:.2f}" for k, v in summary.items()), flush=True)
@@ -119,8 +120,7 @@ def main(argv=None) -> dict:
         heads = " | ".join(f"{v} / trl" for v in ours)
         ratios = " | ".join(f"{summary[f'ratio_{v}_trl']:.2f}x" for v in ours)
         rss = " | ".join(f"{summary[f'{n}_peak_rss_gib']:.2f}" for n in names)
-        spread = " | ".join(f"{min(a / b for a, b in zip(results[v], results['trl'])):.2f}x to "
-                            f"{max(a / b for a, b in zip(results[v], results['trl'])):.2f}x" for v in ours)
+        spread = " | ".join(f"{min(to_trl[v]):.2f}x to {max(to_trl[v]):.2f}x" for v in ours)
         args.out.write_text(
             f"`python benchmarks/vs_trl.py FIXTURES --trl-python VENV/bin/python --rounds {args.rounds}{flag}` "
             f"({os.cpu_count()} cores), median of {args.rounds} interleaved rounds, samples/s, the median "

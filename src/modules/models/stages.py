@@ -50,13 +50,6 @@ STAGE_TARGET = "src.modules.models.stages.StageModel"
 STAGE_VERSION = 3  # bump when stage outputs change in ways the config does not show
 
 
-def _checkpoint_step(ckpt: Path) -> int | str:
-    try:
-        return torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"]
-    except Exception:  # noqa: BLE001 - only for the message; the resume itself reads it properly
-        return "?"
-
-
 class StageCheckError(RuntimeError):
     """A stage missed what its experiment declares it must reach."""
 
@@ -189,8 +182,9 @@ class StageModel(BuiltOnFirstUse):
             os.rename(interrupted, work)
             with open_dict(cfg):
                 cfg.ckpt_path = str(work / "checkpoints" / "last.ckpt")
-            print(f"[stage] resuming {self.experiment} from an interrupted build ({interrupted.name}, step "
-                  f"{_checkpoint_step(work / 'checkpoints' / 'last.ckpt')}) -> {path}")
+            step = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False, mmap=True)["global_step"]
+            print(f"[stage] resuming {self.experiment} from an interrupted build ({interrupted.name}, step {step}) "
+                  f"-> {path}")
         else:
             print(f"[stage] building {self.experiment} -> {path}")
         # the stage must not disturb the calling run's random state
